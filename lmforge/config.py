@@ -1,0 +1,221 @@
+"""Typed configuration for models and training, plus named presets.
+
+This module must stay importable without torch: the CLI reads presets and checkpoints'
+config.json with it, and later layers (models, trainer) build from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from lmforge.errors import LMForgeError
+
+FAMILIES = ("rnn", "gru", "lstm", "gpt")
+RECURRENT_FAMILIES = ("rnn", "gru", "lstm")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a language model. One config type for every family."""
+
+    family: str = "gpt"
+    """Model family: rnn (tanh), gru, lstm or gpt (decoder Transformer)."""
+    vocab_size: int = 256
+    """Number of token ids; set from the tokenizer when training."""
+    block_size: int = 256
+    """Training context length in tokens (the Transformer's maximum context)."""
+    n_layer: int = 4
+    """Stacked recurrent layers or Transformer blocks."""
+    n_embd: int = 128
+    """Embedding width; also the hidden size of the recurrent families."""
+    n_head: int = 4
+    """Attention heads (gpt only)."""
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention (gpt only); None means n_head."""
+    mlp_hidden: int | None = None
+    """Hidden width of the feed-forward block (gpt only); None means 4 * n_embd."""
+    norm: str = "layernorm"
+    """layernorm or rmsnorm (gpt only; the recurrent families use layernorm)."""
+    pos: str = "learned"
+    """Positional scheme for gpt: learned absolute embeddings or rope."""
+    mlp: str = "gelu"
+    """Feed-forward type for gpt: gelu (GPT-2) or swiglu (LLaMA)."""
+    bias: bool = False
+    """Biases in linear layers and norms (gpt only)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    """Share the input embedding with the output projection."""
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise LMForgeError(f"unknown model family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head"):
+            if getattr(self, name) <= 0:
+                raise LMForgeError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd
+        if self.family == "gpt":
+            if self.n_embd % self.n_head:
+                raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            if self.n_head % self.n_kv_head:
+                raise LMForgeError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+            if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+                raise LMForgeError("rope needs an even head size")
+        for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")),
+                              ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise LMForgeError(f"model config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LMForgeError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def recurrent(self) -> bool:
+        return self.family in RECURRENT_FAMILIES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return cls(**_known(cls, d, "model config"))
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Batch sizes are per micro-batch; grad_accum counts micro-batches per
+    optimizer step across all processes, so the global batch does not change with world size."""
+
+    steps: int = 1000
+    """Optimizer steps in total."""
+    batch_size: int = 12
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, summed over all processes."""
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_interval: int = 250
+    eval_iters: int = 20
+    """Validation batches per evaluation."""
+    log_interval: int = 10
+    checkpoint_interval: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    precision: str = "auto"
+    """auto, fp32, bf16 or fp16 (fp16 only on CUDA). auto picks bf16 on CUDA, fp32 on CPU."""
+    time_budget: float | None = None
+    """Stop cleanly (with a checkpoint) after this many seconds of training."""
+    val_fraction: float = 0.1
+    compile: bool = False
+    """torch.compile the model (needs a C++ compiler on CPU; slow first step)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
+            if getattr(self, name) <= 0:
+                raise LMForgeError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LMForgeError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise LMForgeError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise LMForgeError("time budget must be positive")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise LMForgeError("learning rates must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**_known(cls, d, "train config"))
+
+
+def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise LMForgeError(f"{what} must be a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise LMForgeError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    return dict(d)
+
+
+# ---------------------------------------------------------------- presets
+# A preset is a pair of overrides (model, train). Sizes differ per family so that a preset
+# name means roughly the same parameter budget whichever family is chosen.
+_MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # a few thousand parameters: for tests, trains in seconds
+    "tiny": {
+        "gpt": dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
+        "rnn": dict(n_layer=1, n_embd=48, block_size=32),
+        "gru": dict(n_layer=1, n_embd=32, block_size=32),
+        "lstm": dict(n_layer=1, n_embd=32, block_size=32),
+    },
+    # about one million parameters in the recurrent/attention layers
+    "small": {
+        "gpt": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
+        "rnn": dict(n_layer=2, n_embd=512, block_size=128),
+        "gru": dict(n_layer=2, n_embd=288, block_size=128),
+        "lstm": dict(n_layer=2, n_embd=256, block_size=128),
+    },
+    # about ten million: for a GPU or a patient CPU
+    "medium": {
+        "gpt": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+        "rnn": dict(n_layer=3, n_embd=1280, block_size=256),
+        "gru": dict(n_layer=3, n_embd=768, block_size=256),
+        "lstm": dict(n_layer=3, n_embd=640, block_size=256),
+    },
+    # nanoGPT's README CPU recipe for shakespeare_char (gpt only)
+    "nanogpt-cpu": {
+        "gpt": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False),
+    },
+}
+
+_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(steps=50, batch_size=8, warmup_steps=5, eval_interval=25, eval_iters=4, log_interval=5),
+    "small": dict(steps=1000, batch_size=12, warmup_steps=100, eval_interval=250, eval_iters=20),
+    "medium": dict(steps=5000, batch_size=32, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500),
+    "nanogpt-cpu": dict(steps=2000, batch_size=12, grad_accum=1, lr=1e-3, min_lr=1e-4, warmup_steps=100,
+                        weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_interval=250,
+                        eval_iters=20),
+}
+
+PRESETS = tuple(_MODEL_PRESETS)
+
+
+def preset(name: str, family: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (model overrides, train overrides) for a preset and family."""
+    if name not in _MODEL_PRESETS:
+        raise LMForgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    per_family = _MODEL_PRESETS[name]
+    if family not in per_family:
+        raise LMForgeError(f"preset {name!r} is defined for {', '.join(per_family)} only, not {family!r}")
+    return dict(family=family, **per_family[family]), dict(_TRAIN_PRESETS[name])
+
+
+def load_json(path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise LMForgeError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{path} is not valid JSON ({e})") from None

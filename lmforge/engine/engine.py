@@ -1,0 +1,87 @@
+"""Generation on token ids: prefill once, then decode one token at a time against the cache.
+
+The engine never sees text. `generate_naive` is the reference path (re-run the whole window
+every step, no cache) that the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from lmforge.engine.cache import make_cache
+from lmforge.engine.sampling import SamplingParams, sample_next
+from lmforge.errors import LMForgeError
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Engine:
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        self.cfg = model.config
+        self.device = _device_of(model)
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
+                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Yield up to max_new_tokens new ids; stops after yielding a stop id."""
+        params = params or SamplingParams()
+        if not prompt_ids:
+            raise LMForgeError("the prompt is empty: give at least one token")
+        ctx = self.model.max_context
+        ids = list(prompt_ids)
+        cache_len = len(ids) + max_new_tokens if ctx is None else min(ctx, len(ids) + max_new_tokens)
+        cache = make_cache(self.cfg, 1, cache_len, self.device)
+        gen = _generator(params.seed, self.device)
+        stop = set(stop_ids)
+
+        def prefill(window: list[int]) -> torch.Tensor:
+            cache.reset()
+            x = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T)
+            return self.model(x, cache=cache)[0][:, -1]  # (1, V)
+
+        logits = prefill(ids[-ctx:] if ctx else ids)
+        for _ in range(max_new_tokens):
+            nxt = int(sample_next(logits, params, gen)[0])
+            yield nxt
+            ids.append(nxt)
+            if nxt in stop:
+                return
+            if ctx is not None and cache.pos >= ctx:
+                # the window is full: slide it by re-encoding the most recent ctx tokens
+                logits = prefill(ids[-ctx:])
+            else:
+                x = torch.tensor([[nxt]], dtype=torch.long, device=self.device)  # (1, 1)
+                logits = self.model(x, cache=cache)[0][:, -1]
+
+
+@torch.inference_mode()
+def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
+                   params: SamplingParams | None = None, stop_ids: Sequence[int] = ()) -> list[int]:
+    """Reference decoding: full forward over the (cropped) sequence for every new token."""
+    params = params or SamplingParams()
+    model.eval()
+    device = _device_of(model)
+    gen = _generator(params.seed, device)
+    ctx = model.max_context
+    ids, out = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        window = ids[-ctx:] if ctx else ids
+        logits = model(torch.tensor([window], dtype=torch.long, device=device))[0][:, -1]
+        nxt = int(sample_next(logits, params, gen)[0])
+        out.append(nxt)
+        ids.append(nxt)
+        if nxt in stop_ids:
+            break
+    return out

@@ -1,0 +1,61 @@
+"""Sampling as small pure functions over logits (B, V) -> (B, V) or ids.
+A constraint is one more function of the same shape, so decoding stays composable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LMForgeError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    """0 means greedy (argmax)."""
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise LMForgeError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k <= 0:
+            raise LMForgeError("top-k must be a positive integer")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise LMForgeError("top-p must be in (0, 1]")
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits / max(temperature, 1e-5)
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits per row; the rest become -inf."""
+    if k is None or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches p."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    # drop a token when the mass before it already reaches p (the top token always stays)
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits.float(), params.temperature)
+    logits = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

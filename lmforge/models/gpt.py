@@ -1,0 +1,210 @@
+"""Decoder-only Transformer, GPT-2 or LLaMA flavoured by config.
+
+Design choices:
+- pre-norm residual blocks: x + attn(norm(x)), x + mlp(norm(x));
+- LayerNorm or RMSNorm; learned absolute positions or rotary embeddings (RoPE);
+- causal self-attention through `F.scaled_dot_product_attention`, with grouped-query attention
+  (n_kv_head < n_head) handled by the kernel;
+- GELU MLP (4x) or SwiGLU; tied input/output embeddings by default;
+- built on the meta device, then initialised in one place (`init_weights`);
+- the KV cache is owned by the caller (the engine) and passed into `forward`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability under autocast, return in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (length, head_dim // 2) for rotating pairs (x[i], x[i + hd/2])."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (length, hd/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hd); cos/sin: (T, hd/2). Rotates the two halves of each head (LLaMA/HF layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, nh, T, hd)
+    return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # q, k and v in one matmul (fewer kernel launches); foreign checkpoints with separate
+        # q/k/v projections are concatenated along the output dim when loaded
+        self.qkv_proj = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, pos: int):
+        B, T, C = x.size()
+        qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hd)
+        q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, True
+        if layer_cache is not None:
+            k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
+            if pos > 0:
+                causal = False
+                if T > 1:  # a chunk after earlier tokens: query i sees keys 0 .. pos + i
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, layer_cache, pos):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, layer_cache, pos))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos == "learned":
+            self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if cfg.pos == "rope":
+            # filled by init_weights; not saved (derived from the config)
+            self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest sequence the model can attend over; None when unbounded."""
+        return self.config.block_size if self.config.pos == "learned" else None
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor (the model may have been built on the meta device).
+
+        | tensor                         | init                                   |
+        |--------------------------------|----------------------------------------|
+        | embed, pos_embed, Linear       | normal(0, 0.02)                        |
+        | o_proj, down_proj (residual)   | normal(0, 0.02 / sqrt(2 * n_layer))    |
+        | lm_head (untied)               | normal(0, 0.02)                        |
+        | biases                         | zeros                                  |
+        | norm weights                   | ones                                   |
+        | rope_cos / rope_sin            | computed from rope_theta               |
+        """
+        cfg = self.config
+        if cfg.tie_embeddings:  # to_empty() may have split the shared tensor
+            self.lm_head.weight = self.embed.weight
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                std = resid_std if name.endswith(("o_proj", "down_proj")) else 0.02
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute derived, non-persistent buffers (after loading weights onto an empty model)."""
+        if self.config.pos == "rope":
+            cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta,
+                                   device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        """idx: (B, T) token ids; targets: (B, T) next ids or -1 to ignore.
+        cache: a KVCache from the engine, or None. Returns logits (B, T, V) and the mean loss."""
+        B, T = idx.size()
+        pos = cache.pos if cache is not None else 0
+        if self.config.pos == "learned" and pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.block_size}")
+        x = self.embed(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.pos_embed(torch.arange(pos, pos + T, device=idx.device))  # (T, C) broadcast
+        else:
+            if pos + T > self.rope_cos.size(0):
+                cos, sin = rope_tables(self.config.head_dim, pos + T, self.config.rope_theta, idx.device)
+            else:
+                cos, sin = self.rope_cos, self.rope_sin
+            rope = (cos[pos:pos + T], sin[pos:pos + T])  # (T, hd/2) each
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache.layer(i) if cache is not None else None, pos)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss

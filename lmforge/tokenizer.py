@@ -1,0 +1,170 @@
+"""Tokenizers: character-level and byte-level BPE behind one interface.
+
+Both are `tokenizers.Tokenizer` objects saved as a standard tokenizer.json:
+- char: a WordLevel model whose pre-tokenizer isolates every Unicode character; decoding fuses
+  the pieces back without separators. Characters missing from the vocabulary are an error at
+  encode time (the id `<unk>` exists only so the library can report them).
+- bpe: byte-level BPE trained with the library's trainer; every string round-trips exactly,
+  Chinese and emoji included, and documents are separated by `<|endoftext|>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmforge.errors import LMForgeError
+
+UNK = "<unk>"
+EOT = "<|endoftext|>"
+KINDS = ("char", "bpe")
+
+
+class LMTokenizer:
+    """Thin wrapper adding what training and evaluation need: kind, unknown-character
+    checks, the document separator and the UTF-8 byte length of every token."""
+
+    def __init__(self, tk: Tokenizer, kind: str | None = None):
+        self.tk = tk
+        model_type = type(tk.model).__name__
+        self.kind = kind or {"WordLevel": "char", "BPE": "bpe"}.get(model_type, model_type.lower())
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self.unk_id = tk.token_to_id(UNK) if self.kind == "char" else None
+        self.eot_id = tk.token_to_id(EOT)
+        self._token_bytes: np.ndarray | None = None
+
+    # ------------------------------------------------------------ training
+    @classmethod
+    def train(cls, kind: str, texts: Iterable[str], vocab_size: int = 2048) -> "LMTokenizer":
+        if kind == "char":
+            return cls.train_char(texts)
+        if kind == "bpe":
+            return cls.train_bpe(texts, vocab_size)
+        raise LMForgeError(f"unknown tokenizer {kind!r}; choose char or bpe")
+
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> "LMTokenizer":
+        chars: set[str] = set()
+        for t in texts:
+            chars.update(t)
+        if not chars:
+            raise LMForgeError("cannot build a character vocabulary from empty text")
+        vocab = {UNK: 0}
+        for c in sorted(chars):
+            vocab[c] = len(vocab)
+        tk = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+        # [\s\S] rather than '.': the regex engine's '.' skips newlines
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tk.decoder = decoders.Fuse()
+        return cls(tk, "char")
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 2048) -> "LMTokenizer":
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + 1:
+            raise LMForgeError(f"a byte-level BPE vocabulary needs at least {len(alphabet) + 1} tokens")
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=alphabet,
+                                      show_progress=False)
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk, "bpe")
+
+    # ------------------------------------------------------------ io
+    def save(self, path: Path | str) -> None:
+        self.tk.save(str(path))
+
+    @classmethod
+    def load(cls, path: Path | str) -> "LMTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise LMForgeError(f"missing tokenizer file: {path}")
+        try:
+            tk = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception on bad JSON
+            raise LMForgeError(f"{path} is not a valid tokenizer.json ({e})") from None
+        return cls(tk)
+
+    def to_str(self) -> str:
+        return self.tk.to_str()
+
+    # ------------------------------------------------------------ use
+    def encode(self, text: str, *, check: bool = True) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if check and self.unk_id is not None and self.unk_id in ids:
+            missing = sorted({c for c in text if self.tk.token_to_id(c) is None})
+            shown = " ".join(repr(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise LMForgeError(f"text contains {len(missing)} character(s) this tokenizer never saw: {shown}")
+        return ids
+
+    def encode_batch(self, texts: list[str], *, check: bool = True) -> list[list[int]]:
+        out = [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        if check and self.unk_id is not None:
+            for text, ids in zip(texts, out):
+                if self.unk_id in ids:
+                    self.encode(text)  # raises with the characters named
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def doc_separator(self) -> list[int]:
+        """Ids placed between documents in a training stream."""
+        if self.eot_id is not None:
+            return [self.eot_id]
+        return self.encode("\n\n", check=False) if self.kind == "char" else []
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for (0 for special tokens); bits-per-byte divides by these."""
+        if self._token_bytes is None:
+            nb = np.zeros(self.vocab_size, dtype=np.int64)
+            specials = {t.content for t in self.tk.get_added_tokens_decoder().values()}
+            for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
+                if tok in specials or tok == UNK:
+                    continue
+                # byte-level BPE tokens are spelt in a 256-symbol alphabet: one symbol per byte
+                nb[i] = len(tok) if self.kind == "bpe" else len(tok.encode("utf-8"))
+            self._token_bytes = nb
+        return self._token_bytes
+
+
+class StreamDecoder:
+    """Incremental detokenizer for streaming: returns only newly completed text and holds back
+    an incomplete UTF-8 sequence (which decodes to U+FFFD) until its last byte arrives."""
+
+    def __init__(self, tok: LMTokenizer, prompt_ids: list[int] | None = None):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        new = text[self.emitted:]
+        self.emitted = len(text)
+        return new
+
+
+def iter_chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """Split long texts into pieces of about `size` characters at line ends (for the trainer)."""
+    for t in texts:
+        start = 0
+        while start < len(t):
+            end = t.find("\n", start + size)
+            end = len(t) if end < 0 else end + 1
+            yield t[start:end]
+            start = end

@@ -1,0 +1,361 @@
+"""The one training loop, for every model family.
+
+Read top to bottom: setup -> data -> model -> optimizer (+ resume) -> loop -> final save.
+
+Determinism, which is what makes resume exact: the micro-batch for (step, micro-batch index)
+is drawn from a generator seeded by those numbers, and the global RNG is re-seeded at every
+step (dropout). A resumed run therefore continues the very same loss trajectory, and a
+2-process DDP run sees the same global batch as a 1-process run with twice the accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from lmforge.common import (DistInfo, atomic_write_text, autocast, destroy_distributed, human_count, init_distributed, pick_dtype,
+                            seed_everything)
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.errors import LMForgeError
+from lmforge.models import build_model, count_params
+from lmforge.tokenizer import LMTokenizer
+from lmforge.train.data import Corpus, TokenData, prepare_data
+from lmforge.train.evaluate import Accumulator, EvalResult
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.weights.checkpoint import (load_model, load_optimizer_state, prune_checkpoints, read_checkpoint,
+                                        save_checkpoint, write_latest)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    step: int
+    stopped: str  # "done", "time budget", "stop_after", "interrupted"
+    tokens_per_s: float
+    train_seconds: float
+    params: int
+    final_eval: dict[str, float] = field(default_factory=dict)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 8_191 + micro)
+
+
+class _NullProgress:
+    def __init__(self, *a, **k):
+        self.console = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def update(self, *a, **k):
+        pass
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return _NullProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+
+
+class Trainer:
+    def __init__(self, out_dir: Path | str, *, model_config: ModelConfig | None = None,
+                 train_config: TrainConfig | None = None, data: list[str] | None = None,
+                 tokenizer: str = "char", vocab_size: int = 2048, resume: bool = False,
+                 device: str = "auto", show_progress: bool = True, log: Callable[[str], None] | None = None):
+        self.out_dir = Path(out_dir)
+        self.dist, self.device = init_distributed(device)
+        self.show_progress = show_progress and self.dist.master
+        self._log = log or print
+        self.resume_from = None
+        if resume:
+            ckpt = read_checkpoint(self.out_dir)
+            self.resume_from = ckpt
+            self.model_config = ckpt.model_config
+            saved = ckpt.train_config.to_dict() if ckpt.train_config else {}
+            # flags given on the resuming command line (steps, time budget, ...) win
+            if train_config is not None:
+                saved.update({k: v for k, v in train_config.to_dict().items()
+                              if v != getattr(TrainConfig(), k)})
+            self.train_config = TrainConfig.from_dict(saved)
+            self.data_paths = data or ckpt.meta.get("data") or []
+            self.tokenizer_kind = ckpt.meta.get("tokenizer", tokenizer)
+        else:
+            if (self.out_dir / "latest").exists():
+                raise LMForgeError(f"{self.out_dir} already holds a training run; pass --resume to continue it "
+                                   f"or choose another --out")
+            self.model_config = model_config or ModelConfig()
+            self.train_config = train_config or TrainConfig()
+            self.data_paths = list(data or [])
+            self.tokenizer_kind = tokenizer
+        self.vocab_size = vocab_size
+
+    def log(self, msg: str) -> None:
+        if self.dist.master:
+            self._log(msg)
+
+    # ------------------------------------------------------------------ setup
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _prepare(self) -> tuple[LMTokenizer, TokenData]:
+        corpus = Corpus(self.data_paths)
+        tok_path = self.out_dir / "tokenizer.json"
+        if self.dist.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.resume_from is not None:
+                tok = LMTokenizer.load(self.resume_from.tokenizer_path)
+            else:
+                self.log(f"training a {self.tokenizer_kind} tokenizer on {corpus.describe()} ...")
+                tok = LMTokenizer.train(self.tokenizer_kind, corpus.texts(), self.vocab_size)
+            atomic_write_text(tok_path, tok.to_str())
+            data = prepare_data(self.out_dir / "data", corpus, tok, self.train_config.val_fraction, log=self.log)
+        self._barrier()
+        if not self.dist.master:
+            tok = LMTokenizer.load(tok_path)
+            data = prepare_data(self.out_dir / "data", corpus, tok, self.train_config.val_fraction, log=lambda m: None)
+        return tok, data
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TokenData, tok: LMTokenizer, dtype: torch.dtype) -> EvalResult:
+        """Loss, perplexity and bits per byte on eval_iters fixed validation batches (split over ranks)."""
+        cfg, mc = self.train_config, self.model_config
+        was_training = model.training
+        model.eval()
+        acc = Accumulator(tok.token_bytes, self.device)
+        for i in range(self.dist.rank, cfg.eval_iters, self.dist.world_size):
+            gen = torch.Generator().manual_seed(cfg.seed * 7_919 + i)  # same batches at every evaluation
+            x, y = data.batch("val", cfg.batch_size, mc.block_size, gen, self.device)
+            with autocast(self.device, dtype):
+                logits, _ = model(x)
+            acc.add(logits, y)
+        model.train(was_training)
+        return acc.reduce(self.dist.world_size)
+
+    # ------------------------------------------------------------------ run
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        try:
+            return self._run(stop_after)
+        finally:
+            destroy_distributed()
+
+    def _run(self, stop_after: int | None) -> TrainResult:
+        cfg, dist_info = self.train_config, self.dist
+        tok, data = self._prepare()
+        mc = self.model_config
+        if mc.vocab_size != tok.vocab_size:
+            if self.resume_from is not None:
+                raise LMForgeError("the checkpoint's tokenizer does not match its model (vocabulary sizes differ)")
+            mc = self.model_config = ModelConfig.from_dict({**mc.to_dict(), "vocab_size": tok.vocab_size})
+        data.check_fits(mc.block_size)
+        dtype = pick_dtype(cfg.precision, self.device)
+
+        # -------- model
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        if self.resume_from is not None:
+            raw = load_model(self.resume_from, self.device)
+        else:
+            raw = build_model(mc, self.device)
+        raw.train()
+        n_params = count_params(raw)
+        self.log(f"model: {mc.family}, {human_count(n_params)} parameters "
+                 f"({human_count(count_params(raw, exclude_embeddings=True))} excluding embeddings); "
+                 f"tokenizer: {tok.kind}, vocab {tok.vocab_size}; data: {human_count(data.n_train)} train / "
+                 f"{human_count(data.n_val)} val tokens; device {self.device}, {str(dtype).replace('torch.', '')}, "
+                 f"{dist_info.world_size} process(es)")
+
+        # -------- optimizer and resume
+        opt = make_optimizer(raw, cfg, self.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+        step = 0
+        if self.resume_from is not None:
+            state = load_optimizer_state(self.resume_from, opt)
+            step = int(state["step"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            self.log(f"resumed from {self.resume_from.path} at step {step}")
+        model: nn.Module = raw
+        if cfg.compile:
+            model = torch.compile(model)
+        if dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        if cfg.grad_accum % dist_info.world_size:
+            raise LMForgeError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes "
+                               f"({dist_info.world_size})")
+        accum = cfg.grad_accum // dist_info.world_size
+        tokens_per_step = cfg.batch_size * mc.block_size * cfg.grad_accum
+        metrics_path = self.out_dir / "metrics.jsonl"
+        if dist_info.master:
+            self._trim_metrics(metrics_path, step)
+
+        # -------- loop
+        losses: list[tuple[int, float]] = []
+        stopped, train_time, t_start = "done", 0.0, time.perf_counter()
+        tps_ema = 0.0
+        last_ckpt = None
+        steps_this_run = 0
+        final_eval: dict[str, float] = {}
+        with _progress(self.show_progress) as progress, open(metrics_path, "a", encoding="utf-8") \
+                if dist_info.master else contextlib.nullcontext() as mlog:
+            task = progress.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
+            print_line = (progress.console.print if progress.console is not None else self.log)
+            try:
+                while step < cfg.steps:
+                    if self._should_stop(cfg, t_start, steps_this_run, stop_after):
+                        stopped = "stop_after" if stop_after is not None and steps_this_run >= stop_after \
+                            else "time budget"
+                        break
+                    t0 = time.perf_counter()
+                    progress_step = step
+                    if cfg.time_budget:
+                        progress_step = max(step, cfg.steps * (t0 - t_start) / cfg.time_budget)
+                    lr = lr_at(progress_step, cfg)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    torch.manual_seed(cfg.seed + step * dist_info.world_size + dist_info.rank)  # dropout masks
+
+                    loss_sum = torch.zeros((), device=self.device)
+                    for micro in range(accum):
+                        m = dist_info.rank * accum + micro  # global micro-batch index
+                        x, y = data.batch("train", cfg.batch_size, mc.block_size,
+                                          _batch_generator(cfg.seed, step, m), self.device)
+                        sync = micro == accum - 1 or not dist_info.enabled
+                        with (contextlib.nullcontext() if sync else model.no_sync()):
+                            with autocast(self.device, dtype):
+                                _, loss = model(x, y)
+                            loss = loss / accum
+                            scaler.scale(loss).backward()
+                        loss_sum += loss.detach()
+                    if cfg.grad_clip > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    steps_this_run += 1
+
+                    log_now = step % cfg.log_interval == 0 or step == cfg.steps
+                    if log_now:
+                        if dist_info.enabled:
+                            import torch.distributed as dist
+
+                            dist.all_reduce(loss_sum)
+                            loss_sum /= dist_info.world_size
+                        loss_val = float(loss_sum)
+                        if not math.isfinite(loss_val):
+                            raise LMForgeError(f"training diverged at step {step} (loss is {loss_val}); "
+                                               f"try a lower --lr")
+                    dt = time.perf_counter() - t0
+                    train_time += dt
+                    tps = tokens_per_step / dt
+                    tps_ema = tps if tps_ema == 0 else 0.9 * tps_ema + 0.1 * tps
+                    if log_now:
+                        losses.append((step, loss_val))
+                        self._write(mlog, {"kind": "train", "step": step, "loss": loss_val, "lr": lr,
+                                           "tok_per_s": round(tps, 1), "time": round(time.perf_counter() - t_start, 3)})
+                        progress.update(task, completed=step, loss=loss_val, tps=tps_ema)
+                    else:
+                        progress.update(task, completed=step, tps=tps_ema)
+
+                    if step % cfg.eval_interval == 0 or step == cfg.steps:
+                        ev = self.evaluate(raw, data, tok, dtype)
+                        final_eval = ev.as_dict()
+                        self._write(mlog, {"kind": "eval", "step": step, **final_eval})
+                        if dist_info.master:
+                            print_line(f"step {step}: val loss {ev.loss:.4f}, ppl {ev.perplexity:.2f}, "
+                                       f"bpb {ev.bpb:.4f}")
+                    if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
+                        last_ckpt = self._save(raw, opt, scaler, tok, step)
+            except KeyboardInterrupt:
+                stopped = "interrupted"
+
+        # -------- final save
+        if not final_eval or stopped != "done":
+            ev = self.evaluate(raw, data, tok, dtype)
+            final_eval = ev.as_dict()
+            self._write_final(metrics_path, {"kind": "eval", "step": step, **final_eval})
+        last_ckpt = self._save(raw, opt, scaler, tok, step, final_eval)
+        if dist_info.master:
+            from lmforge.train.plot import plot_loss
+
+            plot_loss(metrics_path, self.out_dir / "loss.png", title=f"{mc.family} on {Corpus(self.data_paths).describe()}")
+        total_tokens = tokens_per_step * steps_this_run
+        result = TrainResult(self.out_dir, last_ckpt, step, stopped, total_tokens / max(train_time, 1e-9), train_time,
+                             n_params, final_eval, losses)
+        if stopped == "interrupted":
+            raise LMForgeError(f"interrupted at step {step}; checkpoint saved in {last_ckpt}. "
+                               f"Continue with: lmforge train --resume --out {self.out_dir}")
+        return result
+
+    # ------------------------------------------------------------------ helpers
+    def _should_stop(self, cfg: TrainConfig, t_start: float, steps_this_run: int, stop_after: int | None) -> bool:
+        stop = stop_after is not None and steps_this_run >= stop_after
+        if cfg.time_budget is not None:
+            stop = stop or (time.perf_counter() - t_start) >= cfg.time_budget
+            if self.dist.enabled:  # rank 0 decides, so every rank stops at the same step
+                import torch.distributed as dist
+
+                flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+                dist.broadcast(flag, src=0)
+                stop = bool(flag.item())
+        return stop
+
+    def _write(self, mlog, row: dict[str, Any]) -> None:
+        if mlog is not None:
+            mlog.write(json.dumps(row) + "\n")
+            mlog.flush()
+
+    def _write_final(self, path: Path, row: dict[str, Any]) -> None:
+        if self.dist.master:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    @staticmethod
+    def _trim_metrics(path: Path, step: int) -> None:
+        """On resume, drop log rows past the checkpoint (they belong to the lost part of the run)."""
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def _save(self, raw: nn.Module, opt, scaler, tok: LMTokenizer, step: int,
+              final_eval: dict[str, float] | None = None) -> Path:
+        ckpt_dir = self.out_dir / "checkpoints" / f"step_{step:07d}"
+        if self.dist.master:
+            meta = {"data": self.data_paths, "tokenizer": tok.kind, "eval": final_eval or {}}
+            save_checkpoint(ckpt_dir, raw, step=step, tokenizer_json=tok.to_str(), train_config=self.train_config,
+                            meta=meta, optimizer=opt,
+                            trainer_state={"scaler": scaler.state_dict() if scaler.is_enabled() else None})
+            write_latest(self.out_dir, ckpt_dir)
+            prune_checkpoints(self.out_dir, self.train_config.keep_checkpoints)
+        self._barrier()
+        return ckpt_dir
