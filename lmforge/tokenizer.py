@@ -138,7 +138,7 @@ class StreamDecoder:
     """Incremental detokenizer for streaming: returns only newly completed text and holds back
     an incomplete UTF-8 sequence (which decodes to U+FFFD) until its last byte arrives."""
 
-    def __init__(self, tok: LMTokenizer, prompt_ids: list[int] | None = None):
+    def __init__(self, tok: LMTokenizer):
         self.tok = tok
         self.ids: list[int] = []
         self.emitted = 0

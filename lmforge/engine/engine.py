@@ -6,13 +6,23 @@ every step, no cache) that the cached path is tested against.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from lmforge.engine.cache import make_cache
 from lmforge.engine.sampling import SamplingParams, sample_next
+
+# A logits processor sees the ids so far and the next-token logits (B, V) and returns new logits:
+# banned tokens, repetition penalties and grammar constraints all plug in here.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor]) -> torch.Tensor:
+    for proc in processors:
+        logits = proc(ids, logits)
+    return logits
 from lmforge.errors import LMForgeError
 
 
@@ -34,7 +44,7 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
-                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+                 stop_ids: Sequence[int] = (), processors: Sequence[LogitsProcessor] = ()) -> Iterator[int]:
         """Yield up to max_new_tokens new ids; stops after yielding a stop id."""
         params = params or SamplingParams()
         if not prompt_ids:
@@ -53,7 +63,7 @@ class Engine:
 
         logits = prefill(ids[-ctx:] if ctx else ids)
         for _ in range(max_new_tokens):
-            nxt = int(sample_next(logits, params, gen)[0])
+            nxt = int(sample_next(_process(logits, ids, processors), params, gen)[0])
             yield nxt
             ids.append(nxt)
             if nxt in stop:
@@ -68,7 +78,8 @@ class Engine:
 
 @torch.inference_mode()
 def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: int,
-                   params: SamplingParams | None = None, stop_ids: Sequence[int] = ()) -> list[int]:
+                   params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
+                   processors: Sequence[LogitsProcessor] = ()) -> list[int]:
     """Reference decoding: full forward over the (cropped) sequence for every new token."""
     params = params or SamplingParams()
     model.eval()
@@ -79,7 +90,7 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     for _ in range(max_new_tokens):
         window = ids[-ctx:] if ctx else ids
         logits = model(torch.tensor([window], dtype=torch.long, device=device))[0][:, -1]
-        nxt = int(sample_next(logits, params, gen)[0])
+        nxt = int(sample_next(_process(logits, ids, processors), params, gen)[0])
         out.append(nxt)
         ids.append(nxt)
         if nxt in stop_ids:

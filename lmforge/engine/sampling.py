@@ -27,6 +27,15 @@ class SamplingParams:
             raise LMForgeError("top-p must be in (0, 1]")
 
 
+def ban_tokens(logits: torch.Tensor, ids) -> torch.Tensor:
+    """Make the given token ids impossible (e.g. a char tokenizer's <unk>)."""
+    if not ids:
+        return logits
+    logits = logits.clone()
+    logits[..., list(ids)] = float("-inf")
+    return logits
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / max(temperature, 1e-5)
 

@@ -86,6 +86,8 @@ class Corpus:
     def __init__(self, paths: list[str | Path] | None):
         self.paths = [str(p) for p in paths] if paths else []
         self.files = collect_files(self.paths) if self.paths else []
+        if self.files and all(f.stat().st_size == 0 for f in self.files):
+            raise LMForgeError(f"the data is empty: {', '.join(self.paths)} holds no text")
 
     def documents(self) -> Iterator[Iterator[str]]:
         """One iterator of text pieces per document."""

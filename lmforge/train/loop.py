@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,8 @@ class Trainer:
     def __init__(self, out_dir: Path | str, *, model_config: ModelConfig | None = None,
                  train_config: TrainConfig | None = None, data: list[str] | None = None,
                  tokenizer: str = "char", vocab_size: int = 2048, resume: bool = False,
-                 device: str = "auto", show_progress: bool = True, log: Callable[[str], None] | None = None):
+                 device: str = "auto", show_progress: bool = True, log: Callable[[str], None] | None = None,
+                 resume_overrides: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.dist, self.device = init_distributed(device)
         self.show_progress = show_progress and self.dist.master
@@ -93,10 +95,8 @@ class Trainer:
             self.resume_from = ckpt
             self.model_config = ckpt.model_config
             saved = ckpt.train_config.to_dict() if ckpt.train_config else {}
-            # flags given on the resuming command line (steps, time budget, ...) win
-            if train_config is not None:
-                saved.update({k: v for k, v in train_config.to_dict().items()
-                              if v != getattr(TrainConfig(), k)})
+            # settings given when resuming (more steps, a time budget, ...) win over the saved ones
+            saved.update(resume_overrides or {})
             self.train_config = TrainConfig.from_dict(saved)
             self.data_paths = data or ckpt.meta.get("data") or []
             self.tokenizer_kind = ckpt.meta.get("tokenizer", tokenizer)
@@ -158,8 +158,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self, stop_after: int | None = None) -> TrainResult:
+        created = not self.out_dir.exists()
         try:
             return self._run(stop_after)
+        except BaseException:
+            # a run that fails before its first checkpoint leaves nothing behind
+            if created and self.dist.master and not (self.out_dir / "latest").exists():
+                shutil.rmtree(self.out_dir, ignore_errors=True)
+            raise
         finally:
             destroy_distributed()
 

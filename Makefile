@@ -1,0 +1,21 @@
+# The two quickstart commands: `make run` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test clean
+
+run: $(VENV)/.installed
+	$(BIN)/lmforge train
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+# torch==2.13.0 (pinned in pyproject.toml) installs the CPU wheel that lies on local disk
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

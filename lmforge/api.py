@@ -1,0 +1,134 @@
+"""The Python API: everything the CLI (and later the server) does goes through here.
+
+    from lmforge import LM, train
+    result = train(out="runs/demo", model="gpt", preset="tiny")
+    lm = LM.load("runs/demo")
+    print(lm.generate("The ", max_new_tokens=100, seed=0))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.common import pick_device
+from lmforge.config import ModelConfig, TrainConfig, preset as get_preset
+from lmforge.engine import Engine, SamplingParams
+from lmforge.engine.sampling import ban_tokens
+from lmforge.errors import LMForgeError
+from lmforge.tokenizer import LMTokenizer, StreamDecoder
+from lmforge.train.evaluate import EvalResult, evaluate_windows
+from lmforge.weights.checkpoint import Checkpoint, load_model, read_checkpoint
+
+
+class LM:
+    """A trained model with its tokenizer, ready to generate and evaluate."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: LMTokenizer, checkpoint: Checkpoint | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.engine = Engine(self.model)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "LM":
+        ckpt = read_checkpoint(path)
+        tok = LMTokenizer.load(ckpt.tokenizer_path)
+        if tok.vocab_size != ckpt.model_config.vocab_size:
+            raise LMForgeError(f"checkpoint {ckpt.path}: tokenizer has {tok.vocab_size} tokens but the model "
+                               f"expects {ckpt.model_config.vocab_size}")
+        return cls(load_model(ckpt, pick_device(device)), tok, ckpt)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids for a prompt; an empty prompt starts a fresh document."""
+        if prompt == "":
+            ids = self.tokenizer.doc_separator
+            return ids or [0]
+        try:
+            return self.tokenizer.encode(prompt)
+        except LMForgeError as e:
+            raise LMForgeError(f"cannot encode the prompt: {e}") from None
+
+    def stream(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield generated text piece by piece (never splitting a UTF-8 character).
+        Bad arguments and unencodable prompts raise here, before anything is generated."""
+        if max_new_tokens <= 0:
+            raise LMForgeError("max new tokens must be positive")
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = self.encode_prompt(prompt)
+        return self._stream(ids, max_new_tokens, params)
+
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[str]:
+        stop = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
+        banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
+        processors = [lambda _ids, logits: ban_tokens(logits, banned)] if banned else []
+        dec = StreamDecoder(self.tokenizer)
+        for tid in self.engine.generate(ids, max_new_tokens, params, stop_ids=stop, processors=processors):
+            if tid in stop:
+                break
+            piece = dec.push(tid)
+            if piece:
+                yield piece
+        tail = dec.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def evaluate(self, paths: list[str | Path], batch_size: int = 16, progress=None) -> EvalResult:
+        """Loss, perplexity and bits per byte over text files, every token scored once."""
+        from lmforge.train.data import Corpus
+
+        corpus = Corpus(paths)
+        ids: list[int] = []
+        sep = self.tokenizer.doc_separator
+        for path, doc in zip(corpus.files, corpus.documents()):
+            text = "".join(doc)
+            if not text:
+                continue
+            if ids:
+                ids.extend(sep)
+            try:
+                ids.extend(self.tokenizer.encode(text))
+            except LMForgeError as e:
+                raise LMForgeError(f"{path}: {e}") from None
+        if len(ids) < 2:
+            raise LMForgeError("the evaluation data is empty (it needs at least two tokens)")
+        import numpy as np
+
+        return evaluate_windows(self.model, np.asarray(ids), self.tokenizer.token_bytes, self.config.block_size,
+                                batch_size, self.device, progress=progress)
+
+
+def train(out: str | Path, *, model: str = "gpt", tokenizer: str = "char", data: list[str] | None = None,
+          preset: str = "small", vocab_size: int = 2048, resume: bool = False, device: str = "auto",
+          show_progress: bool = True, log=print, stop_after: int | None = None,
+          model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None):
+    """Train (or resume) a language model; returns a TrainResult. Overrides win over the preset."""
+    from lmforge.train.loop import Trainer
+
+    t_over = {k: v for k, v in (train_overrides or {}).items() if v is not None}
+    if resume:  # the run's saved configuration, with only the explicit overrides applied
+        trainer = Trainer(out, data=data, resume=True, device=device, show_progress=show_progress, log=log,
+                          resume_overrides=t_over)
+        return trainer.run(stop_after=stop_after)
+    m, t = get_preset(preset, model)
+    m.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
+    t.update(t_over)
+    trainer = Trainer(out, model_config=ModelConfig(**m), train_config=TrainConfig(**t), data=data,
+                      tokenizer=tokenizer, vocab_size=vocab_size, device=device, show_progress=show_progress,
+                      log=log)
+    return trainer.run(stop_after=stop_after)

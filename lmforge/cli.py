@@ -1,0 +1,227 @@
+"""The `lmforge` command line: parsing and printing only; the work happens in lmforge.api."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lmforge.config import FAMILIES, PRESETS
+from lmforge.errors import LMForgeError
+
+app = typer.Typer(
+    name="lmforge",
+    help="Train, evaluate and sample language models, from a character-level RNN to a GPT, on a CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '3m', '1.5h' -> seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise LMForgeError(f"cannot read time budget {text!r}; use e.g. 90, 90s, 3m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _choice(value: str, allowed, what: str) -> str:
+    if value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=what)
+    return value
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help=f"Model family: {', '.join(FAMILIES)}.")] = "gpt",
+    tokenizer: Annotated[str, typer.Option(help="char (one token per character) or bpe (byte-level BPE).")] = "char",
+    data: Annotated[Optional[list[Path]], typer.Option(
+        help="Text files or folders (several allowed). Default: Python's own documentation.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: runs/MODEL-TOKENIZER-TIMESTAMP.")] = None,
+    preset: Annotated[str, typer.Option(help=f"Size preset: {', '.join(PRESETS)}.")] = "small",
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default from the preset).")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(
+        help="Stop cleanly after this long, e.g. 90s, 3m, 1h; the LR schedule then follows the clock.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (all processes).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Context length in tokens.")] = None,
+    n_layer: Annotated[Optional[int], typer.Option(help="Layers (overrides the preset).")] = None,
+    n_embd: Annotated[Optional[int], typer.Option(help="Width / hidden size (overrides the preset).")] = None,
+    n_head: Annotated[Optional[int], typer.Option(help="Attention heads, gpt only (overrides the preset).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout probability.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (bpe only).")] = 2048,
+    eval_interval: Annotated[Optional[int], typer.Option(help="Evaluate every N steps.")] = None,
+    log_interval: Annotated[Optional[int], typer.Option(help="Log the training loss every N steps.")] = None,
+    checkpoint_interval: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (CUDA).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (weights, batches, dropout).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    sample_tokens: Annotated[int, typer.Option(help="Tokens of sample text printed at the end (0: none).")] = 300,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+):
+    """Train a language model on your text (or Python's docs) and print a sample.
+
+    Examples:
+
+      lmforge train                                   # small char-level GPT on Python's docs
+
+      lmforge train --model lstm --tokenizer bpe --data my_texts/ --time-budget 3m
+
+      lmforge train --resume --out runs/my-run --steps 4000
+
+      torchrun --nproc_per_node 2 -m lmforge train --out runs/ddp   # data-parallel
+    """
+    from lmforge import api
+
+    _choice(model, FAMILIES, "--model")
+    _choice(tokenizer, ("char", "bpe"), "--tokenizer")
+    _choice(preset, PRESETS, "--preset")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    master = int(os.environ.get("RANK", "0")) == 0
+    if out is None:
+        if resume:
+            raise LMForgeError("--resume needs --out: the run folder to continue")
+        if distributed:
+            raise LMForgeError("pass --out when training with torchrun, so every process uses the same folder")
+        out = Path("runs") / f"{model}-{tokenizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console = _console()
+    log = (lambda msg: console.print(msg, markup=False)) if master else (lambda *_: None)
+    if master:
+        console.print(f"[bold]lmforge train[/] -> {out}")
+    result = api.train(
+        out, model=model, tokenizer=tokenizer, data=[str(p) for p in data] if data else None, preset=preset,
+        vocab_size=vocab_size, resume=resume, device=device, show_progress=not quiet, log=log,
+        model_overrides=dict(block_size=block_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, dropout=dropout),
+        train_overrides=dict(steps=steps, time_budget=parse_duration(time_budget), batch_size=batch_size,
+                             grad_accum=grad_accum, lr=lr, eval_interval=eval_interval, log_interval=log_interval,
+                             checkpoint_interval=checkpoint_interval, precision=precision,
+                             compile=compile or None, seed=seed),
+    )
+    if not master:
+        return
+    ev = result.final_eval
+    console.print(f"\n[bold]done[/] ({result.stopped}) at step {result.step}: val loss {ev['val_loss']:.4f}, "
+                  f"perplexity {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte; "
+                  f"{result.tokens_per_s:,.0f} tokens/s over {result.train_seconds:.1f}s")
+    console.print(f"checkpoint: {result.checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\n"
+                  f"loss curve: {out / 'loss.png'}")
+    if sample_tokens > 0:
+        lm = api.LM.load(result.checkpoint, device=device)
+        console.print(f"\n[bold]sample[/] ({sample_tokens} tokens, temperature 0.8):", highlight=False)
+        _stream_out(lm.stream("", max_new_tokens=sample_tokens, temperature=0.8, seed=0))
+        console.print(f"\nnext: lmforge generate {out} \"your prompt\"")
+
+
+def _stream_out(pieces) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder (its latest checkpoint) or a checkpoint folder.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue (may be empty).")] = "",
+    max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 for greedy; higher is more random.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample only from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: smallest set with this much mass.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Continue a prompt with a trained model, streaming to the terminal.
+
+    Example: lmforge generate runs/gpt-char-20261123-120000 "The with statement" --max-tokens 300 --seed 0
+    """
+    from lmforge.api import LM
+
+    lm = LM.load(checkpoint, device=device)
+    pieces = lm.stream(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed)
+    sys.stdout.write(prompt)
+    if stream:
+        _stream_out(pieces)
+    else:
+        text = "".join(pieces)
+        sys.stdout.write(text + "\n")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder or a checkpoint folder.")],
+    data: Annotated[list[Path], typer.Option(help="Text files or folders to score (several allowed).")],
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Score text with a trained model: loss, perplexity and bits per byte.
+
+    Every token is predicted once, in windows of the model's context length.
+    Example: lmforge eval runs/my-run --data held_out.txt
+    """
+    from lmforge.api import LM
+
+    lm = LM.load(checkpoint, device=device)
+    res = lm.evaluate([str(p) for p in data], batch_size=batch_size)
+    from rich.table import Table
+
+    table = Table(title=f"{lm.checkpoint.path}", show_header=True)
+    for col in ("tokens", "bytes", "loss (nats/token)", "perplexity", "bits per byte"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{res.tokens:,}", f"{res.bytes:,}", f"{res.loss:.4f}", f"{res.perplexity:.3f}", f"{res.bpb:.4f}")
+    _console().print(table)
+
+
+def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:
+    """Let `--data a b c` mean `--data a --data b --data c` (click options take one value each)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg in flags:
+            first = True
+            while i < len(argv) and not argv[i].startswith("-"):
+                if not first:
+                    out.append(arg)
+                out.append(argv[i])
+                first = False
+                i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
+    try:
+        app(args=args, prog_name="lmforge")
+    except LMForgeError as e:
+        from rich.text import Text
+
+        _console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
