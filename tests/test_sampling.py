@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from lmforge.engine.sampling import SamplingParams, ban_tokens, sample_next, top_k_filter, top_p_filter
+from lmforge.errors import LMForgeError
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = top_k_filter(logits, 2)
+    assert torch.isfinite(out).sum() == 2
+    assert torch.isfinite(out[0, [1, 3]]).all()
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = torch.isfinite(top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(top_p_filter(logits, 0.81))
+    assert kept.tolist() == [[True, True, True, False]]
+    # the most likely token always survives
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum() == 1
+
+
+def test_greedy_and_banned_tokens():
+    logits = torch.tensor([[0.0, 9.0, 1.0]])
+    assert sample_next(logits, SamplingParams(temperature=0)).item() == 1
+    assert sample_next(ban_tokens(logits, [1]), SamplingParams(temperature=0)).item() == 2
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits, SamplingParams(temperature=1.0), g)
+    freq = torch.bincount(ids, minlength=3).float() / len(ids)
+    assert torch.allclose(freq, torch.tensor([0.2, 0.3, 0.5]), atol=0.03)
+
+
+def test_low_temperature_sharpens():
+    logits = torch.log(torch.tensor([[0.4, 0.6]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits, SamplingParams(temperature=0.1), g)
+    assert ids.float().mean() > 0.95
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
+def test_invalid_params(kw):
+    with pytest.raises(LMForgeError):
+        SamplingParams(**kw)
