@@ -34,13 +34,52 @@ class LM:
         self.engine = Engine(self.model)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> "LM":
+    def load(cls, spec: str | Path, device: str = "auto") -> "LM":
+        """A run folder or checkpoint, a pulled model's name, or a .gguf file."""
+        dev = pick_device(device)
+        path = Path(spec)
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return cls._from_gguf(path, dev)
+        if path.is_dir() and (path / "manifest.json").is_file():
+            from lmforge import store
+
+            return cls._from_store(store.StoredModel(path.name, path, _read_manifest(path)), dev)
+        if not path.exists() and isinstance(spec, str) and "/" not in spec and not spec.endswith(".gguf"):
+            from lmforge import store
+
+            found = store.find(spec)
+            if found is None:
+                if spec in store.REGISTRY:
+                    raise LMForgeError(f"model {spec!r} is not in the local store yet; run: lmforge pull {spec}")
+                raise LMForgeError(f"{spec!r} is neither a path nor a known model name "
+                                   f"(known: {', '.join(store.REGISTRY)})")
+            return cls._from_store(found, dev)
         ckpt = read_checkpoint(path)
         tok = LMTokenizer.load(ckpt.tokenizer_path)
         if tok.vocab_size != ckpt.model_config.vocab_size:
             raise LMForgeError(f"checkpoint {ckpt.path}: tokenizer has {tok.vocab_size} tokens but the model "
                                f"expects {ckpt.model_config.vocab_size}")
-        return cls(load_model(ckpt, pick_device(device)), tok, ckpt)
+        return cls(load_model(ckpt, dev), tok, ckpt)
+
+    @classmethod
+    def _from_store(cls, model, device) -> "LM":
+        from lmforge import store
+
+        store.verify(model)
+        tok_path = model.path / "tokenizer.json"
+        return cls._from_gguf(model.gguf, device, LMTokenizer.load(tok_path) if tok_path.is_file() else None)
+
+    @classmethod
+    def _from_gguf(cls, path: Path, device, tok: LMTokenizer | None = None) -> "LM":
+        from lmforge.weights.gguf import load_gguf_model, read_gguf, tokenizer_meta
+
+        g = read_gguf(path)
+        if tok is None:
+            tok = LMTokenizer.from_gguf_meta(tokenizer_meta(g))
+        model = load_gguf_model(g, device)
+        if tok.vocab_size > model.config.vocab_size:
+            raise LMForgeError(f"{path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+        return cls(model, tok, None)
 
     @property
     def config(self) -> ModelConfig:
@@ -52,13 +91,29 @@ class LM:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids for a prompt; an empty prompt starts a fresh document."""
+        tok = self.tokenizer
+        bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []
         if prompt == "":
-            ids = self.tokenizer.doc_separator
+            ids = bos or tok.doc_separator
             return ids or [0]
         try:
-            return self.tokenizer.encode(prompt)
+            ids = bos + tok.encode(prompt)
         except LMForgeError as e:
             raise LMForgeError(f"cannot encode the prompt: {e}") from None
+        self._check_length(len(ids))
+        return ids
+
+    @property
+    def hard_context(self) -> int | None:
+        """Context a prompt must fit in: RoPE models' trained length. (Learned-position models slide
+        their window over longer text, recurrent ones have no limit.)"""
+        cfg = self.config
+        return cfg.block_size if cfg.family == "gpt" and cfg.pos == "rope" else None
+
+    def _check_length(self, n: int) -> None:
+        ctx = self.hard_context
+        if ctx is not None and n >= ctx:
+            raise LMForgeError(f"the prompt has {n} tokens but the model's context is {ctx}; shorten it")
 
     def stream(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
@@ -70,8 +125,25 @@ class LM:
         ids = self.encode_prompt(prompt)
         return self._stream(ids, max_new_tokens, params)
 
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.7,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}, ...])."""
+        if max_new_tokens <= 0:
+            raise LMForgeError("max new tokens must be positive")
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        ids = self.chat_ids(messages)
+        return self._stream(ids, max_new_tokens, params)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, check=False)
+        self._check_length(len(ids))
+        return ids
+
     def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[str]:
-        stop = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
+        if self.hard_context is not None:
+            max_new_tokens = min(max_new_tokens, self.hard_context - len(ids))
+        stop = self.tokenizer.stop_ids
         banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
         processors = [lambda _ids, logits: ban_tokens(logits, banned)] if banned else []
         dec = StreamDecoder(self.tokenizer)
@@ -111,6 +183,15 @@ class LM:
 
         return evaluate_windows(self.model, np.asarray(ids), self.tokenizer.token_bytes, self.config.block_size,
                                 batch_size, self.device, progress=progress)
+
+
+def _read_manifest(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise LMForgeError(f"{path / 'manifest.json'} is corrupt; pull the model again") from None
 
 
 def train(out: str | Path, *, model: str = "gpt", tokenizer: str = "char", data: list[str] | None = None,

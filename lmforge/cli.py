@@ -75,6 +75,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (weights, batches, dropout).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     sample_tokens: Annotated[int, typer.Option(help="Tokens of sample text printed at the end (0: none).")] = 300,
+    sample_prompt: Annotated[str, typer.Option(help="Prompt for that sample (dropped if the tokenizer cannot encode it).")] = "The ",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ):
     """Train a language model on your text (or Python's docs) and print a sample.
@@ -125,8 +126,13 @@ def train(
                   f"loss curve: {out / 'loss.png'}")
     if sample_tokens > 0:
         lm = api.LM.load(result.checkpoint, device=device)
+        try:
+            lm.encode_prompt(sample_prompt)
+        except LMForgeError:
+            sample_prompt = ""
         console.print(f"\n[bold]sample[/] ({sample_tokens} tokens, temperature 0.8):", highlight=False)
-        _stream_out(lm.stream("", max_new_tokens=sample_tokens, temperature=0.8, seed=0))
+        sys.stdout.write(sample_prompt)
+        _stream_out(lm.stream(sample_prompt, max_new_tokens=sample_tokens, temperature=0.8, seed=0))
         console.print(f"\nnext: lmforge generate {out} \"your prompt\"")
 
 

@@ -27,14 +27,78 @@ class LMTokenizer:
     """Thin wrapper adding what training and evaluation need: kind, unknown-character
     checks, the document separator and the UTF-8 byte length of every token."""
 
-    def __init__(self, tk: Tokenizer, kind: str | None = None):
+    def __init__(self, tk: Tokenizer, kind: str | None = None, *, eos_id: int | None = None,
+                 bos_id: int | None = None, add_bos: bool = False, chat_template: str | None = None,
+                 stop_ids: list[int] | None = None):
         self.tk = tk
         model_type = type(tk.model).__name__
         self.kind = kind or {"WordLevel": "char", "BPE": "bpe"}.get(model_type, model_type.lower())
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self.unk_id = tk.token_to_id(UNK) if self.kind == "char" else None
-        self.eot_id = tk.token_to_id(EOT)
+        # end of text: the pretrained model's EOS when it has one, else our own separator token
+        self.eot_id = eos_id if eos_id is not None else tk.token_to_id(EOT)
+        self.bos_id = bos_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self.stop_ids = sorted(set(stop_ids or []) | ({self.eot_id} if self.eot_id is not None else set()))
         self._token_bytes: np.ndarray | None = None
+
+    # ------------------------------------------------------------ pretrained (GGUF)
+    @classmethod
+    def from_gguf_meta(cls, meta: dict) -> "LMTokenizer":
+        """Rebuild a GGUF file's tokenizer as a `tokenizers` object (GPT-2-style byte-level BPE)."""
+        model = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise LMForgeError("the GGUF file carries no tokenizer vocabulary")
+        if model != "gpt2":
+            raise LMForgeError(f"unsupported GGUF tokenizer model {model!r} (lmforge reads gpt2-style BPE)")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if pre in ("smollm", "starcoder", "refact", "deepseek-coder", "qwen2", "llama3"):
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))  # these split numbers digit by digit
+        tk.pre_tokenizer = pre_tokenizers.Sequence(steps) if len(steps) > 1 else steps[0]
+        tk.decoder = decoders.ByteLevel()
+        # control tokens (type 3) match as whole units in text, like <|im_start|>
+        from tokenizers import AddedToken
+
+        specials = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types) if ty == 3]
+        tk.add_special_tokens(specials)
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        stop = [i for i, ty in enumerate(types) if ty == 3 and tokens[i] in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")]
+        return cls(tk, "bpe", eos_id=eos, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=meta.get("tokenizer.chat_template"), stop_ids=stop)
+
+    def extra(self) -> dict:
+        """What tokenizer.json cannot hold: saved beside it as tokenizer_extra.json."""
+        return {"kind": self.kind, "eos_id": self.eot_id, "bos_id": self.bos_id, "add_bos": self.add_bos,
+                "chat_template": self.chat_template, "stop_ids": self.stop_ids}
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render a conversation with the model's own chat template (jinja2, sandboxed)."""
+        if not self.chat_template:
+            raise LMForgeError("this model has no chat template (it is a base model): use generate instead")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise LMForgeError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        tok = self.tk.id_to_token
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=tok(self.bos_id) if self.bos_id is not None else "",
+                eos_token=tok(self.eot_id) if self.eot_id is not None else "")
+        except TemplateError as e:
+            raise LMForgeError(f"cannot render the chat template: {e}") from None
 
     # ------------------------------------------------------------ training
     @classmethod
@@ -76,7 +140,12 @@ class LMTokenizer:
 
     # ------------------------------------------------------------ io
     def save(self, path: Path | str) -> None:
+        path = Path(path)
         self.tk.save(str(path))
+        if self.bos_id is not None or self.chat_template or len(self.stop_ids) > 1:
+            import json
+
+            (path.parent / "tokenizer_extra.json").write_text(json.dumps(self.extra(), indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path | str) -> "LMTokenizer":
@@ -87,6 +156,14 @@ class LMTokenizer:
             tk = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on bad JSON
             raise LMForgeError(f"{path} is not a valid tokenizer.json ({e})") from None
+        extra_path = path.parent / "tokenizer_extra.json"
+        if extra_path.is_file():
+            import json
+
+            extra = json.loads(extra_path.read_text(encoding="utf-8"))
+            return cls(tk, extra.get("kind"), eos_id=extra.get("eos_id"), bos_id=extra.get("bos_id"),
+                       add_bos=extra.get("add_bos", False), chat_template=extra.get("chat_template"),
+                       stop_ids=extra.get("stop_ids"))
         return cls(tk)
 
     def to_str(self) -> str:

@@ -1,0 +1,171 @@
+"""GGUF files (llama.cpp's format) into lmforge's own modules, through the `gguf` package.
+
+The reader memory-maps the file; each tensor is dequantized to float32 with the package's
+numpy kernels and placed by the declarative table in `names.py`. llama.cpp's converter
+permutes the rows of Q and K so that rotary pairs are interleaved; lmforge (like Hugging Face)
+rotates the two halves of each head instead, so those rows are permuted back on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.models import build_model
+from lmforge.weights.names import GGUF_LLAMA, SLOTS, expand
+
+SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    arch: str
+    meta: dict[str, Any]
+    reader: Any
+
+    @property
+    def tensors(self):
+        return self.reader.tensors
+
+
+def _field_value(field) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # a field type this reader cannot decode: not needed by lmforge
+        return None
+
+
+def _open(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"no such GGUF file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise LMForgeError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # truncated files surface as ValueError/IndexError/struct errors from numpy views
+        raise LMForgeError(f"{path} is a corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+    return reader, {key: _field_value(field) for key, field in reader.fields.items()}
+
+
+def read_gguf_meta(path: str | Path) -> dict[str, Any]:
+    """All metadata of a GGUF file, without checking that lmforge can run it."""
+    return _open(Path(path))[1]
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Open a GGUF file and check that lmforge supports its architecture and tensor types."""
+    path = Path(path)
+    reader, meta = _open(path)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LMForgeError(f"{path}: unsupported architecture {arch!r}; lmforge loads {', '.join(SUPPORTED_ARCHS)}")
+    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(SUPPORTED_TYPES))
+    if bad:
+        raise LMForgeError(f"{path}: unsupported tensor type(s) {', '.join(bad)}; supported: "
+                           f"{', '.join(SUPPORTED_TYPES)}")
+    return GGUFFile(path, arch, meta, reader)
+
+
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    m, a = g.meta, g.arch
+    names = {t.name for t in g.tensors}
+
+    def need(key: str):
+        if f"{a}.{key}" not in m:
+            raise LMForgeError(f"{g.path}: metadata {a}.{key} is missing")
+        return m[f"{a}.{key}"]
+
+    n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    vocab = m.get(f"{a}.vocab_size") or len(m.get("tokenizer.ggml.tokens") or [])
+    return ModelConfig(
+        family="gpt", vocab_size=int(vocab), block_size=int(need("context_length")),
+        n_layer=int(need("block_count")), n_embd=n_embd, n_head=n_head,
+        n_kv_head=int(m.get(f"{a}.attention.head_count_kv", n_head)),
+        mlp_hidden=int(need("feed_forward_length")), norm="rmsnorm", pos="rope", mlp="swiglu", bias=False,
+        rope_theta=float(m.get(f"{a}.rope.freq_base", 10000.0)),
+        norm_eps=float(m.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+    )
+
+
+def dequantize(t) -> np.ndarray:
+    """One reader tensor -> float32 array in PyTorch's (out, in) orientation."""
+    from gguf.quants import dequantize as gg_dequantize
+
+    try:
+        arr = gg_dequantize(t.data, t.tensor_type)
+    except Exception as e:
+        raise LMForgeError(f"cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from None
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+    return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's interleaving of rotary pairs: rows (h, i, 2) -> (h, 2, i)."""
+    rows, cols = w.shape
+    hd = rows // n_head
+    return w.reshape(n_head, hd // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    table = expand(GGUF_LLAMA, cfg.n_layer)
+    state: dict[str, torch.Tensor] = {}
+    slots: dict[str, dict[str, np.ndarray]] = {}
+    for t in g.tensors:
+        if t.name not in table:
+            if t.name.startswith("rope_freqs"):
+                continue
+            raise LMForgeError(f"{g.path}: unexpected tensor {t.name} for architecture {g.arch}")
+        name, slot = table[t.name]
+        w = dequantize(t)
+        if slot == "q":
+            w = unpermute_rope_rows(w, cfg.n_head)
+        elif slot == "k":
+            w = unpermute_rope_rows(w, cfg.n_kv_head)
+        if slot is None:
+            state[name] = torch.from_numpy(w)
+        else:
+            slots.setdefault(name, {})[slot] = w
+    for name, parts in slots.items():
+        if set(parts) != set(SLOTS):
+            raise LMForgeError(f"{g.path}: {name} is missing part(s) {set(SLOTS) - set(parts)}")
+        state[name] = torch.from_numpy(np.concatenate([parts[s] for s in SLOTS], axis=0))
+    return state
+
+
+def load_gguf_model(g: GGUFFile, device: torch.device | str = "cpu") -> torch.nn.Module:
+    cfg = config_from_gguf(g)
+    model = build_model(cfg, device=device, init=False)
+    state = gguf_state_dict(g, cfg)
+    expected = model.state_dict()
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LMForgeError(f"{g.path}: tensors missing for {missing[:4]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise LMForgeError(f"{g.path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.reset_buffers()
+    return model.eval()
+
+
+def tokenizer_meta(g: GGUFFile) -> dict[str, Any]:
+    """The tokenizer.* metadata as plain Python values (for lmforge.tokenizer)."""
+    return {k: v for k, v in g.meta.items() if k.startswith("tokenizer.")}

@@ -1,0 +1,55 @@
+"""Declarative tables from foreign tensor names to lmforge's GPT names.
+
+Each entry maps a foreign name pattern ({i} = layer index) to an lmforge name, optionally with
+a slot: q, k and v are separate tensors elsewhere but one fused `qkv_proj` here, so the loader
+concatenates the slots in the order q, k, v along the output dimension.
+"""
+
+from __future__ import annotations
+
+# GGUF names written by llama.cpp's converters, for the `llama` architecture
+GGUF_LLAMA: dict[str, str | tuple[str, str]] = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "blocks.{i}.attn_norm.weight",
+    "blk.{i}.attn_q.weight": ("blocks.{i}.attn.qkv_proj.weight", "q"),
+    "blk.{i}.attn_k.weight": ("blocks.{i}.attn.qkv_proj.weight", "k"),
+    "blk.{i}.attn_v.weight": ("blocks.{i}.attn.qkv_proj.weight", "v"),
+    "blk.{i}.attn_output.weight": "blocks.{i}.attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "blocks.{i}.mlp_norm.weight",
+    "blk.{i}.ffn_gate.weight": "blocks.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "blocks.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "blocks.{i}.mlp.down_proj.weight",
+}
+
+# Hugging Face LlamaForCausalLM names (export writes these; the HF loader reads them)
+HF_LLAMA: dict[str, str | tuple[str, str]] = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{i}.input_layernorm.weight": "blocks.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": ("blocks.{i}.attn.qkv_proj.weight", "q"),
+    "model.layers.{i}.self_attn.k_proj.weight": ("blocks.{i}.attn.qkv_proj.weight", "k"),
+    "model.layers.{i}.self_attn.v_proj.weight": ("blocks.{i}.attn.qkv_proj.weight", "v"),
+    "model.layers.{i}.self_attn.o_proj.weight": "blocks.{i}.attn.o_proj.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blocks.{i}.mlp_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blocks.{i}.mlp.gate_proj.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blocks.{i}.mlp.up_proj.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blocks.{i}.mlp.down_proj.weight",
+}
+
+SLOTS = ("q", "k", "v")
+
+
+def expand(table: dict[str, str | tuple[str, str]], n_layer: int) -> dict[str, tuple[str, str | None]]:
+    """Concrete foreign name -> (lmforge name, slot or None) for every layer."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for src, dst in table.items():
+        name, slot = (dst, None) if isinstance(dst, str) else dst
+        if "{i}" in src:
+            for i in range(n_layer):
+                out[src.format(i=i)] = (name.format(i=i), slot)
+        else:
+            out[src] = (name, slot)
+    return out
