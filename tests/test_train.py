@@ -91,3 +91,16 @@ def test_bpe_model_generates_text_that_decodes(tmp_path, corpus_file):
     out = lm.generate("def ", max_new_tokens=30, seed=1)
     assert isinstance(out, str) and len(out) > 0
     assert out == lm.generate("def ", max_new_tokens=30, seed=1)
+
+
+def test_stop_strings_and_logprobs(tmp_path, corpus_file):
+    _train(tmp_path / "run", corpus_file, steps=6)
+    lm = api.LM.load(tmp_path / "run")
+    full = lm.generate("The ", max_new_tokens=80, temperature=0, seed=0)
+    stop = full[10:12]
+    cut = lm.generate("The ", max_new_tokens=80, temperature=0, seed=0, stop=[stop])
+    assert cut == full[: full.find(stop)]
+    pairs = list(lm.engine.generate(lm.encode_prompt("The "), 5, api.SamplingParams(temperature=0), logprobs=True))
+    assert len(pairs) == 5 and all(lp <= 0 for _, lp in pairs)
+    with pytest.raises(LMForgeError, match="unknown sampling option"):
+        lm.generate("The ", max_new_tokens=5, temprature=0.3)

@@ -12,17 +12,18 @@ import torch
 import torch.nn as nn
 
 from lmforge.engine.cache import make_cache
-from lmforge.engine.sampling import SamplingParams, sample_next
+from lmforge.engine.sampling import SamplingParams, repetition_penalty, sample_next
 
 # A logits processor sees the ids so far and the next-token logits (B, V) and returns new logits:
 # banned tokens, repetition penalties and grammar constraints all plug in here.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
-def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor]) -> torch.Tensor:
+def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor],
+             params: SamplingParams) -> torch.Tensor:
     for proc in processors:
         logits = proc(ids, logits)
-    return logits
+    return repetition_penalty(logits, ids, params.repetition_penalty)
 from lmforge.errors import LMForgeError
 
 
@@ -44,8 +45,10 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
-                 stop_ids: Sequence[int] = (), processors: Sequence[LogitsProcessor] = ()) -> Iterator[int]:
-        """Yield up to max_new_tokens new ids; stops after yielding a stop id."""
+                 stop_ids: Sequence[int] = (), processors: Sequence[LogitsProcessor] = (),
+                 logprobs: bool = False) -> Iterator[int] | Iterator[tuple[int, float]]:
+        """Yield up to max_new_tokens new ids (with logprobs=True: (id, log-probability under the
+        model's unmodified distribution) pairs); stops after yielding a stop id."""
         params = params or SamplingParams()
         if not prompt_ids:
             raise LMForgeError("the prompt is empty: give at least one token")
@@ -63,8 +66,8 @@ class Engine:
 
         logits = prefill(ids[-ctx:] if ctx else ids)
         for _ in range(max_new_tokens):
-            nxt = int(sample_next(_process(logits, ids, processors), params, gen)[0])
-            yield nxt
+            nxt = int(sample_next(_process(logits, ids, processors, params), params, gen)[0])
+            yield (nxt, float(logits[0].float().log_softmax(-1)[nxt])) if logprobs else nxt
             ids.append(nxt)
             if nxt in stop:
                 return
@@ -90,7 +93,7 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     for _ in range(max_new_tokens):
         window = ids[-ctx:] if ctx else ids
         logits = model(torch.tensor([window], dtype=torch.long, device=device))[0][:, -1]
-        nxt = int(sample_next(_process(logits, ids, processors), params, gen)[0])
+        nxt = int(sample_next(_process(logits, ids, processors, params), params, gen)[0])
         out.append(nxt)
         ids.append(nxt)
         if nxt in stop_ids:

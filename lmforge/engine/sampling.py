@@ -16,6 +16,10 @@ class SamplingParams:
     """0 means greedy (argmax)."""
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
+    """Drop tokens whose probability is below min_p times the top token's."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the context (prompt and output)."""
     seed: int | None = None
 
     def __post_init__(self):
@@ -25,6 +29,10 @@ class SamplingParams:
             raise LMForgeError("top-k must be a positive integer")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise LMForgeError("top-p must be in (0, 1]")
+        if self.min_p is not None and not 0.0 <= self.min_p < 1.0:
+            raise LMForgeError("min-p must be in [0, 1)")
+        if self.repetition_penalty <= 0:
+            raise LMForgeError("repetition penalty must be positive")
 
 
 def ban_tokens(logits: torch.Tensor, ids) -> torch.Tensor:
@@ -60,11 +68,31 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Keep tokens with probability >= min_p * (probability of the most likely token)."""
+    if not min_p:
+        return logits
+    probs = logits.softmax(-1)
+    keep = probs >= min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+    if penalty == 1.0 or not len(seen_ids):
+        return logits
+    idx = torch.as_tensor(sorted(set(seen_ids)), device=logits.device)
+    picked = logits[..., idx]
+    logits = logits.clone()
+    logits[..., idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = apply_temperature(logits.float(), params.temperature)
-    logits = top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+    logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

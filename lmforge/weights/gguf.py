@@ -110,7 +110,8 @@ def dequantize(t) -> np.ndarray:
     except Exception as e:
         raise LMForgeError(f"cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from None
     shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-    return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+    return arr if arr.flags.writeable else arr.copy()  # F32 tensors come back as read-only file views
 
 
 def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""GGUF loading on tiny synthetic files written here with the `gguf` writer (no download needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.api import LM
+from lmforge.config import ModelConfig
+from lmforge.engine import Engine, SamplingParams
+from lmforge.errors import LMForgeError
+from lmforge.models import build_model
+from lmforge.tokenizer import LMTokenizer
+
+from conftest import MIXED, pydoc_text
+
+gguf = pytest.importorskip("gguf")
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def llama_config(vocab: int) -> ModelConfig:
+    return ModelConfig(family="gpt", vocab_size=vocab, block_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                       mlp_hidden=64, norm="rmsnorm", pos="rope", mlp="swiglu", rope_theta=10000.0, norm_eps=1e-5,
+                       tie_embeddings=True)
+
+
+def permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to Q/K rows: (h, 2, i) -> (h, i, 2). Written independently
+    of lmforge's inverse so the round trip actually tests it."""
+    rows, cols = w.shape
+    hd = rows // n_head
+    return w.reshape(n_head, 2, hd // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def bpe_tokenizer() -> LMTokenizer:
+    tok = LMTokenizer.train_bpe([pydoc_text(20_000), MIXED], vocab_size=300)
+    # the control tokens a chat model has
+    from tokenizers import AddedToken
+
+    tok.tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    return LMTokenizer(tok.tk, "bpe")
+
+
+def write_gguf(path, model: torch.nn.Module, tok: LMTokenizer, qtype=None, chat_template=CHATML):
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.mlp_hidden)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    import json
+
+    merges = json.loads(tok.tk.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(vocab["<|im_start|>"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_add_bos_token(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    nq, nk = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+
+    def put(name, arr):
+        arr = np.ascontiguousarray(arr)
+        if qtype is not None and arr.ndim == 2:
+            q = gguf.quants.quantize(arr, qtype)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, arr)
+
+    put("token_embd.weight", sd["embed.weight"])
+    put("output_norm.weight", sd["norm.weight"])
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        qkv = sd[p + "attn.qkv_proj.weight"]
+        put(f"blk.{i}.attn_q.weight", permute_like_llama_cpp(qkv[:nq], cfg.n_head))
+        put(f"blk.{i}.attn_k.weight", permute_like_llama_cpp(qkv[nq:nq + nk], cfg.n_kv_head))
+        put(f"blk.{i}.attn_v.weight", qkv[nq + nk:])
+        put(f"blk.{i}.attn_output.weight", sd[p + "attn.o_proj.weight"])
+        put(f"blk.{i}.attn_norm.weight", sd[p + "attn_norm.weight"])
+        put(f"blk.{i}.ffn_norm.weight", sd[p + "mlp_norm.weight"])
+        put(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        put(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference():
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(llama_config(tok.vocab_size))
+    with torch.no_grad():  # non-trivial norm gains so a mis-mapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval(), tok
+
+
+def test_float_gguf_loads_to_identical_logits(tmp_path, reference):
+    model, tok = reference
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    assert lm.config.n_kv_head == 2 and lm.config.tie_embeddings and lm.config.pos == "rope"
+    idx = torch.tensor([tok.encode("def main(): return 42")])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(idx)[0], model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_quantized_gguf_is_close(tmp_path, reference, qtype):
+    model, tok = reference
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    lm = LM.load(write_gguf(tmp_path / "q.gguf", model, tok, qtype=qt))
+    idx = torch.tensor([tok.encode("for x in range(10): print(x)")])
+    with torch.no_grad():
+        ref, got = model(idx)[0], lm.model(idx)[0]
+    err = (ref - got).abs().max().item()
+    assert 0 < err < (0.05 if qtype == "Q8_0" else 0.5), err
+
+
+def test_tokenizer_rebuilt_from_gguf_matches(tmp_path, reference):
+    model, tok = reference
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    text = MIXED + " <|im_start|>user\nhi<|im_end|> 12345"
+    assert lm.tokenizer.encode(text, check=False) == tok.encode(text, check=False)
+    assert lm.tokenizer.decode(lm.tokenizer.encode(text, check=False)) == text
+    assert lm.tokenizer.eot_id == tok.tk.token_to_id("<|im_end|>")
+
+
+def test_chat_template_and_generation(tmp_path, reference):
+    model, tok = reference
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    text = lm.tokenizer.render_chat(msgs)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    ids = lm.chat_ids(msgs)
+    greedy = SamplingParams(temperature=0)
+    expected = list(Engine(model).generate(ids, 12, greedy, stop_ids=lm.tokenizer.stop_ids))
+    got = list(lm.engine.generate(ids, 12, greedy, stop_ids=lm.tokenizer.stop_ids))
+    assert got == expected
+    reply = "".join(lm.chat(msgs, max_new_tokens=12, temperature=0))
+    assert isinstance(reply, str)
+
+
+def test_fit_history_drops_oldest_turns(tmp_path, reference):
+    model, tok = reference
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    msgs = [{"role": "system", "content": "sys"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 3} for i in range(9)]
+    fitted = lm.fit_history(msgs, reserve=10)
+    assert fitted[0]["role"] == "system" and fitted[-1] == msgs[-1]
+    assert len(fitted) < len(msgs)
+    assert len(lm.chat_ids(fitted)) + 10 <= lm.config.block_size
+    with pytest.raises(LMForgeError, match="context"):
+        lm.encode_prompt("word " * 100)
+
+
+def test_bad_gguf_files(tmp_path, reference):
+    model, tok = reference
+    good = write_gguf(tmp_path / "m.gguf", model, tok)
+    data = good.read_bytes()
+    (tmp_path / "trunc.gguf").write_bytes(data[: len(data) // 3])
+    with pytest.raises(LMForgeError, match="corrupt or truncated|tensors missing|cannot"):
+        LM.load(tmp_path / "trunc.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"NOPE" + data[4:])
+    with pytest.raises(LMForgeError, match="not a GGUF file"):
+        LM.load(tmp_path / "junk.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "arch.gguf"), "mamba")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(LMForgeError, match="unsupported architecture 'mamba'"):
+        LM.load(tmp_path / "arch.gguf")
+
+
+def test_unknown_model_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+    with pytest.raises(LMForgeError, match="not in the local store yet; run: lmforge pull smollm2-135m-instruct"):
+        LM.load("smollm2-135m-instruct")
+    with pytest.raises(LMForgeError, match="neither a path nor a known model"):
+        LM.load("gpt-17")
