@@ -197,6 +197,14 @@ class LM:
     def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
+    def export(self, out_dir: str | Path, format: str = "hf") -> Path:
+        """Write the model in another layout; "hf" is loadable by transformers and vLLM."""
+        if format != "hf":
+            raise LMForgeError(f"unknown export format {format!r}; supported: hf")
+        from lmforge.weights.hf import export_hf
+
+        return export_hf(self.model, self.tokenizer, out_dir)
+
     def evaluate(self, paths: list[str | Path], batch_size: int = 16, progress=None) -> EvalResult:
         """Loss, perplexity and bits per byte over text files, every token scored once."""
         from lmforge.train.data import Corpus

@@ -278,6 +278,23 @@ def chat(
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A run/checkpoint folder, a pulled model's name or a .gguf file.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (replaced if it exists).")],
+    format: Annotated[str, typer.Option(help="hf: config.json + model.safetensors + tokenizer files.")] = "hf",
+):
+    """Export a Transformer to the Hugging Face layout (transformers and vLLM load it).
+
+    Example: lmforge export smollm2-135m-instruct --out exported/smollm2
+    """
+    from lmforge.api import LM
+
+    lm = LM.load(model, device="cpu")
+    path = lm.export(out, format=format)
+    _console().print(f"wrote {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)", markup=False)
+
+
 def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:
     """Let `--data a b c` mean `--data a --data b --data c` (click options take one value each)."""
     out, i = [], 0

@@ -1,0 +1,115 @@
+"""Pretrained-model inference speed: lmforge beside llama.cpp and transformers on the same GGUF.
+
+Same file, same 200-token prompt, 128 greedy tokens, 2 threads. Each engine runs in its own
+process (so peak RSS is its own); a peer that is not installed is reported as such.
+
+    lmforge pull smollm2-135m-instruct
+    python benchmarks/decode.py                           # smollm2-135m-instruct
+    python benchmarks/decode.py --model gemma3-270m
+    pip install llama-cpp-python transformers             # the peers (a long source build for the first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS, NEW_TOKENS = 200, 128
+TEXT = ("The history of computing is a story of people who turned ideas about numbers, logic and "
+        "machines into tools that changed how everyone works and lives. ") * 20
+
+WORKER = r'''
+import json, resource, sys, time
+engine, gguf, n_prompt, n_new, text = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+import torch
+torch.set_num_threads(2)
+out = {}
+t0 = time.perf_counter()
+if engine == "lmforge":
+    sys.path.insert(0, sys.argv[6])
+    from lmforge.api import LM
+    from lmforge.engine import SamplingParams
+    lm = LM.load(gguf, device="cpu")
+    out["load_s"] = time.perf_counter() - t0
+    ids = lm.tokenizer.encode(text, check=False)[:n_prompt]
+    with torch.inference_mode():
+        t = time.perf_counter(); lm.model(torch.tensor([ids])); out["prefill_tok_s"] = n_prompt / (time.perf_counter() - t)
+    gen = lm.engine.generate(ids, n_new, SamplingParams(temperature=0))
+    t = time.perf_counter(); next(gen); t1 = time.perf_counter()
+    rest = sum(1 for _ in gen)
+    out["decode_tok_s"] = rest / (time.perf_counter() - t1)
+elif engine == "transformers":
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import os
+    d, f = os.path.dirname(gguf), os.path.basename(gguf)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32).eval()
+    out["load_s"] = time.perf_counter() - t0
+    ids = torch.tensor([tok(text)["input_ids"][:n_prompt]])
+    with torch.inference_mode():
+        t = time.perf_counter(); model(ids); out["prefill_tok_s"] = n_prompt / (time.perf_counter() - t)
+        t = time.perf_counter(); model.generate(ids, max_new_tokens=1, do_sample=False); first = time.perf_counter() - t
+        t = time.perf_counter(); model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        out["decode_tok_s"] = (n_new - 1) / (time.perf_counter() - t - first)
+elif engine == "llama.cpp":
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf, n_threads=2, n_ctx=1024, verbose=False)
+    out["load_s"] = time.perf_counter() - t0
+    ids = llm.tokenize(text.encode())[:n_prompt]
+    t = time.perf_counter(); llm.eval(ids); out["prefill_tok_s"] = n_prompt / (time.perf_counter() - t)
+    t = time.perf_counter(); n = 0
+    for tok_id in llm.generate(ids, top_k=1, reset=True):
+        n += 1
+        if n == 1: t1 = time.perf_counter()
+        if n >= n_new: break
+    out["decode_tok_s"] = (n - 1) / (time.perf_counter() - t1)
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT" + json.dumps(out))
+'''
+
+
+def run(engine: str, gguf: Path) -> dict | str:
+    proc = subprocess.run([sys.executable, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),
+                           TEXT, str(ROOT)], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    err = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return "not installed" if "ModuleNotFoundError" in err else f"failed: {err[:80]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a pulled model's name or a .gguf path")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from lmforge import store
+
+    found = store.find(args.model)
+    gguf = found.gguf if found else Path(args.model)
+    if not gguf.is_file():
+        raise SystemExit(f"{args.model}: not pulled; run: lmforge pull {args.model}")
+    results = {e: run(e, gguf) for e in ("lmforge", "llama.cpp", "transformers")}
+    print(f"\n{args.model}: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, 2 threads")
+    cols = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+    print(f"{'engine':14}" + "".join(f"{c:>15}" for c in cols))
+    for e, r in results.items():
+        if isinstance(r, str):
+            print(f"{e:14}{r:>15}")
+        else:
+            print(f"{e:14}" + "".join(f"{r[c]:>15.1f}" for c in cols))
+    ours = results["lmforge"]
+    for peer in ("llama.cpp", "transformers"):
+        r = results[peer]
+        if isinstance(ours, dict) and isinstance(r, dict):
+            print(f"lmforge / {peer}: decode {ours['decode_tok_s'] / r['decode_tok_s']:.2f}x, "
+                  f"prefill {ours['prefill_tok_s'] / r['prefill_tok_s']:.2f}x, "
+                  f"RSS {ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
