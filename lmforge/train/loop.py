@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from lmforge.common import (DistInfo, atomic_write_text, autocast, destroy_distributed, human_count, init_distributed, pick_dtype,
+from lmforge.common import (atomic_write_text, autocast, destroy_distributed, human_count, init_distributed, pick_dtype,
                             seed_everything)
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LMForgeError
