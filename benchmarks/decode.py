@@ -29,11 +29,11 @@ import torch
 torch.set_num_threads(2)
 out = {}
 t0 = time.perf_counter()
-if engine == "lmforge":
+if engine.startswith("lmforge"):
     sys.path.insert(0, sys.argv[6])
     from lmforge.api import LM
     from lmforge.engine import SamplingParams
-    lm = LM.load(gguf, device="cpu")
+    lm = LM.load(gguf, device="cpu", quantize="none" if engine == "lmforge-float" else "int8")
     out["load_s"] = time.perf_counter() - t0
     ids = lm.tokenizer.encode(text, check=False)[:n_prompt]
     with torch.inference_mode():
@@ -93,9 +93,10 @@ def main() -> None:
     gguf = found.gguf if found else Path(args.model)
     if not gguf.is_file():
         raise SystemExit(f"{args.model}: not pulled; run: lmforge pull {args.model}")
-    results = {e: run(e, gguf) for e in ("lmforge", "llama.cpp", "transformers")}
+    results = {e: run(e, gguf) for e in ("lmforge", "lmforge-float", "llama.cpp", "transformers")}
     print(f"\n{args.model}: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, 2 threads")
     cols = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+    print("lmforge = int8 weight-only fast path; lmforge-float = float32 reference path")
     print(f"{'engine':14}" + "".join(f"{c:>15}" for c in cols))
     for e, r in results.items():
         if isinstance(r, str):

@@ -32,11 +32,26 @@ class LM:
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.engine = Engine(self.model)
+        self.quantized: str | None = None
 
     @classmethod
-    def load(cls, spec: str | Path, device: str = "auto") -> "LM":
-        """A run folder or checkpoint, a pulled model's name, or a .gguf file."""
-        dev = pick_device(device)
+    def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto") -> "LM":
+        """A run folder or checkpoint, a pulled model's name, or a .gguf file.
+        quantize: "int8" (weight-only int8 linears), "none" (float), or "auto": int8 for
+        pretrained GGUF models on CPU, where decoding is memory-bound, float otherwise."""
+        if quantize not in ("auto", "none", "int8"):
+            raise LMForgeError(f"quantize must be auto, none or int8, got {quantize!r}")
+        lm = cls._load(spec, pick_device(device))
+        pretrained = lm.checkpoint is None
+        if quantize == "int8" or (quantize == "auto" and pretrained and lm.device.type == "cpu"):
+            from lmforge.models.quant import quantize_int8
+
+            quantize_int8(lm.model)
+            lm.quantized = "int8"
+        return lm
+
+    @classmethod
+    def _load(cls, spec: str | Path, dev) -> "LM":
         path = Path(spec)
         if path.is_file() and path.suffix.lower() == ".gguf":
             return cls._from_gguf(path, dev)
@@ -201,6 +216,8 @@ class LM:
         """Write the model in another layout; "hf" is loadable by transformers and vLLM."""
         if format != "hf":
             raise LMForgeError(f"unknown export format {format!r}; supported: hf")
+        if self.quantized:
+            raise LMForgeError("export needs the float weights: load the model with quantize='none'")
         from lmforge.weights.hf import export_hf
 
         return export_hf(self.model, self.tokenizer, out_dir)

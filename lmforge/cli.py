@@ -157,6 +157,7 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    quantize: Annotated[str, typer.Option(help="auto (int8 for pretrained models on CPU), none or int8.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Continue a prompt with a trained model, streaming to the terminal.
@@ -165,7 +166,7 @@ def generate(
     """
     from lmforge.api import LM
 
-    lm = LM.load(checkpoint, device=device)
+    lm = LM.load(checkpoint, device=device, quantize=quantize)
     pieces = lm.stream(prompt, max_new_tokens=max_tokens, stop=stop or (), temperature=temperature, top_k=top_k,
                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     sys.stdout.write(prompt)
@@ -240,6 +241,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.7,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
+    quantize: Annotated[str, typer.Option(help="auto (int8 on CPU), none or int8.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Chat in the terminal with streaming replies. Type /reset to start over, /exit to leave.
@@ -249,7 +251,7 @@ def chat(
     from lmforge.api import LM
 
     console = _console()
-    lm = LM.load(model, device=device)
+    lm = LM.load(model, device=device, quantize=quantize)
     if not lm.tokenizer.chat_template:
         raise LMForgeError(f"{model} has no chat template (a base model); use: lmforge generate {model} \"...\"")
     history: list[dict] = []
@@ -290,7 +292,7 @@ def export(
     """
     from lmforge.api import LM
 
-    lm = LM.load(model, device="cpu")
+    lm = LM.load(model, device="cpu", quantize="none")
     path = lm.export(out, format=format)
     _console().print(f"wrote {path} (load it with transformers.AutoModelForCausalLM.from_pretrained)", markup=False)
 

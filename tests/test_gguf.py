@@ -117,7 +117,7 @@ def reference():
 
 def test_float_gguf_loads_to_identical_logits(tmp_path, reference):
     model, tok = reference
-    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok), quantize="none")
     assert lm.config.n_kv_head == 2 and lm.config.tie_embeddings and lm.config.pos == "rope"
     idx = torch.tensor([tok.encode("def main(): return 42")])
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_float_gguf_loads_to_identical_logits(tmp_path, reference):
 def test_quantized_gguf_is_close(tmp_path, reference, qtype):
     model, tok = reference
     qt = getattr(gguf.GGMLQuantizationType, qtype)
-    lm = LM.load(write_gguf(tmp_path / "q.gguf", model, tok, qtype=qt))
+    lm = LM.load(write_gguf(tmp_path / "q.gguf", model, tok, qtype=qt), quantize="none")
     idx = torch.tensor([tok.encode("for x in range(10): print(x)")])
     with torch.no_grad():
         ref, got = model(idx)[0], lm.model(idx)[0]
@@ -136,9 +136,29 @@ def test_quantized_gguf_is_close(tmp_path, reference, qtype):
     assert 0 < err < (0.05 if qtype == "Q8_0" else 0.5), err
 
 
+def test_int8_fast_path_tracks_the_float_path(tmp_path, reference):
+    model, tok = reference
+    path = write_gguf(tmp_path / "m.gguf", model, tok)
+    exact, fast = LM.load(path, quantize="none"), LM.load(path)  # auto: int8 on CPU for pretrained models
+    assert fast.quantized == "int8" and exact.quantized is None
+    from lmforge.models.quant import Int8Linear
+
+    assert isinstance(fast.model.blocks[0].attn.qkv_proj, Int8Linear)
+    torch.manual_seed(1)
+    idx = torch.randint(0, tok.vocab_size, (4, 48))
+    with torch.no_grad():
+        ref, got = exact.model(idx)[0], fast.model(idx)[0]
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    dev = (ref - got).abs().max().item()
+    print(f"int8 vs float: max logit deviation {dev:.4f}, argmax agreement {agree:.2%}")
+    assert agree >= 0.97 and 0 < dev < 0.2
+    with pytest.raises(LMForgeError, match="float weights"):
+        fast.export(tmp_path / "hf")
+
+
 def test_tokenizer_rebuilt_from_gguf_matches(tmp_path, reference):
     model, tok = reference
-    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok), quantize="none")
     text = MIXED + " <|im_start|>user\nhi<|im_end|> 12345"
     assert lm.tokenizer.encode(text, check=False) == tok.encode(text, check=False)
     assert lm.tokenizer.decode(lm.tokenizer.encode(text, check=False)) == text
@@ -147,7 +167,7 @@ def test_tokenizer_rebuilt_from_gguf_matches(tmp_path, reference):
 
 def test_chat_template_and_generation(tmp_path, reference):
     model, tok = reference
-    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok), quantize="none")
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     text = lm.tokenizer.render_chat(msgs)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
@@ -162,7 +182,7 @@ def test_chat_template_and_generation(tmp_path, reference):
 
 def test_fit_history_drops_oldest_turns(tmp_path, reference):
     model, tok = reference
-    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok))
+    lm = LM.load(write_gguf(tmp_path / "m.gguf", model, tok), quantize="none")
     msgs = [{"role": "system", "content": "sys"}] + [
         {"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 3} for i in range(9)]
     fitted = lm.fit_history(msgs, reserve=10)
