@@ -41,9 +41,10 @@ class LM:
         pretrained GGUF models on CPU, where decoding is memory-bound, float otherwise."""
         if quantize not in ("auto", "none", "int8"):
             raise LMForgeError(f"quantize must be auto, none or int8, got {quantize!r}")
-        lm = cls._load(spec, pick_device(device))
+        dev = pick_device(device)
+        lm = cls._load(spec, dev, quantize)
         pretrained = lm.checkpoint is None
-        if quantize == "int8" or (quantize == "auto" and pretrained and lm.device.type == "cpu"):
+        if not lm.quantized and (quantize == "int8" or (quantize == "auto" and pretrained and dev.type == "cpu")):
             from lmforge.models.quant import quantize_int8
 
             quantize_int8(lm.model)
@@ -51,14 +52,14 @@ class LM:
         return lm
 
     @classmethod
-    def _load(cls, spec: str | Path, dev) -> "LM":
+    def _load(cls, spec: str | Path, dev, quantize: str = "none") -> "LM":
         path = Path(spec)
         if path.is_file() and path.suffix.lower() == ".gguf":
             return cls._from_gguf(path, dev)
         if path.is_dir() and (path / "manifest.json").is_file():
             from lmforge import store
 
-            return cls._from_store(store.StoredModel(path.name, path, _read_manifest(path)), dev)
+            return cls._from_store(store.StoredModel(path.name, path, _read_manifest(path)), dev, quantize)
         if not path.exists() and isinstance(spec, str) and "/" not in spec and not spec.endswith(".gguf"):
             from lmforge import store
 
@@ -68,7 +69,7 @@ class LM:
                     raise LMForgeError(f"model {spec!r} is not in the local store yet; run: lmforge pull {spec}")
                 raise LMForgeError(f"{spec!r} is neither a path nor a known model name "
                                    f"(known: {', '.join(store.REGISTRY)})")
-            return cls._from_store(found, dev)
+            return cls._from_store(found, dev, quantize)
         ckpt = read_checkpoint(path)
         tok = LMTokenizer.load(ckpt.tokenizer_path)
         if tok.vocab_size != ckpt.model_config.vocab_size:
@@ -77,12 +78,26 @@ class LM:
         return cls(load_model(ckpt, dev), tok, ckpt)
 
     @classmethod
-    def _from_store(cls, model, device) -> "LM":
+    def _from_store(cls, model, device, quantize: str = "none") -> "LM":
         from lmforge import store
+        from lmforge.models.quant import quantize_int8
+        from lmforge.weights.quantized import load_int8, save_int8
 
         store.verify(model)
         tok_path = model.path / "tokenizer.json"
-        return cls._from_gguf(model.gguf, device, LMTokenizer.load(tok_path) if tok_path.is_file() else None)
+        tok = LMTokenizer.load(tok_path) if tok_path.is_file() else None
+        if quantize == "int8" or (quantize == "auto" and device.type == "cpu"):
+            sha = model.manifest["sha256"]
+            cached = load_int8(model.path, sha, device) if tok is not None else None
+            if cached is not None:
+                lm = cls(cached, tok, None)
+            else:  # first use: convert once, keep the int8 copy in the store
+                lm = cls._from_gguf(model.gguf, device, tok)
+                quantize_int8(lm.model)
+                save_int8(model.path, lm.model, sha)
+            lm.quantized = "int8"
+            return lm
+        return cls._from_gguf(model.gguf, device, tok)
 
     @classmethod
     def _from_gguf(cls, path: Path, device, tok: LMTokenizer | None = None) -> "LM":

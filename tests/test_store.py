@@ -5,6 +5,7 @@ import hashlib
 import zipfile
 
 import pytest
+import torch
 
 from lmforge import store
 from lmforge.api import LM
@@ -62,8 +63,21 @@ def test_pull_list_load_and_tamper(local_registry, capsys):
     assert stored.manifest["sha256"] == store.REGISTRY["tiny-test"].sha256
     assert (stored.path / "tokenizer.json").is_file()  # converted once, at pull time
     assert [m.name for m in store.list_models()] == ["tiny-test"]
+    assert (stored.path / "int8.safetensors").is_file()  # the CPU fast path, converted at pull time
     lm = LM.load("tiny-test")
     assert lm.tokenizer.chat_template and lm.config.n_layer == model.config.n_layer
+    assert lm.quantized == "int8"
+    direct = LM.load(stored.gguf, quantize="int8")  # quantized straight from the GGUF
+    ids = torch.tensor([lm.tokenizer.encode("hello world, 你好")])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids)[0], direct.model(ids)[0])
+    # a damaged int8 copy is rebuilt from the GGUF instead of failing
+    (stored.path / "int8.safetensors").write_bytes(b"junk")
+    again = LM.load("tiny-test")
+    with torch.no_grad():
+        assert torch.equal(again.model(ids)[0], direct.model(ids)[0])
+    assert (stored.path / "int8.safetensors").stat().st_size > 100
+    assert LM.load("tiny-test", quantize="none").quantized is None
     with pytest.raises(SystemExit) as exit_info:
         main(["models"])
     assert exit_info.value.code == 0

@@ -58,3 +58,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         else:
             quantize_int8(child)
     return model
+
+
+def build_int8_skeleton(model_cls, cfg) -> nn.Module:
+    """An int8 model with no storage (meta device), ready for load_state_dict(assign=True)."""
+    with torch.device("meta"):
+        model = model_cls(cfg)
+        if getattr(cfg, "tie_embeddings", False):
+            model.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untie: it gets int8 weights
+        quantize_int8(model)
+    return model
