@@ -33,7 +33,7 @@ if engine.startswith("lmforge"):
     sys.path.insert(0, sys.argv[6])
     from lmforge.api import LM
     from lmforge.engine import SamplingParams
-    lm = LM.load(gguf, device="cpu", quantize="none" if engine == "lmforge-float" else "int8")
+    lm = LM.load(sys.argv[7], device="cpu", quantize="none" if engine == "lmforge-float" else "int8")
     out["load_s"] = time.perf_counter() - t0
     ids = lm.tokenizer.encode(text, check=False)[:n_prompt]
     with torch.inference_mode():
@@ -72,9 +72,10 @@ print("RESULT" + json.dumps(out))
 '''
 
 
-def run(engine: str, gguf: Path) -> dict | str:
+def run(engine: str, gguf: Path, spec: str) -> dict | str:
+    """spec: how lmforge names the model (a pulled name loads the store's int8 copy)."""
     proc = subprocess.run([sys.executable, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),
-                           TEXT, str(ROOT)], capture_output=True, text=True)
+                           TEXT, str(ROOT), spec], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[6:])
@@ -93,7 +94,8 @@ def main() -> None:
     gguf = found.gguf if found else Path(args.model)
     if not gguf.is_file():
         raise SystemExit(f"{args.model}: not pulled; run: lmforge pull {args.model}")
-    results = {e: run(e, gguf) for e in ("lmforge", "lmforge-float", "llama.cpp", "transformers")}
+    spec = args.model if found else str(gguf)
+    results = {e: run(e, gguf, spec) for e in ("lmforge", "lmforge-float", "llama.cpp", "transformers")}
     print(f"\n{args.model}: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, 2 threads")
     cols = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
     print("lmforge = int8 weight-only fast path; lmforge-float = float32 reference path")
