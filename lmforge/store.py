@@ -130,6 +130,10 @@ def pull(name: str, log=print, progress_factory=None) -> StoredModel:
     if name not in REGISTRY:
         raise LMForgeError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
     src = REGISTRY[name]
+    existing = find(name)
+    if existing is not None and existing.gguf.is_file() and sha256_file(existing.gguf) == existing.manifest.get("sha256"):
+        log(f"{name} is already in the store ({existing.path}); nothing to do")
+        return existing
     dest = models_dir() / name
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".pull-") as tmp:

@@ -1,0 +1,76 @@
+"""Tests on the real SmolLM2-135M-Instruct from the store (`make test` pulls it first).
+They skip when the model has not been pulled (no network)."""
+
+import os
+
+import pytest
+import torch
+
+from lmforge import store
+from lmforge.api import LM
+from lmforge.engine import SamplingParams
+
+pytestmark = pytest.mark.pretrained
+NAME = "smollm2-135m-instruct"
+MODEL = store.find(NAME)
+if MODEL is None:
+    pytest.skip(f"{NAME} is not pulled (run: lmforge pull {NAME})", allow_module_level=True)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["Hello, world! 你好，世界。 def f(x): return x**2  # 12345 🙂 naïve café",
+           "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+           "The history of computing begins with the abacus, and the first mechanical calculators were"]
+
+
+@pytest.fixture(scope="module")
+def float_lm():
+    return LM.load(NAME, quantize="none")
+
+
+@pytest.fixture(scope="module")
+def int8_lm():
+    return LM.load(NAME)
+
+
+def test_chat_answers_with_the_template(int8_lm):
+    reply = "".join(int8_lm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                 max_new_tokens=20, temperature=0))
+    assert "Paris" in reply
+
+
+def test_int8_agrees_with_float_path(float_lm, int8_lm):
+    agree, total, dev = 0, 0, 0.0
+    for text in PROMPTS:
+        ids = torch.tensor([float_lm.tokenizer.encode(text, check=False)])
+        with torch.no_grad():
+            a, b = float_lm.model(ids)[0], int8_lm.model(ids)[0]
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += ids.numel()
+        dev = max(dev, (a - b).abs().max().item())
+    print(f"int8 vs float on SmolLM2: argmax agreement {agree / total:.1%}, max logit deviation {dev:.3f}")
+    assert agree / total >= 0.97
+
+
+def test_parity_with_transformers_gguf_loader(float_lm):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    folder, file = str(MODEL.path), MODEL.manifest["file"]
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    for text in PROMPTS:
+        ids = float_lm.tokenizer.encode(text, check=False)
+        assert tok(text, add_special_tokens=False)["input_ids"] == ids
+        with torch.no_grad():
+            diff = (float_lm.model(torch.tensor([ids]))[0] - hf(torch.tensor([ids])).logits).abs().max().item()
+        assert diff < 1e-3
+
+
+def test_export_round_trips_through_transformers(float_lm, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    float_lm.export(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = float_lm.encode_prompt(PROMPTS[2])
+    ours = list(float_lm.engine.generate(ids, 16, SamplingParams(temperature=0)))
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                         pad_token_id=0)[0, len(ids):].tolist()
+    assert ours == theirs
