@@ -138,3 +138,23 @@ def test_small_presets_are_about_one_million_parameters():
         m, _ = preset("small", family)
         n = count_params(build_model(ModelConfig(**m, vocab_size=100)), exclude_embeddings=True)
         assert 0.7e6 < n < 1.2e6, (family, n)
+
+
+@pytest.mark.parametrize("variant", ["gpt2-style", "llama-style"])
+def test_batched_generation_equals_one_prompt_at_a_time(variant):
+    model = _trained_ish(tiny("gpt", **GPT_VARIANTS[variant]))
+    prompts = [[1, 5, 9, 2, 7, 3, 3], [4], [8, 8, 1]]
+    greedy = SamplingParams(temperature=0)
+    batched = Engine(model).generate_batch(prompts, 12, greedy)
+    single = [list(Engine(model).generate(p, 12, greedy)) for p in prompts]
+    assert batched == single
+
+
+@pytest.mark.parametrize("family", ["gru", "gpt"])
+def test_batched_generation_falls_back_when_it_must(family):
+    """Recurrent models, and learned positions past their window, generate row by row."""
+    model = _trained_ish(tiny(family))
+    prompts = [[1, 2, 3], [4, 5]]
+    greedy = SamplingParams(temperature=0)
+    batched = Engine(model).generate_batch(prompts, 40, greedy)
+    assert batched == [list(Engine(model).generate(p, 40, greedy)) for p in prompts]

@@ -33,6 +33,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self._layers = [LayerKV(self.k[i], self.v[i]) for i in range(cfg.n_layer)]
         self.pos = 0
+        self.pad: torch.Tensor | None = None  # (B,) left padding per row, for batches of unequal prompts
 
     def layer(self, i: int) -> LayerKV:
         return self._layers[i]

@@ -62,7 +62,7 @@ class Engine:
         def prefill(window: list[int]) -> torch.Tensor:
             cache.reset()
             x = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T)
-            return self.model(x, cache=cache)[0][:, -1]  # (1, V)
+            return self.model(x, cache=cache, last_only=True)[0][:, -1]  # (1, V)
 
         logits = prefill(ids[-ctx:] if ctx else ids)
         for _ in range(max_new_tokens):
@@ -76,7 +76,47 @@ class Engine:
                 logits = prefill(ids[-ctx:])
             else:
                 x = torch.tensor([[nxt]], dtype=torch.long, device=self.device)  # (1, 1)
-                logits = self.model(x, cache=cache)[0][:, -1]
+                logits = self.model(x, cache=cache, last_only=True)[0][:, -1]
+
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
+                       processors: Sequence[LogitsProcessor] = ()) -> list[list[int]]:
+        """Generate for several prompts at once: one forward per step for the whole batch.
+        Prompts are left-padded to one length; each row keeps its own positions and never
+        attends to padding. Rows stop independently (the stop id is included)."""
+        params = params or SamplingParams()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LMForgeError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        ctx = self.model.max_context
+        if self.cfg.recurrent or (ctx is not None and longest + max_new_tokens > ctx):
+            # recurrent state would absorb the padding; a full learned-position window must slide
+            return [list(self.generate(p, max_new_tokens, params, stop_ids, processors)) for p in prompts]
+        B = len(prompts)
+        cache = make_cache(self.cfg, B, longest + max_new_tokens, self.device)
+        cache.pad = torch.tensor([longest - len(p) for p in prompts], device=self.device)
+        x = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=self.device)  # (B, L)
+        logits = self.model(x, cache=cache, last_only=True)[0][:, -1]  # (B, V)
+        gen = _generator(params.seed, self.device)
+        stop = set(stop_ids)
+        seqs = [list(p) for p in prompts]
+        outs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * B
+        for _ in range(max_new_tokens):
+            rows = [_process(logits[b:b + 1], seqs[b], processors, params) for b in range(B)]
+            nxt = sample_next(torch.cat(rows), params, gen).tolist()  # (B,)
+            for b, t in enumerate(nxt):
+                if not done[b]:
+                    outs[b].append(t)
+                    seqs[b].append(t)
+                    done[b] = t in stop
+            if all(done):
+                break
+            step = torch.tensor([[t] for t in nxt], device=self.device)  # (B, 1)
+            logits = self.model(step, cache=cache, last_only=True)[0][:, -1]
+        return outs
 
 
 @torch.inference_mode()
@@ -92,7 +132,7 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     ids, out = list(prompt_ids), []
     for _ in range(max_new_tokens):
         window = ids[-ctx:] if ctx else ids
-        logits = model(torch.tensor([window], dtype=torch.long, device=device))[0][:, -1]
+        logits = model(torch.tensor([window], dtype=torch.long, device=device), last_only=True)[0][:, -1]
         nxt = int(sample_next(_process(logits, ids, processors, params), params, gen)[0])
         out.append(nxt)
         ids.append(nxt)

@@ -65,20 +65,17 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, pos: int):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, pos: int,
+                mask: torch.Tensor | None = None, causal: bool = True):
+        """mask/causal come from GPT.forward, computed once for all layers."""
         B, T, C = x.size()
         qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hd)
         q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask, causal = None, True
         if layer_cache is not None:
             k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
-            if pos > 0:
-                causal = False
-                if T > 1:  # a chunk after earlier tokens: query i sees keys 0 .. pos + i
-                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -112,8 +109,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, layer_cache, pos):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, layer_cache, pos))
+    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -180,28 +177,47 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
         """idx: (B, T) token ids; targets: (B, T) next ids or -1 to ignore.
-        cache: a KVCache from the engine, or None. Returns logits (B, T, V) and the mean loss."""
+        cache: a KVCache from the engine, or None. Returns logits (B, T, V) and the mean loss;
+        with last_only, logits (B, 1, V) for the last position only (generation needs no more,
+        and the output projection over a long prompt is the costliest matmul of a prefill)."""
         B, T = idx.size()
         pos = cache.pos if cache is not None else 0
+        pad = getattr(cache, "pad", None)  # (B,) left-padding per row in a batched cache
         if self.config.pos == "learned" and pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.block_size}")
+        slots = torch.arange(pos, pos + T, device=idx.device)  # (T,) cache slots of these tokens
+        # each row's own positions: a row padded on the left by p starts counting p slots later
+        positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # (T,) or (B, T)
         x = self.embed(idx)  # (B, T, C)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.pos_embed(torch.arange(pos, pos + T, device=idx.device))  # (T, C) broadcast
+            x = x + self.pos_embed(positions)  # (T, C) broadcast or (B, T, C)
         else:
             if pos + T > self.rope_cos.size(0):
                 cos, sin = rope_tables(self.config.head_dim, pos + T, self.config.rope_theta, idx.device)
             else:
                 cos, sin = self.rope_cos, self.rope_sin
-            rope = (cos[pos:pos + T], sin[pos:pos + T])  # (T, hd/2) each
+            rope = (cos[positions], sin[positions])  # (T, hd/2) or (B, T, hd/2)
+            if pad is not None:
+                rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd/2): broadcast over heads
+        mask, causal = None, True
+        if pad is not None:  # padded keys are invisible; padded queries see themselves (output unused)
+            keys = torch.arange(pos + T, device=idx.device)  # (S,)
+            mask = (keys[None, :] <= slots[:, None])[None] & (keys[None, None, :] >= pad[:, None, None])  # (B, T, S)
+            mask = (mask | (keys[None, :] == slots[:, None])[None])[:, None]  # (B, 1, T, S)
+        elif cache is not None and pos > 0:
+            causal = False
+            if T > 1:  # a chunk after earlier tokens: query i sees keys 0 .. pos + i
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache.layer(i) if cache is not None else None, pos)
+            x = block(x, rope, cache.layer(i) if cache is not None else None, pos, mask, causal)
         if cache is not None:
             cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None

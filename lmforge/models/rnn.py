@@ -69,7 +69,7 @@ class RecurrentLM(nn.Module):
     def reset_buffers(self) -> None:
         self.rnn.flatten_parameters()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
         """idx: (B, T); targets: (B, T) or None; cache: RecurrentState or None.
         Returns logits (B, T, V) and the mean loss."""
         x = self.drop(self.embed(idx))  # (B, T, C)
@@ -78,6 +78,8 @@ class RecurrentLM(nn.Module):
         if cache is not None:
             cache.state = h
             cache.advance(idx.size(1))
+        if last_only:
+            y = y[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.norm(self.drop(y)))  # (B, T, V)
         loss = None
         if targets is not None:
