@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
 from lmforge.models import GPT
@@ -44,8 +45,12 @@ def load_int8(folder: Path, source_sha256: str, device) -> nn.Module | None:
         if meta.get("source_sha256") != source_sha256:
             return None
         cfg = ModelConfig.from_dict(meta["model"])
-        # copied into fresh allocations: the int8 kernel needs better alignment than file offsets give
-        tensors = {k: v.clone() for k, v in load_file(str(wpath), device=str(device)).items()}
+        # one tensor at a time, each copied into a fresh allocation: the int8 kernel needs better
+        # alignment than file offsets give, and this way only one extra tensor is alive at a time
+        tensors = {}
+        with safe_open(str(wpath), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key).clone()
     except (json.JSONDecodeError, KeyError, SafetensorError, OSError):
         return None  # a damaged cache is rebuilt from the GGUF
     model = build_int8_skeleton(GPT, cfg)
