@@ -280,6 +280,10 @@ def train(out: str | Path, *, model: str = "gpt", tokenizer: str = "char", data:
 
     t_over = {k: v for k, v in (train_overrides or {}).items() if v is not None}
     if resume:  # the run's saved configuration, with only the explicit overrides applied
+        changed = sorted(k for k, v in (model_overrides or {}).items() if v is not None)
+        if changed:
+            raise LMForgeError(f"cannot change the model when resuming ({', '.join(changed)}); "
+                               f"start a new run with another --out instead")
         trainer = Trainer(out, data=data, resume=True, device=device, show_progress=show_progress, log=log,
                           resume_overrides=t_over)
         return trainer.run(stop_after=stop_after)

@@ -186,6 +186,11 @@ def test_sampling_flag_validation(trained, capsys):
     assert_clean_error(code, err, "max new tokens")
 
 
+def test_resume_refuses_architecture_changes(trained, capsys):
+    code, _, err = run_cli(["train", "--resume", "--out", trained, "--n-layer", "8"], capsys)
+    assert_clean_error(code, err, "cannot change the model when resuming (n_layer)")
+
+
 def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
     code, _, err = run_cli(["train", "--resume", "--out", tmp_path / "nothing"], capsys)
     assert_clean_error(code, err, "no such checkpoint")
