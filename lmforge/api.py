@@ -36,14 +36,15 @@ class LM:
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto") -> "LM":
-        """A run folder or checkpoint, a pulled model's name, or a .gguf file.
+        """A run folder or checkpoint, a pulled model's name, a .gguf file or a Hugging Face
+        model folder (config.json + safetensors + tokenizer.json; llama or gpt2).
         quantize: "int8" (weight-only int8 linears), "none" (float), or "auto": int8 for
-        pretrained GGUF models on CPU, where decoding is memory-bound, float otherwise."""
+        pretrained models (GGUF, Hugging Face) on CPU, where decoding is memory-bound, float otherwise."""
         if quantize not in ("auto", "none", "int8"):
             raise LMForgeError(f"quantize must be auto, none or int8, got {quantize!r}")
         dev = pick_device(device)
         lm = cls._load(spec, dev, quantize)
-        pretrained = lm.checkpoint is None
+        pretrained = lm.checkpoint is None  # GGUF, store or Hugging Face weights, not an lmforge run
         if not lm.quantized and (quantize == "int8" or (quantize == "auto" and pretrained and dev.type == "cpu")):
             from lmforge.models.quant import quantize_int8
 
@@ -56,6 +57,10 @@ class LM:
         path = Path(spec)
         if path.is_file() and path.suffix.lower() == ".gguf":
             return cls._from_gguf(path, dev)
+        from lmforge.weights.hf import is_hf_dir
+
+        if is_hf_dir(path):
+            return cls._from_hf(path, dev)
         if path.is_dir() and (path / "manifest.json").is_file():
             from lmforge import store
 
@@ -107,6 +112,17 @@ class LM:
         if tok is None:
             tok = LMTokenizer.from_gguf_meta(tokenizer_meta(g))
         model = load_gguf_model(g, device)
+        if tok.vocab_size > model.config.vocab_size:
+            raise LMForgeError(f"{path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+        return cls(model, tok, None)
+
+    @classmethod
+    def _from_hf(cls, path: Path, device) -> "LM":
+        from lmforge.weights.hf import load_hf_dir, tokenizer_settings
+
+        model, tok_path = load_hf_dir(path, device)
+        base = LMTokenizer.load(tok_path)  # the vocabulary; special tokens and template come from the JSON files
+        tok = LMTokenizer(base.tk, base.kind, **tokenizer_settings(path, base.tk))
         if tok.vocab_size > model.config.vocab_size:
             raise LMForgeError(f"{path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
         return cls(model, tok, None)

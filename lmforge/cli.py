@@ -146,7 +146,8 @@ def _stream_out(pieces) -> None:
 @app.command()
 def generate(
     checkpoint: Annotated[str, typer.Argument(
-        help="A run folder (its latest checkpoint), a checkpoint folder, a pulled model's name or a .gguf file.")],
+        help="A run folder (its latest checkpoint), a checkpoint folder, a pulled model's name, a .gguf file or "
+             "a Hugging Face model folder.")],
     prompt: Annotated[str, typer.Argument(help="Text to continue (may be empty).")] = "",
     max_tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 for greedy; higher is more random.")] = 0.8,
@@ -179,7 +180,8 @@ def generate(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="A run folder or a checkpoint folder.")],
+    checkpoint: Annotated[Path, typer.Argument(
+        help="A run folder, a checkpoint folder, a .gguf file or a Hugging Face model folder.")],
     data: Annotated[list[Path], typer.Option(help="Text files or folders to score (several allowed).")],
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -195,7 +197,7 @@ def eval_cmd(
     res = lm.evaluate([str(p) for p in data], batch_size=batch_size)
     from rich.table import Table
 
-    table = Table(title=f"{lm.checkpoint.path}", show_header=True)
+    table = Table(title=f"{lm.checkpoint.path if lm.checkpoint else checkpoint}", show_header=True)
     for col in ("tokens", "bytes", "loss (nats/token)", "perplexity", "bits per byte"):
         table.add_column(col, justify="right")
     table.add_row(f"{res.tokens:,}", f"{res.bytes:,}", f"{res.loss:.4f}", f"{res.perplexity:.3f}", f"{res.bpb:.4f}")
@@ -235,7 +237,8 @@ def models():
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Argument(help="A pulled chat model's name or a .gguf file.")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Argument(
+        help="A pulled chat model's name, a .gguf file or a Hugging Face model folder.")] = "smollm2-135m-instruct",
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.7,
@@ -282,7 +285,8 @@ def chat(
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="A run/checkpoint folder, a pulled model's name or a .gguf file.")],
+    model: Annotated[str, typer.Argument(
+        help="A run/checkpoint folder, a pulled model's name, a .gguf file or a Hugging Face model folder.")],
     out: Annotated[Path, typer.Option(help="Folder to write (replaced if it exists).")],
     format: Annotated[str, typer.Option(help="hf: config.json + model.safetensors + tokenizer files.")] = "hf",
 ):

@@ -42,7 +42,7 @@ class ModelConfig:
     pos: str = "learned"
     """Positional scheme for gpt: learned absolute embeddings or rope."""
     mlp: str = "gelu"
-    """Feed-forward type for gpt: gelu (GPT-2) or swiglu (LLaMA)."""
+    """Feed-forward type for gpt: gelu (GPT-2), swiglu (LLaMA) or geglu (Gemma: tanh-GELU gate)."""
     bias: bool = False
     """Biases in linear layers and norms (gpt only)."""
     rope_theta: float = 10000.0
@@ -50,6 +50,21 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding with the output projection."""
     dropout: float = 0.0
+    # --- Gemma-3-style options (gpt only); the defaults give GPT-2 / LLaMA blocks
+    head_size: int | None = None
+    """Width of one attention head; None means n_embd // n_head (Gemma 3 sets it apart)."""
+    qk_norm: bool = False
+    """RMS-normalise each query and key head before RoPE."""
+    post_norms: bool = False
+    """Also normalise the attention and MLP outputs before they join the residual stream."""
+    embed_scale: bool = False
+    """Multiply input embeddings by sqrt(n_embd)."""
+    sliding_window: int | None = None
+    """Local layers attend to at most this many most recent tokens (themselves included)."""
+    global_every: int = 0
+    """With a sliding window, every global_every-th layer attends globally (0: all local)."""
+    rope_theta_local: float | None = None
+    """RoPE base of the sliding-window layers; None means rope_theta."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -62,22 +77,30 @@ class ModelConfig:
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd
         if self.family == "gpt":
-            if self.n_embd % self.n_head:
+            if self.head_size is None and self.n_embd % self.n_head:
                 raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
             if self.n_head % self.n_kv_head:
                 raise LMForgeError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
-            if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            if self.pos == "rope" and self.head_dim % 2:
                 raise LMForgeError("rope needs an even head size")
         for name, allowed in (("norm", ("layernorm", "rmsnorm")), ("pos", ("learned", "rope")),
-                              ("mlp", ("gelu", "swiglu"))):
+                              ("mlp", ("gelu", "swiglu", "geglu"))):
             if getattr(self, name) not in allowed:
                 raise LMForgeError(f"model config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LMForgeError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise LMForgeError(f"sliding_window must be positive, got {self.sliding_window}")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    def is_local(self, layer: int) -> bool:
+        """Whether a layer uses the sliding window (Gemma 3: five local layers, then one global)."""
+        if self.sliding_window is None:
+            return False
+        return not (self.global_every and (layer + 1) % self.global_every == 0)
 
     @property
     def recurrent(self) -> bool:

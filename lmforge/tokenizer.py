@@ -46,13 +46,17 @@ class LMTokenizer:
     # ------------------------------------------------------------ pretrained (GGUF)
     @classmethod
     def from_gguf_meta(cls, meta: dict) -> "LMTokenizer":
-        """Rebuild a GGUF file's tokenizer as a `tokenizers` object (GPT-2-style byte-level BPE)."""
+        """Rebuild a GGUF file's tokenizer as a `tokenizers` object: GPT-2-style byte-level BPE
+        (tokenizer model "gpt2") or SentencePiece-style BPE with byte fallback ("llama")."""
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if not tokens:
             raise LMForgeError("the GGUF file carries no tokenizer vocabulary")
+        if model == "llama":
+            return cls._spm_from_gguf_meta(meta)
         if model != "gpt2":
-            raise LMForgeError(f"unsupported GGUF tokenizer model {model!r} (lmforge reads gpt2-style BPE)")
+            raise LMForgeError(f"unsupported GGUF tokenizer model {model!r} (lmforge reads 'gpt2' byte-level BPE "
+                               "and 'llama' SentencePiece vocabularies)")
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         vocab = {t: i for i, t in enumerate(tokens)}
@@ -72,6 +76,55 @@ class LMTokenizer:
         stop = [i for i, ty in enumerate(types) if ty == 3 and tokens[i] in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")]
         return cls(tk, "bpe", eos_id=eos, bos_id=meta.get("tokenizer.ggml.bos_token_id"),
                    add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   chat_template=meta.get("tokenizer.chat_template"), stop_ids=stop)
+
+    @classmethod
+    def _spm_from_gguf_meta(cls, meta: dict) -> "LMTokenizer":
+        """SentencePiece BPE (Gemma, LLaMA 1/2) as a `tokenizers` BPE model.
+
+        The file has pieces and scores but no merges. SentencePiece BPE joins, at each step, the
+        adjacent pair whose joined piece ranks best, so the merge list is every way of cutting a
+        piece into two pieces of the vocabulary, ordered by the joined piece's place in the file.
+        (Not by score: Gemma scores its user-defined pieces, such as runs of spaces, -1000, yet
+        SentencePiece matches those first.) Spaces become U+2581 before the model
+        runs; characters outside the vocabulary fall back to <0xNN> byte pieces."""
+        from tokenizers import AddedToken, normalizers
+
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        # runs of spaces are stored with real spaces, but the model sees them after normalisation
+        tokens = ["\u2581" * len(t) if t and set(t) == {" "} else t for t in tokens]
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            vocab.setdefault(t, i)
+        merges: list[tuple[int, int, str, str]] = []
+        for piece, i in vocab.items():
+            if types[i] == 6:  # <0xNN> byte pieces are never joined from parts
+                continue
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in vocab and right in vocab:
+                    merges.append((i, -cut, left, right))
+        merges.sort()
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        unk = tokens[unk_id] if unk_id is not None else None
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in merges], unk_token=unk,
+                                  fuse_unk=True, byte_fallback=True))
+        steps = [normalizers.Replace(" ", "\u2581")]
+        if meta.get("tokenizer.ggml.add_space_prefix", False):
+            steps.insert(0, normalizers.Prepend("\u2581"))
+        tk.normalizer = normalizers.Sequence(steps) if len(steps) > 1 else steps[0]
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+        # control pieces (3) are special; user-defined ones (4: "\n\n", "<table>", tabs) always
+        # match whole in the raw text, as SentencePiece matches them before splitting
+        tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                               for i, ty in enumerate(types) if ty == 3])
+        tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                       for i, ty in enumerate(types) if ty == 4 and "\u2581" not in tokens[i]])
+        stop = [i for i, ty in enumerate(types) if ty == 3 and tokens[i] in ("<end_of_turn>", "<|eot_id|>")]
+        return cls(tk, "spm", eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+                   bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+                   add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
                    chat_template=meta.get("tokenizer.chat_template"), stop_ids=stop)
 
     def extra(self) -> dict:
@@ -205,8 +258,14 @@ class LMTokenizer:
             for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
                 if tok in specials or tok == UNK:
                     continue
-                # byte-level BPE tokens are spelt in a 256-symbol alphabet: one symbol per byte
-                nb[i] = len(tok) if self.kind == "bpe" else len(tok.encode("utf-8"))
+                # byte-level BPE tokens are spelt in a 256-symbol alphabet: one symbol per byte;
+                # SentencePiece spells a space U+2581 and a fallback byte <0xNN>
+                if self.kind == "bpe":
+                    nb[i] = len(tok)
+                elif self.kind == "spm" and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                    nb[i] = 1
+                else:
+                    nb[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
             self._token_bytes = nb
         return self._token_bytes
 

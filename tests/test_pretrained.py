@@ -74,3 +74,17 @@ def test_export_round_trips_through_transformers(float_lm, tmp_path):
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                          pad_token_id=0)[0, len(ids):].tolist()
     assert ours == theirs
+
+
+def test_exported_folder_loads_and_chats(float_lm, tmp_path):
+    """The Hugging Face loader on a real export: same tokens as the GGUF path, and chat works."""
+    float_lm.export(tmp_path / "hf")
+    lm = LM.load(tmp_path / "hf", quantize="none")
+    ids = float_lm.encode_prompt(PROMPTS[2])
+    assert lm.encode_prompt(PROMPTS[2]) == ids
+    params = SamplingParams(temperature=0)
+    assert list(lm.engine.generate(ids, 16, params)) == list(float_lm.engine.generate(ids, 16, params))
+    assert lm.tokenizer.stop_ids == float_lm.tokenizer.stop_ids
+    reply = "".join(lm.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20,
+                            temperature=0))
+    assert "Paris" in reply

@@ -5,7 +5,9 @@ Design choices:
 - LayerNorm or RMSNorm; learned absolute positions or rotary embeddings (RoPE);
 - causal self-attention through `F.scaled_dot_product_attention`, with grouped-query attention
   (n_kv_head < n_head) handled by the kernel;
-- GELU MLP (4x) or SwiGLU; tied input/output embeddings by default;
+- GELU MLP (4x), SwiGLU or GeGLU; tied input/output embeddings by default;
+- Gemma 3 options: QK-norm, post-attention/post-MLP norms, scaled embeddings, and
+  sliding-window local layers with their own RoPE base interleaved with global layers;
 - built on the meta device, then initialised in one place (`init_weights`);
 - the KV cache is owned by the caller (the engine) and passed into `forward`.
 """
@@ -34,6 +36,11 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
+# RoPE tables are precomputed up to this many positions and extended on the fly beyond it: a
+# 32k-context model would otherwise hold tens of MB of cos/sin tables for positions rarely used
+ROPE_TABLE_MAX = 4096
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -59,6 +66,10 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        if cfg.qk_norm:  # one RMSNorm over head_dim, shared by all heads
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         # q, k and v in one matmul (fewer kernel launches); foreign checkpoints with separate
         # q/k/v projections are concatenated along the output dim when loaded
         self.qkv_proj = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
@@ -66,16 +77,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, pos: int,
-                mask: torch.Tensor | None = None, causal: bool = True):
-        """mask/causal come from GPT.forward, computed once for all layers."""
+                mask: torch.Tensor | None = None, causal: bool = True, kv_start: int = 0):
+        """mask/causal/kv_start come from GPT.forward, computed once per kind of layer; keys
+        before kv_start are out of every query's sliding window and are skipped."""
         B, T, C = x.size()
         qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hd)
         q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
+        if kv_start:
+            k, v = k[:, :, kv_start:], v[:, :, kv_start:]  # (B, nkv, S - kv_start, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -88,30 +104,43 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:
+        self.kind = cfg.mlp
+        if self.kind in ("swiglu", "geglu"):
             self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
+        if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "geglu":
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.local = cfg.is_local(layer)  # sliding-window layer (picks its mask and RoPE table)
         self.attn_norm = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.post_norms = cfg.post_norms
+        if cfg.post_norms:
+            self.attn_out_norm = make_norm(cfg)
+            self.mlp_out_norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True, kv_start=0):
+        a = self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal, kv_start)
+        if self.post_norms:
+            a = self.attn_out_norm(a)
+        x = x + self.drop(a)
+        m = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            m = self.mlp_out_norm(m)
+        return x + self.drop(m)
 
 
 class GPT(nn.Module):
@@ -122,15 +151,29 @@ class GPT(nn.Module):
         if cfg.pos == "learned":
             self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if cfg.pos == "rope":
-            # filled by init_weights; not saved (derived from the config)
-            self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(cfg.block_size, cfg.head_dim // 2), persistent=False)
+            self.make_buffers()
+
+    def _rope_thetas(self) -> dict[str, float]:
+        """Buffer-name suffix -> RoPE base: one table for global layers, one for local ones."""
+        cfg = self.config
+        thetas = {"": cfg.rope_theta}
+        if cfg.sliding_window is not None and cfg.rope_theta_local not in (None, cfg.rope_theta):
+            thetas["_local"] = cfg.rope_theta_local
+        return thetas
+
+    def make_buffers(self, device=None) -> None:
+        """(Re)allocate the derived RoPE tables; filled by reset_buffers, never saved."""
+        n = min(self.config.block_size, ROPE_TABLE_MAX)
+        for suffix in self._rope_thetas():
+            for kind in ("cos", "sin"):
+                self.register_buffer(f"rope_{kind}{suffix}", torch.empty(n, self.config.head_dim // 2, device=device),
+                                     persistent=False)
 
     @property
     def max_context(self) -> int | None:
@@ -172,10 +215,48 @@ class GPT(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute derived, non-persistent buffers (after loading weights onto an empty model)."""
         if self.config.pos == "rope":
-            cos, sin = rope_tables(self.config.head_dim, self.config.block_size, self.config.rope_theta,
-                                   device=self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+            for suffix, theta in self._rope_thetas().items():
+                cos_buf = getattr(self, f"rope_cos{suffix}")
+                cos, sin = rope_tables(self.config.head_dim, cos_buf.size(0), theta, device=cos_buf.device)
+                cos_buf.copy_(cos)
+                getattr(self, f"rope_sin{suffix}").copy_(sin)
+
+    def _rope(self, suffix: str, positions: torch.Tensor, needed: int, batched: bool):
+        cos, sin = getattr(self, f"rope_cos{suffix}"), getattr(self, f"rope_sin{suffix}")
+        if needed > cos.size(0):
+            cos, sin = rope_tables(self.config.head_dim, needed, self._rope_thetas()[suffix], positions.device)
+        rope = (cos[positions], sin[positions])  # (T, hd/2) or (B, T, hd/2)
+        if batched:
+            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd/2): broadcast over heads
+        return rope
+
+    @staticmethod
+    def _mask(pos: int, T: int, pad: torch.Tensor | None, window: int | None, cached: bool, device):
+        """(mask, is_causal, kv_start) for one kind of layer. Query slot s sees key slot k when
+        k <= s, s - k < window (if any), and k is not padding; keys before kv_start are invisible
+        to every query, so attention skips them."""
+        S = pos + T
+        windowed = window is not None and S > window  # some query has lost sight of an early key
+        if pad is None and not windowed:
+            if not cached or pos == 0:
+                return None, True, 0
+            if T == 1:
+                return None, False, 0
+            # a chunk after earlier tokens: query i sees keys 0 .. pos + i
+            return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=pos), False, 0
+        start = max(0, pos - window + 1) if windowed else 0
+        if pad is None and T == 1:
+            return None, False, start  # one query: every key from start on is in its window
+        slots = torch.arange(pos, S, device=device)  # (T,)
+        keys = torch.arange(start, S, device=device)  # (S',)
+        back = slots[:, None] - keys[None, :]  # (T, S') how far each key lies behind each query
+        mask = back >= 0
+        if windowed:
+            mask = mask & (back < window)
+        if pad is not None:  # padded keys are invisible; padded queries see themselves (output unused)
+            mask = (mask[None] & (keys[None, None, :] >= pad[:, None, None])) | (back == 0)[None]  # (B, T, S')
+            mask = mask[:, None]  # (B, 1, T, S')
+        return mask, False, start
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
         """idx: (B, T) token ids; targets: (B, T) next ids or -1 to ignore.
@@ -190,30 +271,24 @@ class GPT(nn.Module):
         slots = torch.arange(pos, pos + T, device=idx.device)  # (T,) cache slots of these tokens
         # each row's own positions: a row padded on the left by p starts counting p slots later
         positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # (T,) or (B, T)
+        cfg = self.config
         x = self.embed(idx)  # (B, T, C)
-        rope = None
-        if self.config.pos == "learned":
+        if cfg.embed_scale:
+            x = x * math.sqrt(cfg.n_embd)
+        if cfg.pos == "learned":
             x = x + self.pos_embed(positions)  # (T, C) broadcast or (B, T, C)
-        else:
-            if pos + T > self.rope_cos.size(0):
-                cos, sin = rope_tables(self.config.head_dim, pos + T, self.config.rope_theta, idx.device)
-            else:
-                cos, sin = self.rope_cos, self.rope_sin
-            rope = (cos[positions], sin[positions])  # (T, hd/2) or (B, T, hd/2)
-            if pad is not None:
-                rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd/2): broadcast over heads
-        mask, causal = None, True
-        if pad is not None:  # padded keys are invisible; padded queries see themselves (output unused)
-            keys = torch.arange(pos + T, device=idx.device)  # (S,)
-            mask = (keys[None, :] <= slots[:, None])[None] & (keys[None, None, :] >= pad[:, None, None])  # (B, T, S)
-            mask = (mask | (keys[None, :] == slots[:, None])[None])[:, None]  # (B, 1, T, S)
-        elif cache is not None and pos > 0:
-            causal = False
-            if T > 1:  # a chunk after earlier tokens: query i sees keys 0 .. pos + i
-                mask = torch.ones(T, pos + T, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
+        # what each kind of layer needs: global layers (False) and sliding-window ones (True)
+        ctx = {}
+        for local in {b.local for b in self.blocks}:
+            rope = None
+            if cfg.pos == "rope":
+                suffix = "_local" if local and "_local" in self._rope_thetas() else ""
+                rope = self._rope(suffix, positions, pos + T, pad is not None)
+            mask = self._mask(pos, T, pad, cfg.sliding_window if local else None, cache is not None, idx.device)
+            ctx[local] = (rope, *mask)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache.layer(i) if cache is not None else None, pos, mask, causal)
+            x = block(x, ctx[block.local][0], cache.layer(i) if cache is not None else None, pos, *ctx[block.local][1:])
         if cache is not None:
             cache.advance(T)
         if last_only:

@@ -18,9 +18,11 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.models import build_model
-from lmforge.weights.names import GGUF_LLAMA, SLOTS, expand
+from lmforge.weights.names import GGUF_GEMMA3, GGUF_LLAMA, SLOTS, expand
 
-SUPPORTED_ARCHS = ("llama",)
+# architecture -> (name table, whether llama.cpp interleaved the rotary rows of Q and K)
+ARCH_TABLES = {"llama": (GGUF_LLAMA, True), "gemma3": (GGUF_GEMMA3, False)}
+SUPPORTED_ARCHS = tuple(ARCH_TABLES)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
@@ -90,6 +92,24 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
 
     n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
     vocab = m.get(f"{a}.vocab_size") or len(m.get("tokenizer.ggml.tokens") or [])
+    if a == "gemma3":
+        scaling = m.get(f"{a}.rope.scaling.type")
+        if scaling not in (None, "none") and float(m.get(f"{a}.rope.scaling.factor", 1.0)) != 1.0:
+            raise LMForgeError(f"{g.path}: RoPE scaling {scaling!r} is not supported yet (Gemma 3 270M has none)")
+        return ModelConfig(
+            family="gpt", vocab_size=int(vocab), block_size=int(need("context_length")),
+            n_layer=int(need("block_count")), n_embd=n_embd, n_head=n_head,
+            n_kv_head=int(m.get(f"{a}.attention.head_count_kv", n_head)),
+            head_size=int(m.get(f"{a}.attention.key_length", n_embd // n_head)),
+            mlp_hidden=int(need("feed_forward_length")), norm="rmsnorm", pos="rope", mlp="geglu", bias=False,
+            rope_theta=float(m.get(f"{a}.rope.freq_base", 1e6)),
+            norm_eps=float(m.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            tie_embeddings="output.weight" not in names,
+            qk_norm=True, post_norms=True, embed_scale=True,
+            # llama.cpp and transformers both fix these for Gemma 3 rather than store them:
+            # five sliding-window layers (RoPE base 10k) then one global layer
+            sliding_window=int(need("attention.sliding_window")), global_every=6, rope_theta_local=10000.0,
+        )
     return ModelConfig(
         family="gpt", vocab_size=int(vocab), block_size=int(need("context_length")),
         n_layer=int(need("block_count")), n_embd=n_embd, n_head=n_head,
@@ -122,7 +142,8 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    table = expand(GGUF_LLAMA, cfg.n_layer)
+    names, interleaved = ARCH_TABLES[g.arch]
+    table = expand(names, cfg.n_layer)
     state: dict[str, torch.Tensor] = {}
     slots: dict[str, dict[str, np.ndarray]] = {}
     for t in g.tensors:
@@ -132,9 +153,9 @@ def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             raise LMForgeError(f"{g.path}: unexpected tensor {t.name} for architecture {g.arch}")
         name, slot = table[t.name]
         w = dequantize(t)
-        if slot == "q":
+        if slot == "q" and interleaved:
             w = unpermute_rope_rows(w, cfg.n_head)
-        elif slot == "k":
+        elif slot == "k" and interleaved:
             w = unpermute_rope_rows(w, cfg.n_kv_head)
         if slot is None:
             state[name] = torch.from_numpy(w)

@@ -23,6 +23,17 @@ GGUF_LLAMA: dict[str, str | tuple[str, str]] = {
     "blk.{i}.ffn_down.weight": "blocks.{i}.mlp.down_proj.weight",
 }
 
+# GGUF names for the `gemma3` architecture: LLaMA's, plus QK-norms and the norms after attention
+# and MLP. (llama.cpp's converter stores Gemma's norm weights as 1 + w, so they load as plain
+# RMSNorm scales; its `ffn_norm` is Gemma's pre-feed-forward norm.)
+GGUF_GEMMA3: dict[str, str | tuple[str, str]] = {
+    **{k: v for k, v in GGUF_LLAMA.items() if k != "output.weight"},
+    "blk.{i}.attn_q_norm.weight": "blocks.{i}.attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "blocks.{i}.attn.k_norm.weight",
+    "blk.{i}.post_attention_norm.weight": "blocks.{i}.attn_out_norm.weight",
+    "blk.{i}.post_ffw_norm.weight": "blocks.{i}.mlp_out_norm.weight",
+}
+
 # Hugging Face LlamaForCausalLM names (export writes these; the HF loader reads them)
 HF_LLAMA: dict[str, str | tuple[str, str]] = {
     "model.embed_tokens.weight": "embed.weight",

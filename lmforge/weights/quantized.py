@@ -62,7 +62,6 @@ def load_int8(folder: Path, source_sha256: str, device) -> nn.Module | None:
             b.is_meta for n, b in model.named_buffers() if not n.startswith("rope_")):
         return None
     if cfg.pos == "rope":
-        model.rope_cos = torch.empty(cfg.block_size, cfg.head_dim // 2, device=device)
-        model.rope_sin = torch.empty(cfg.block_size, cfg.head_dim // 2, device=device)
+        model.make_buffers(device)
     model.reset_buffers()
     return model.eval()
