@@ -33,6 +33,7 @@ def gpt2_config(vocab: int, bias: bool) -> ModelConfig:
 CONFIGS = {
     "llama": lambda v: llama_config(v),  # RMSNorm, RoPE, SwiGLU, GQA (4 heads, 2 kv), tied
     "llama-untied": lambda v: ModelConfig(**dict(llama_config(v).to_dict(), tie_embeddings=False, rope_theta=5e5)),
+    "llama-wide-heads": lambda v: ModelConfig(**dict(llama_config(v).to_dict(), head_size=16)),  # head_dim != C / nh
     "gpt2": lambda v: gpt2_config(v, bias=False),  # exported with zero biases
     "gpt2-bias": lambda v: gpt2_config(v, bias=True),
 }
@@ -79,7 +80,7 @@ def test_exported_folder_loads_back_exactly(exported, tok, kind):
     assert LM.load(folder).quantized == "int8"  # pretrained weights: int8 on CPU by default, like GGUF
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2-bias"])
+@pytest.mark.parametrize("kind", ["llama", "llama-wide-heads", "gpt2-bias"])
 def test_transformers_reads_the_same_folder_the_same_way(exported, tok, kind):
     transformers = pytest.importorskip("transformers")
     _, folder = exported[kind]

@@ -23,6 +23,7 @@ from lmforge.common import atomic_dir
 from lmforge.config import ModelConfig, load_json
 from lmforge.errors import LMForgeError
 from lmforge.models import build_model
+from lmforge.weights.checkpoint import FORMAT
 from lmforge.weights.names import HF_LLAMA, expand
 
 # model_type -> the transformers class it names
@@ -61,6 +62,9 @@ _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 def _layout(cfg) -> str:
     if cfg.family != "gpt":
         raise LMForgeError(f"only Transformer models export to the Hugging Face layout (this is a {cfg.family})")
+    if cfg.qk_norm or cfg.post_norms or cfg.embed_scale or cfg.sliding_window is not None:
+        raise LMForgeError("Gemma-style models (QK-norm, post norms, sliding window) do not export to the Hugging "
+                           "Face layout yet")
     if cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu" and not cfg.bias:
         return "llama"
     if cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp == "gelu" and cfg.n_kv_head == cfg.n_head:
@@ -154,8 +158,6 @@ def export_hf(model: nn.Module, tokenizer, out_dir: Path | str) -> Path:
 def is_hf_dir(path: Path | str) -> bool:
     """A Hugging Face model folder: its config.json names a model type. (lmforge checkpoints have
     a config.json too, tagged with their own format instead; pulled models have a manifest.)"""
-    from lmforge.weights.checkpoint import FORMAT
-
     path = Path(path)
     if not (path / "config.json").is_file() or (path / "manifest.json").is_file():
         return False
@@ -194,12 +196,10 @@ def _llama_config(d: dict, path: Path) -> ModelConfig:
         raise LMForgeError(f"{path}: RoPE scaling {kind!r} is not supported (plain RoPE only)")
     n_embd, n_head = _need(d, "hidden_size", path), _need(d, "num_attention_heads", path)
     head_dim = d.get("head_dim") or n_embd // n_head
-    if head_dim * n_head != n_embd:
-        raise LMForgeError(f"{path}: head_dim {head_dim} times {n_head} heads is not hidden_size {n_embd}; "
-                           f"lmforge's GPT needs them equal")
     return ModelConfig(
         family="gpt", vocab_size=_need(d, "vocab_size", path), block_size=_need(d, "max_position_embeddings", path),
         n_layer=_need(d, "num_hidden_layers", path), n_embd=n_embd, n_head=n_head,
+        head_size=head_dim if head_dim * n_head != n_embd else None,
         n_kv_head=d.get("num_key_value_heads") or n_head, mlp_hidden=_need(d, "intermediate_size", path),
         norm="rmsnorm", pos="rope", mlp="swiglu", bias=False,
         rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
@@ -239,13 +239,6 @@ def _weight_files(path: Path) -> list[Path]:
         return [path / "model.safetensors"]
     pickled = " (lmforge never loads pickled .bin weights)" if any(path.glob("*.bin")) else ""
     raise LMForgeError(f"{path}: no weights: model.safetensors or model.safetensors.index.json{pickled}")
-
-
-def _get(st, file: Path, name: str) -> torch.Tensor:
-    try:
-        return st.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LMForgeError(f"{file}: cannot read tensor {name} ({e})") from None
 
 
 def load_hf_dir(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, Path]:
@@ -290,7 +283,7 @@ def load_hf_dir(path: Path | str, device: torch.device | str = "cpu") -> tuple[n
             if not bias:
                 table = {k: v for k, v in table.items() if not k.endswith(".bias")}
                 where = {k: v for k, v in where.items() if k not in biases}
-        if cfg.tie_embeddings:  # a tied checkpoint may carry a copy of lm_head anyway: ignored, as transformers does
+        if cfg.tie_embeddings:  # some tied files still carry lm_head: ignored, as transformers does
             table.pop("lm_head.weight")
             where.pop("lm_head.weight", None)
         unexpected = sorted(set(where) - set(table))
