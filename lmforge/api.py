@@ -24,6 +24,9 @@ from lmforge.train.evaluate import EvalResult, evaluate_windows
 from lmforge.weights.checkpoint import Checkpoint, load_model, read_checkpoint
 
 
+QUANTIZE = ("auto", "none", "int8", "int4")
+
+
 class LM:
     """A trained model with its tokenizer, ready to generate and evaluate."""
 
@@ -38,25 +41,31 @@ class LM:
     def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto") -> "LM":
         """A run folder or checkpoint, a pulled model's name, a .gguf file or a Hugging Face
         model folder (config.json + safetensors + tokenizer.json; llama or gpt2).
-        quantize: "int8" (weight-only int8 linears), "none" (float), or "auto": int8 for
-        pretrained models (GGUF, Hugging Face) on CPU, where decoding is memory-bound, float otherwise."""
-        if quantize not in ("auto", "none", "int8"):
-            raise LMForgeError(f"quantize must be auto, none or int8, got {quantize!r}")
+        quantize: "none" (float weights); "int8" (weight-only int8 linears and token table);
+        "int4" (4-bit groups of 32 for the linears, CPU only); or "auto": on CPU, pretrained
+        models (GGUF, Hugging Face) are quantized, since decoding is memory-bound there -- a
+        GGUF's 4-bit blocks become int4 unchanged and its other tensors int8 -- and
+        everything else stays float."""
+        if quantize not in QUANTIZE:
+            raise LMForgeError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         dev = pick_device(device)
+        if quantize == "int4" and dev.type != "cpu":
+            raise LMForgeError("int4 weights run on PyTorch's CPU kernel only; use int8 or none on this device")
         lm = cls._load(spec, dev, quantize)
         pretrained = lm.checkpoint is None  # GGUF, store or Hugging Face weights, not an lmforge run
-        if not lm.quantized and (quantize == "int8" or (quantize == "auto" and pretrained and dev.type == "cpu")):
-            from lmforge.models.quant import quantize_int8
+        if not lm.quantized and quantize != "none" and (quantize != "auto" or (pretrained and dev.type == "cpu")):
+            from lmforge.models.quant import quantize_model
 
-            quantize_int8(lm.model)
-            lm.quantized = "int8"
+            scheme = "int8" if quantize == "auto" else quantize
+            quantize_model(lm.model, scheme)
+            lm.quantized = scheme
         return lm
 
     @classmethod
     def _load(cls, spec: str | Path, dev, quantize: str = "none") -> "LM":
         path = Path(spec)
         if path.is_file() and path.suffix.lower() == ".gguf":
-            return cls._from_gguf(path, dev)
+            return cls._from_gguf(path, dev, quantized=quantize == "auto" and dev.type == "cpu")
         from lmforge.weights.hf import is_hf_dir
 
         if is_hf_dir(path):
@@ -85,36 +94,38 @@ class LM:
     @classmethod
     def _from_store(cls, model, device, quantize: str = "none") -> "LM":
         from lmforge import store
-        from lmforge.models.quant import quantize_int8
-        from lmforge.weights.quantized import load_int8, save_int8
+        from lmforge.weights.quantized import load_quantized, save_quantized
 
         store.verify(model)
         tok_path = model.path / "tokenizer.json"
-        tok = LMTokenizer.load(tok_path) if tok_path.is_file() else None
-        if quantize == "int8" or (quantize == "auto" and device.type == "cpu"):
+        # stored before lmforge could read its tokenizer: convert it now, once
+        tok = LMTokenizer.load(tok_path) if tok_path.is_file() else store.cache_tokenizer(model)
+        if quantize == "auto" and device.type == "cpu":
             sha = model.manifest["sha256"]
-            cached = load_int8(model.path, sha, device) if tok is not None else None
+            cached = load_quantized(model.path, sha, device)
             if cached is not None:
                 lm = cls(cached, tok, None)
-            else:  # first use: convert once, keep the int8 copy in the store
-                lm = cls._from_gguf(model.gguf, device, tok)
-                quantize_int8(lm.model)
-                save_int8(model.path, lm.model, sha)
-            lm.quantized = "int8"
+            else:  # first use (or an older cache): convert once, keep the copy in the store
+                lm = cls._from_gguf(model.gguf, device, tok, quantized=True)
+                save_quantized(model.path, lm.model, sha)
+            lm.quantized = "gguf"
             return lm
         return cls._from_gguf(model.gguf, device, tok)
 
     @classmethod
-    def _from_gguf(cls, path: Path, device, tok: LMTokenizer | None = None) -> "LM":
-        from lmforge.weights.gguf import load_gguf_model, read_gguf, tokenizer_meta
+    def _from_gguf(cls, path: Path, device, tok: LMTokenizer | None = None, quantized: bool = False) -> "LM":
+        """quantized: int4 where the file has 4-bit blocks, int8 elsewhere, straight from the file."""
+        from lmforge.weights.gguf import load_gguf_model, load_gguf_quantized, read_gguf, tokenizer_meta
 
         g = read_gguf(path)
         if tok is None:
             tok = LMTokenizer.from_gguf_meta(tokenizer_meta(g))
-        model = load_gguf_model(g, device)
+        model = load_gguf_quantized(g, device) if quantized else load_gguf_model(g, device)
         if tok.vocab_size > model.config.vocab_size:
             raise LMForgeError(f"{path}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
-        return cls(model, tok, None)
+        lm = cls(model, tok, None)
+        lm.quantized = "gguf" if quantized else None
+        return lm
 
     @classmethod
     def _from_hf(cls, path: Path, device) -> "LM":

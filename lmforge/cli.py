@@ -158,7 +158,7 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
-    quantize: Annotated[str, typer.Option(help="auto (int8 for pretrained models on CPU), none or int8.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="auto (pretrained models quantized on CPU: GGUF 4-bit blocks as int4, the rest int8), none, int8 or int4.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Continue a prompt with a trained model, streaming to the terminal.
@@ -244,7 +244,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.7,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
-    quantize: Annotated[str, typer.Option(help="auto (int8 on CPU), none or int8.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="auto (quantized on CPU), none, int8 or int4.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Chat in the terminal with streaming replies. Type /reset to start over, /exit to leave.

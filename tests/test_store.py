@@ -66,8 +66,8 @@ def test_pull_list_load_and_tamper(local_registry, capsys):
     assert (stored.path / "int8.safetensors").is_file()  # the CPU fast path, converted at pull time
     lm = LM.load("tiny-test")
     assert lm.tokenizer.chat_template and lm.config.n_layer == model.config.n_layer
-    assert lm.quantized == "int8"
-    direct = LM.load(stored.gguf, quantize="int8")  # quantized straight from the GGUF
+    assert lm.quantized == "gguf"
+    direct = LM.load(stored.gguf)  # quantized straight from the GGUF (auto on CPU)
     ids = torch.tensor([lm.tokenizer.encode("hello world, 你好")])
     with torch.no_grad():
         assert torch.equal(lm.model(ids)[0], direct.model(ids)[0])

@@ -147,9 +147,11 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # tables passed in empty: nn.Embedding's own random init is skipped (init_weights does
+        # it), and on the meta device that init would import sympy's 70 MB for nothing
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
         if cfg.pos == "learned":
-            self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd, _weight=torch.empty(cfg.block_size, cfg.n_embd))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)

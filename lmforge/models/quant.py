@@ -1,16 +1,55 @@
-"""Weight-only int8 quantization for inference.
+"""Weight-only quantized layers for inference.
 
-Every nn.Linear becomes an Int8Linear: weights rounded to int8 per output channel with one
-bf16 scale each (symmetric, absmax / 127). On CPU the matmul runs in PyTorch's
-`_weight_int8pack_mm` kernel with bf16 activations, which reads a quarter of the bytes of a
-float32 matmul (decoding one token is memory-bound); elsewhere the weight is dequantized on
-the fly. Activations between layers stay in the model's dtype.
+- Int8Linear: int8 weights per output channel with one bf16 scale each (symmetric, absmax/127).
+  On CPU the matmul runs in PyTorch's `_weight_int8pack_mm` with bf16 activations, reading a
+  quarter of the bytes of a float32 matmul (decoding one token is memory-bound).
+- Int4Linear: 4-bit weights in groups of 32 along the input, each group with a bf16 scale and
+  zero (w = (q - 8) * scale + zero), run by `_weight_int4pack_mm_for_cpu`. GGUF's 4-bit blocks
+  (Q4_0, Q4_1, Q4_K) are exactly this shape, so their values carry over without re-rounding.
+- Int8Table: the token table at Q8_0 precision (int8 in groups of 32, a scale each), held as
+  two 4-bit halves (q = 16 * hi + lo) in the int4 kernel's layout. A tied output projection
+  is two int4 matmuls in one call over the same bytes -- faster on CPU than one int8 matmul
+  and exact to the group scales -- and lookups unpack just the rows they need, so the
+  largest matrix of a small model is held once, in a byte per weight.
+Activations between layers stay in the model's dtype.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
+
+GROUP = 32  # int4 group size: GGUF's 4-bit formats use blocks (or sub-blocks) of 32
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 weights and one bf16 scale per row (symmetric absmax)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale.to(torch.bfloat16)
+
+
+def int4_pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: (out, in) integers 0..15; scale, offset: (out, in // 32) with w = q * scale + offset.
+    Returns the CPU kernel's packed weight (out, in // 2) and its (in // 32, out, 2) scales/zeros."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    zero = offset + 8 * scale  # the kernel computes (q - 8) * scale + zero
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
+    return packed, sz
+
+
+def int4_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round float weights (out, in) to asymmetric 4-bit groups of 32 (for weights that are
+    not 4-bit already)."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // GROUP, GROUP)  # (out, G, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(out_f, in_f)
+    return int4_pack(q, scale, lo)
 
 
 class Int8Linear(nn.Module):
@@ -24,11 +63,8 @@ class Int8Linear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
-        w = lin.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
-        q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=w.device)
-        q.weight.copy_(torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
-        q.scales.copy_(scale.to(torch.bfloat16))
+        q = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
+        q.weight, q.scales = int8_rows(lin.weight.detach())
         if lin.bias is not None:
             q.bias.copy_(lin.bias.detach())
         return q
@@ -49,22 +85,202 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear in place (a tied output projection gets its own int8 copy; the
-    input embedding keeps its float table for lookups)."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear.from_linear(child))
-        else:
-            quantize_int8(child)
+class Int4Linear(nn.Module):
+    """4-bit group-wise weights in the layout of PyTorch's CPU int4 kernel (CPU only)."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        if in_features % GROUP:
+            raise ValueError(f"int4 needs in_features divisible by {GROUP}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros", torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16,
+                                                         device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin: nn.Linear) -> "Int4Linear":
+        q = cls(lin.in_features, lin.out_features, device=lin.weight.device)
+        q.weight, q.scales_zeros = int4_fit(lin.weight.detach())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("int4 weights are packed for PyTorch's CPU kernel; load with quantize='none' "
+                               "or 'int8' on this device")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_zeros)  # (N, out)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+
+
+@functools.lru_cache(maxsize=None)
+def int4_block() -> int:
+    """Rows per block in the CPU kernel's packed layout: (N / B, K, B / 2) bytes, byte j of a
+    block row holding rows j (low nibble) and j + B/2 (high). B follows the CPU's vector width
+    (64 with AVX-512, 32 with AVX2), so it is found by packing a probe rather than assumed."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for b in (64, 32, 16, 8):
+        if torch.equal(_unpack_rows(packed, torch.arange(128), b, 64), q.to(torch.uint8)):
+            return b
+    raise RuntimeError("unrecognised int4 packing layout in this PyTorch build")
+
+
+def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """Rows of a CPU-packed int4 matrix as uint8 values 0..15: (len(rows), k)."""
+    blocks = packed.reshape(-1, k, b // 2)  # (N / b, K, b / 2)
+    byte = blocks[rows // b, :, rows % (b // 2)]  # (n, K)
+    return torch.where((rows % b >= b // 2)[:, None], byte >> 4, byte & 15)
+
+
+class Int8Table(nn.Module):
+    """A token table (V, C) at Q8_0 precision that is both the input embedding and, tied, the
+    output projection. Stored as the int4 kernel's packed (2V', C / 2) bytes -- rows [0, V')
+    the high halves, [V', 2V') the low halves, V' = V rounded up to the packing block -- and
+    its (C / 32, 2V', 2) scales and zeros."""
+
+    def __init__(self, num: int, dim: int, device=None):
+        super().__init__()
+        if dim % GROUP:
+            raise ValueError(f"the int8 table needs a width divisible by {GROUP}, got {dim}")
+        self.num_embeddings, self.embedding_dim = num, dim
+        self.padded = -(-num // 64) * 64  # a multiple of every packing block
+        self.register_buffer("weight", torch.empty(2 * self.padded, dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros", torch.empty(dim // GROUP, 2 * self.padded, 2, dtype=torch.bfloat16,
+                                                         device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_int8(cls, q: torch.Tensor, d: torch.Tensor) -> "Int8Table":
+        """q: (V, C) int8 values; d: (V, C / 32) float scales; w = q * d groupwise."""
+        V, C = q.shape
+        t = cls(V, C, device=q.device)
+        pad = t.padded - V
+        if pad:
+            q, d = torch.cat([q, q.new_zeros(pad, C)]), torch.cat([d, d.new_zeros(pad, d.size(1))])
+        halves: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"hi": [], "lo": []}
+        # packed in slices of rows (a multiple of every packing block, so the slices' packed
+        # bytes simply concatenate): a 262k-row table as int32 would need gigabytes at once
+        for i in range(0, t.padded, 8192):
+            qi, di = q[i:i + 8192].to(torch.int32), d[i:i + 8192].float()
+            # q = 16 * (hi - 8) + lo with both halves in 0..15; the kernel computes
+            # (u - 8) * scale + zero, so hi gets scale 16d, zero 0 and lo scale d, zero 8d
+            halves["hi"].append(int4_pack((qi >> 4) + 8, 16 * di, -128 * di))
+            halves["lo"].append(int4_pack(qi & 15, di, torch.zeros_like(di)))
+        parts = halves["hi"] + halves["lo"]
+        t.weight = torch.cat([w for w, _ in parts])
+        t.scales_zeros = torch.cat([sz for _, sz in parts], dim=1)
+        return t
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, w: torch.Tensor) -> "Int8Table":
+        V, C = w.shape
+        g = w.detach().float().reshape(V, C // GROUP, GROUP)
+        d = (g.abs().amax(-1) / 127).clamp(min=1e-10)  # (V, C/32)
+        q = torch.round(g / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(V, C)
+        return cls.from_int8(q, d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup: only the requested rows are unpacked. (..., ) -> (..., C)."""
+        flat = idx.reshape(-1)
+        b, C = int4_block(), self.embedding_dim
+        hi = _unpack_rows(self.weight, flat, b, C).to(torch.int32) - 8  # (n, C)
+        lo = _unpack_rows(self.weight, flat + self.padded, b, C).to(torch.int32)
+        d = self.scales_zeros[:, flat + self.padded, 0].t().float()  # (n, C/32): the low half's scale is d
+        w = (16 * hi + lo).float().view(-1, C // GROUP, GROUP) * d[..., None]  # (n, C/32, 32)
+        return w.view(*idx.shape, C)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ table.T: both halves in one int4 call, then summed. (..., C) -> (..., V)."""
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.embedding_dim).to(torch.bfloat16), self.weight,
+                                              GROUP, self.scales_zeros)  # (N, 2V')
+        y = y[:, :self.num_embeddings].float() + y[:, self.padded:self.padded + self.num_embeddings].float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.num_embeddings)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 as 2x int4 g{GROUP}"
+
+
+class TiedHead(nn.Module):
+    """The output projection of a tied model: the token table's own `project`. The table is
+    held outside the module tree so that it is saved and counted once."""
+
+    def __init__(self, table: Int8Table):
+        super().__init__()
+        self._table = [table]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._table[0].project(x)
+
+
+def _is_gpt(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "family", None) == "gpt"
+
+
+def quantize_model(model: nn.Module, scheme: str = "int8") -> nn.Module:
+    """Quantize a float model in place. Linears become Int8Linear (or Int4Linear with
+    scheme="int4", where the shape allows). A tied GPT's token table becomes an Int8Table
+    that also serves as the output projection (CPU only: it runs on the int4 kernel)."""
+    if _is_gpt(model) and model.config.tie_embeddings and model.embed.weight.device.type == "cpu" \
+            and model.config.n_embd % GROUP == 0:
+        model.embed = Int8Table.from_float(model.embed.weight)
+        model.lm_head = TiedHead(model.embed)
+    _quantize_linears(model, scheme)
     return model
 
 
-def build_int8_skeleton(model_cls, cfg) -> nn.Module:
-    """An int8 model with no storage (meta device), ready for load_state_dict(assign=True)."""
+def _quantize_linears(module: nn.Module, scheme: str) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            int4 = scheme == "int4" and child.bias is None and child.in_features % GROUP == 0
+            setattr(module, name, Int4Linear.from_linear(child) if int4 else Int8Linear.from_linear(child))
+        else:
+            _quantize_linears(child, scheme)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    return quantize_model(model, "int8")
+
+
+def quant_layout(model: nn.Module) -> dict[str, str]:
+    """Module name -> "int8" / "int4" for every quantized module (saved beside the weights)."""
+    kinds = {Int8Linear: "int8", Int4Linear: "int4", Int8Table: "table", TiedHead: "tied"}
+    return {name: kinds[type(m)] for name, m in model.named_modules() if type(m) in kinds}
+
+
+def build_quantized_skeleton(model_cls, cfg, layout: dict[str, str]) -> nn.Module:
+    """A quantized model with no storage (meta device) for load_state_dict(assign=True).
+    A tied lm_head is left out of the state: call `retie` after loading."""
     with torch.device("meta"):
         model = model_cls(cfg)
-        if getattr(cfg, "tie_embeddings", False):
-            model.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # untie: it gets int8 weights
-        quantize_int8(model)
+        for name, kind in layout.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, attr)
+            if kind == "table":
+                new = Int8Table(old.num_embeddings, old.embedding_dim)
+            elif kind == "tied":
+                continue  # see retie
+            elif kind == "int4":
+                new = Int4Linear(old.in_features, old.out_features)
+            else:
+                new = Int8Linear(old.in_features, old.out_features, old.bias is not None)
+            setattr(parent, name.rpartition(".")[2], new)
     return model
+
+
+def retie(model: nn.Module) -> None:
+    if _is_gpt(model) and isinstance(model.embed, Int8Table):
+        model.lm_head = TiedHead(model.embed)
+
+
+def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized state (a tied head holds no tensors of its own)."""
+    return model.state_dict()

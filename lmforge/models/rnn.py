@@ -23,7 +23,7 @@ class RecurrentLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))  # init_weights fills it
         kwargs = dict(nonlinearity="tanh") if cfg.family == "rnn" else {}
         self.rnn = _CELLS[cfg.family](cfg.n_embd, cfg.n_embd, num_layers=cfg.n_layer, batch_first=True,
                                       dropout=cfg.dropout if cfg.n_layer > 1 else 0.0, **kwargs)

@@ -168,6 +168,139 @@ def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def unpack_4bit(t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0/Q4_1/Q4_K tensor as its own integers and group parameters, without rounding:
+    q (rows, cols) in 0..15 and scale, offset (rows, cols // 32), with w = q * scale + offset."""
+    kind = t.tensor_type.name
+    raw = np.asarray(t.data)
+    rows = raw.shape[0]
+
+    def f16(a):
+        return a.copy().view(np.float16).astype(np.float32)
+
+    def nibbles(qs):  # (..., 16) bytes -> (..., 32) values: low nibbles first, then high ones
+        return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+    if kind in ("Q4_0", "Q4_1"):
+        size = 18 if kind == "Q4_0" else 20
+        b = raw.reshape(rows, -1, size)  # (rows, blocks, bytes)
+        d = f16(b[..., 0:2])  # (rows, blocks, 1)
+        q = nibbles(b[..., size - 16:])  # (rows, blocks, 32)
+        offset = -8 * d if kind == "Q4_0" else f16(b[..., 2:4])
+        return q.reshape(rows, -1), d[..., 0], offset[..., 0]
+    if kind == "Q4_K":
+        b = raw.reshape(rows, -1, 144)  # super-blocks of 256: d, dmin, 12 bytes of 6-bit scales, 128 of nibbles
+        d, dmin = f16(b[..., 0:2]), f16(b[..., 2:4])  # (rows, nb, 1)
+        s = b[..., 4:16].astype(np.int32)  # (rows, nb, 12)
+        sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+        mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+        qs = b[..., 16:].reshape(rows, -1, 4, 32)  # 4 chunks of 32 bytes: two sub-blocks each
+        q = np.stack([qs & 15, qs >> 4], axis=3)  # (rows, nb, 4, 2, 32): sub-blocks in order
+        return q.reshape(rows, -1), (d * sc).reshape(rows, -1), (-dmin * mn).reshape(rows, -1)
+    raise LMForgeError(f"{t.name}: {kind} is not a 4-bit block format")
+
+
+def _dequant_rows(t, start: int, stop: int) -> np.ndarray:
+    from gguf.quants import dequantize as gg_dequantize
+
+    arr = gg_dequantize(np.asarray(t.data)[start:stop], t.tensor_type)
+    return np.array(arr, dtype=np.float32).reshape(stop - start, -1)  # a copy: F32 data is a read-only view
+
+
+def int8_groups(t, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """A table as int8 values (rows, cols) with one scale per 32 (rows, cols // 32): Q8_0's own
+    blocks when the file has them, otherwise re-rounded a slice of rows at a time (a 262k-row
+    table in float32 would be 0.7 GB at once)."""
+    raw = np.asarray(t.data)
+    rows = raw.shape[0]
+    if t.tensor_type.name == "Q8_0":
+        b = raw.reshape(rows, -1, 34)  # blocks: fp16 scale, then 32 int8 values
+        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, blocks)
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1)
+        return torch.from_numpy(q), torch.from_numpy(d)
+    qs, ds = [], []
+    for i in range(0, rows, chunk):
+        g = torch.from_numpy(_dequant_rows(t, i, min(rows, i + chunk)))
+        g = g.view(g.size(0), -1, 32)  # (n, G, 32)
+        d = (g.abs().amax(-1) / 127).clamp(min=1e-10)
+        qs.append(torch.round(g / d[..., None]).clamp(-127, 127).to(torch.int8).flatten(1))
+        ds.append(d)
+    return torch.cat(qs), torch.cat(ds)
+
+
+def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's weights, quantized straight from the file one tensor at a time (the float
+    model is never built): 4-bit blocks become int4 groups unchanged, other linears int8 rows,
+    the token table an Int8Table, norms float32. Returns (state, layout); the layout names each
+    quantized module's kind, for `build_quantized_skeleton`."""
+    from lmforge.models.quant import Int8Table, int4_pack, int8_rows
+
+    names, interleaved = ARCH_TABLES[g.arch]
+    table = expand(names, cfg.n_layer)
+    heads = {"q": cfg.n_head, "k": cfg.n_kv_head}
+    state: dict[str, torch.Tensor] = {}
+    layout: dict[str, str] = {}
+    groups: dict[str, dict[str, Any]] = {}  # fused qkv: parts gathered until all three are read
+    linears: dict[str, list] = {}
+    for t in g.tensors:
+        if t.name not in table:
+            if t.name.startswith("rope_freqs"):
+                continue
+            raise LMForgeError(f"{g.path}: unexpected tensor {t.name} for architecture {g.arch}")
+        name, slot = table[t.name]
+        if name == "embed.weight":
+            tokens = Int8Table.from_int8(*int8_groups(t))
+            state["embed.weight"], state["embed.scales_zeros"] = tokens.weight, tokens.scales_zeros
+            layout["embed"] = "table"
+        elif len(t.shape) == 1:
+            state[name] = torch.from_numpy(dequantize(t))
+        elif slot is None:
+            linears[name] = [t]
+        else:
+            groups.setdefault(name, {})[slot] = t
+    for name, parts in groups.items():
+        if set(parts) != set(SLOTS):
+            raise LMForgeError(f"{g.path}: {name} is missing part(s) {set(SLOTS) - set(parts)}")
+        linears[name] = [parts[s] for s in SLOTS]
+    for name, parts in linears.items():
+        module = name.rsplit(".", 1)[0]
+        slots = SLOTS if len(parts) == 3 else (None,)
+        if all(p.tensor_type.name in FOUR_BIT for p in parts):
+            qs, scs, offs = [], [], []
+            for p, slot in zip(parts, slots):
+                q, sc, off = unpack_4bit(p)
+                if interleaved and slot in heads:  # rows move together with their group parameters
+                    q, sc, off = (unpermute_rope_rows(a, heads[slot]) for a in (q, sc, off))
+                qs.append(q), scs.append(sc), offs.append(off)
+            state[name], state[f"{module}.scales_zeros"] = int4_pack(
+                *(torch.from_numpy(np.ascontiguousarray(np.concatenate(a))) for a in (qs, scs, offs)))
+            layout[module] = "int4"
+        else:
+            ws = []
+            for p, slot in zip(parts, slots):
+                w = dequantize(p)
+                if interleaved and slot in heads:
+                    w = unpermute_rope_rows(w, heads[slot])
+                ws.append(w)
+            state[name], state[f"{module}.scales"] = int8_rows(torch.from_numpy(np.concatenate(ws)))
+            layout[module] = "int8"
+    if "lm_head.weight" not in state:
+        layout["lm_head"] = "tied"  # the token table's own projection
+    return state, layout
+
+
+def load_gguf_quantized(g: GGUFFile, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model with quantized weights, never holding a float copy of it (see quantized_state)."""
+    from lmforge.weights.quantized import assemble
+
+    cfg = config_from_gguf(g)
+    state, layout = quantized_state(g, cfg)
+    return assemble(cfg, layout, state, device, source=str(g.path))
+
+
 def load_gguf_model(g: GGUFFile, device: torch.device | str = "cpu") -> torch.nn.Module:
     cfg = config_from_gguf(g)
     model = build_model(cfg, device=device, init=False)

@@ -1,67 +1,110 @@
-"""A converted int8 copy of a pulled model, kept in the store beside its GGUF.
+"""A quantized copy of a pulled model, kept in the store beside its GGUF.
 
-Reading a GGUF means parsing ~100k vocabulary entries and dequantizing every tensor; the int8
-copy is one safetensors file that loads straight into an int8 model, so later loads are fast
-and never hold a float32 copy of the weights. It records the sha256 of the GGUF it came from
-and is rebuilt when that no longer matches.
+Reading a GGUF means parsing a large vocabulary and converting every tensor; the quantized copy
+is one safetensors file that loads straight into the quantized model, so later loads are fast
+and never hold a float copy of the weights. It records the sha256 of the GGUF it came from and
+the layout (which module is int8, which int4), and is rebuilt when either no longer fits.
+
+Loading reads each tensor into its own fresh allocation with plain file reads rather than a
+memory map: mapped pages count towards the process's resident memory until the map closes, so
+a mapped load peaks at twice the model's size, and the int4/int8 kernels need aligned storage.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
 from lmforge.models import GPT
-from lmforge.models.quant import build_int8_skeleton
+from lmforge.models.quant import build_quantized_skeleton, quant_layout, retie, state_to_save
 
 WEIGHTS, CONFIG = "int8.safetensors", "int8.json"
+FORMAT = 3  # bumped when the layout of the cache changes; older caches are rebuilt
+
+_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
 
 
-def save_int8(folder: Path, model: nn.Module, source_sha256: str) -> None:
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_quantized(folder: Path, model: nn.Module, source_sha256: str) -> None:
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_to_save(model).items()}
     tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_file(sd, str(tmp), metadata={"source_sha256": source_sha256})
     os.replace(tmp, folder / WEIGHTS)
+    meta = {"format": FORMAT, "model": model.config.to_dict(), "layout": quant_layout(model),
+            "source_sha256": source_sha256}
     cfg_tmp = folder / f".{CONFIG}.tmp-{os.getpid()}"
-    cfg_tmp.write_text(json.dumps({"model": model.config.to_dict(), "source_sha256": source_sha256}, indent=2))
+    cfg_tmp.write_text(json.dumps(meta, indent=2))
     os.replace(cfg_tmp, folder / CONFIG)
 
 
-def load_int8(folder: Path, source_sha256: str, device) -> nn.Module | None:
-    """The cached int8 model, or None when there is none or it belongs to another file."""
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, each read into its own new tensor (no memory map)."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            if end - start != t.numel() * t.element_size():
+                raise ValueError(f"{name}: size does not match its shape")
+            f.seek(base + start)
+            if t.numel():
+                buf = t.view(-1).view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.view(-1).numpy()
+                if f.readinto(memoryview(buf)) != end - start:
+                    raise ValueError(f"{name}: file is truncated")
+            out[name] = t
+    return out
+
+
+def assemble(cfg: ModelConfig, layout: dict[str, str], state: dict[str, torch.Tensor], device,
+             source: str = "") -> nn.Module:
+    """A quantized GPT from its layout and state (no float weights are ever allocated)."""
+    from lmforge.errors import LMForgeError
+
+    model = build_quantized_skeleton(GPT, cfg, layout)
+    state = {k: v.to(device) for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:
+        raise LMForgeError(f"{source}: quantized weights do not fit the model ({str(e).splitlines()[0]})") from None
+    retie(model)
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_meta and not n.startswith("rope_")]
+    if missing:
+        raise LMForgeError(f"{source}: tensors missing for {missing[:4]}")
+    if cfg.pos == "rope":
+        model.make_buffers(device)
+    model.reset_buffers()
+    return model.eval()
+
+
+def load_quantized(folder: Path, source_sha256: str, device) -> nn.Module | None:
+    """The cached quantized model, or None when there is none, it belongs to another file, or
+    it is damaged (the caller then rebuilds it from the GGUF)."""
+    from lmforge.errors import LMForgeError
+
     wpath, cpath = folder / WEIGHTS, folder / CONFIG
     if not (wpath.is_file() and cpath.is_file()):
         return None
     try:
         meta = json.loads(cpath.read_text(encoding="utf-8"))
-        if meta.get("source_sha256") != source_sha256:
+        if meta.get("format") != FORMAT or meta.get("source_sha256") != source_sha256:
             return None
         cfg = ModelConfig.from_dict(meta["model"])
-        # one tensor at a time, each copied into a fresh allocation: the int8 kernel needs better
-        # alignment than file offsets give, and this way only one extra tensor is alive at a time
-        tensors = {}
-        with safe_open(str(wpath), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key).clone()
-    except (json.JSONDecodeError, KeyError, SafetensorError, OSError):
-        return None  # a damaged cache is rebuilt from the GGUF
-    model = build_int8_skeleton(GPT, cfg)
-    try:
-        model.load_state_dict(tensors, strict=False, assign=True)
-    except RuntimeError:
-        return None
-    if any(t.is_meta for t in model.parameters()) or any(
-            b.is_meta for n, b in model.named_buffers() if not n.startswith("rope_")):
-        return None
-    if cfg.pos == "rope":
-        model.make_buffers(device)
-    model.reset_buffers()
-    return model.eval()
+        state = read_safetensors(wpath)
+        return assemble(cfg, meta["layout"], state, device, source=str(wpath))
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError, OSError, LMForgeError,
+            struct.error):
+        return None  # unreadable or from another lmforge version: rebuilt from the GGUF
+
