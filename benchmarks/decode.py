@@ -1,12 +1,14 @@
 """Pretrained-model inference speed: lmforge beside llama.cpp and transformers on the same GGUF.
 
-Same file, same 200-token prompt, 128 greedy tokens, 2 threads. Each engine runs in its own
+Same file, same 200-token prompt, 128 greedy tokens, 2 threads; every engine runs one 16-token
+forward first, so prefill is timed warm. Each engine runs in its own
 process (so peak RSS is its own); a peer that is not installed is reported as such.
 
     lmforge pull smollm2-135m-instruct
     python benchmarks/decode.py                           # smollm2-135m-instruct
     python benchmarks/decode.py --model gemma3-270m
     pip install llama-cpp-python transformers             # the peers (a long source build for the first)
+    python benchmarks/decode.py --llama-python /path/to/venv/bin/python   # llama.cpp from another venv
 """
 
 from __future__ import annotations
@@ -25,23 +27,27 @@ TEXT = ("The history of computing is a story of people who turned ideas about nu
 WORKER = r'''
 import json, resource, sys, time
 engine, gguf, n_prompt, n_new, text = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-import torch
-torch.set_num_threads(2)
 out = {}
 t0 = time.perf_counter()
+if engine != "llama.cpp":  # (torch stays out of llama.cpp's process and its RSS)
+    import torch
+    torch.set_num_threads(2)
 if engine.startswith("lmforge"):
     sys.path.insert(0, sys.argv[6])
     from lmforge.api import LM
     from lmforge.engine import SamplingParams
-    lm = LM.load(sys.argv[7], device="cpu", quantize="none" if engine == "lmforge-float" else "int8")
+    lm = LM.load(sys.argv[7], device="cpu", quantize="none" if engine == "lmforge-float" else "auto")
     out["load_s"] = time.perf_counter() - t0
     ids = lm.tokenizer.encode(text, check=False)[:n_prompt]
     with torch.inference_mode():
+        lm.model(torch.tensor([ids[:16]]), last_only=True)  # warm-up, as for every engine
         t = time.perf_counter(); lm.model(torch.tensor([ids]), last_only=True); out["prefill_tok_s"] = n_prompt / (time.perf_counter() - t)
     gen = lm.engine.generate(ids, n_new, SamplingParams(temperature=0))
     t = time.perf_counter(); next(gen); t1 = time.perf_counter()
     rest = sum(1 for _ in gen)
     out["decode_tok_s"] = rest / (time.perf_counter() - t1)
+    # peak RSS of the single-stream run, as for the peers (the batch below holds 8 KV caches)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if engine == "lmforge":  # 8 different prompts decoded together; prefill timed apart and subtracted
         all_ids = lm.tokenizer.encode(text, check=False)
         prompts = [all_ids[i:i + n_prompt] for i in range(8)]
@@ -58,6 +64,7 @@ elif engine == "transformers":
     out["load_s"] = time.perf_counter() - t0
     ids = torch.tensor([tok(text)["input_ids"][:n_prompt]])
     with torch.inference_mode():
+        model(ids[:, :16])  # warm-up
         t = time.perf_counter(); model(ids); out["prefill_tok_s"] = n_prompt / (time.perf_counter() - t)
         t = time.perf_counter(); model.generate(ids, max_new_tokens=1, do_sample=False); first = time.perf_counter() - t
         t = time.perf_counter(); model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
@@ -67,6 +74,7 @@ elif engine == "llama.cpp":
     llm = Llama(model_path=gguf, n_threads=2, n_ctx=1024, verbose=False)
     out["load_s"] = time.perf_counter() - t0
     ids = llm.tokenize(text.encode())[:n_prompt]
+    llm.eval(ids[:16]); llm.reset()  # warm-up
     t = time.perf_counter(); llm.eval(ids); out["prefill_tok_s"] = n_prompt / (time.perf_counter() - t)
     t = time.perf_counter(); n = 0
     for tok_id in llm.generate(ids, top_k=1, reset=True):
@@ -74,14 +82,14 @@ elif engine == "llama.cpp":
         if n == 1: t1 = time.perf_counter()
         if n >= n_new: break
     out["decode_tok_s"] = (n - 1) / (time.perf_counter() - t1)
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 print("RESULT" + json.dumps(out))
 '''
 
 
-def run(engine: str, gguf: Path, spec: str) -> dict | str:
-    """spec: how lmforge names the model (a pulled name loads the store's int8 copy)."""
-    proc = subprocess.run([sys.executable, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),
+def run(engine: str, gguf: Path, spec: str, python: str = sys.executable) -> dict | str:
+    """spec: how lmforge names the model (a pulled name loads the store's quantized copy)."""
+    proc = subprocess.run([python, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),
                            TEXT, str(ROOT), spec], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
@@ -93,6 +101,8 @@ def run(engine: str, gguf: Path, spec: str) -> dict | str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a pulled model's name or a .gguf path")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="a Python with llama-cpp-python installed (it may live in its own venv)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from lmforge import store
@@ -102,10 +112,12 @@ def main() -> None:
     if not gguf.is_file():
         raise SystemExit(f"{args.model}: not pulled; run: lmforge pull {args.model}")
     spec = args.model if found else str(gguf)
-    results = {e: run(e, gguf, spec) for e in ("lmforge", "lmforge-float", "llama.cpp", "transformers")}
+    results = {e: run(e, gguf, spec, args.llama_python if e == "llama.cpp" else sys.executable)
+               for e in ("lmforge", "lmforge-float", "llama.cpp", "transformers")}
     print(f"\n{args.model}: {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} greedy tokens, 2 threads")
     cols = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
-    print("lmforge = int8 weight-only fast path; lmforge-float = float32 reference path")
+    print("lmforge = quantized CPU path (GGUF 4-bit blocks as int4, the rest int8); "
+          "lmforge-float = float32 reference path")
     print(f"{'engine':14}" + "".join(f"{c:>15}" for c in cols))
     for e, r in results.items():
         if isinstance(r, str):

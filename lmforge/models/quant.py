@@ -52,6 +52,24 @@ def int4_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return int4_pack(q, scale, lo)
 
 
+# From this many rows (a prefill), int8 linears quantize their activations too and run on the
+# int8 x int8 matmul (VNNI on x86), which beats the weight-only kernel 4-5x at 200 rows.
+INT_MM_ROWS = 16
+
+
+def _int8_activations_mm(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """x (N, in) float32 @ int8 w (out, in).T with per-row activation scales. Each activation
+    row is written as two int8 parts, x ~ s1 * a1 + s2 * a2 with s2 = s1 / 127 (about 14 bits,
+    finer than bf16's 8), and both parts go through one int8 matmul of 2N rows."""
+    s1 = (x.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)  # (N, 1)
+    a1 = torch.round(x / s1).clamp(-127, 127)
+    s2 = s1 / 127
+    a2 = torch.round((x - a1 * s1) / s2).clamp(-127, 127)
+    n = x.size(0)
+    acc = torch._int_mm(torch.cat([a1, a2]).to(torch.int8), w.t()).float()  # (2N, out) int32 sums
+    return (acc[:n] * s1 + acc[n:] * s2) * w_scales.float()  # (N, out)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
         super().__init__()
@@ -72,7 +90,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x2.size(0) >= INT_MM_ROWS:
+            y = _int8_activations_mm(x2.float(), self.weight, self.scales)
+        elif x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)  # (N, out)
         else:
             y = x2.to(torch.bfloat16) @ (self.weight.to(torch.bfloat16) * self.scales[:, None]).t()
