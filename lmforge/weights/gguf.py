@@ -141,17 +141,22 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, hd // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def _mapped(g: GGUFFile, table: dict[str, tuple[str, str | None]]):
+    """(tensor, lmforge name, slot) for every tensor of the file; unknown names are an error."""
+    for t in g.tensors:
+        if t.name not in table:
+            if t.name.startswith("rope_freqs"):  # derived from the config, not needed
+                continue
+            raise LMForgeError(f"{g.path}: unexpected tensor {t.name} for architecture {g.arch}")
+        yield (t, *table[t.name])
+
+
 def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     names, interleaved = ARCH_TABLES[g.arch]
     table = expand(names, cfg.n_layer)
     state: dict[str, torch.Tensor] = {}
     slots: dict[str, dict[str, np.ndarray]] = {}
-    for t in g.tensors:
-        if t.name not in table:
-            if t.name.startswith("rope_freqs"):
-                continue
-            raise LMForgeError(f"{g.path}: unexpected tensor {t.name} for architecture {g.arch}")
-        name, slot = table[t.name]
+    for t, name, slot in _mapped(g, table):
         w = dequantize(t)
         if slot == "q" and interleaved:
             w = unpermute_rope_rows(w, cfg.n_head)
@@ -245,12 +250,7 @@ def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
     layout: dict[str, str] = {}
     groups: dict[str, dict[str, Any]] = {}  # fused qkv: parts gathered until all three are read
     linears: dict[str, list] = {}
-    for t in g.tensors:
-        if t.name not in table:
-            if t.name.startswith("rope_freqs"):
-                continue
-            raise LMForgeError(f"{g.path}: unexpected tensor {t.name} for architecture {g.arch}")
-        name, slot = table[t.name]
+    for t, name, slot in _mapped(g, table):
         if name == "embed.weight":
             tokens = Int8Table.from_int8(*int8_groups(t))
             state["embed.weight"], state["embed.scales_zeros"] = tokens.weight, tokens.scales_zeros
