@@ -32,6 +32,8 @@ class LMTokenizer:
                  stop_ids: list[int] | None = None):
         self.tk = tk
         model_type = type(tk.model).__name__
+        if kind is None and model_type == "BPE" and getattr(tk.model, "byte_fallback", False):
+            kind = "spm"  # SentencePiece-style BPE (U+2581 for spaces, <0xNN> byte pieces)
         self.kind = kind or {"WordLevel": "char", "BPE": "bpe"}.get(model_type, model_type.lower())
         self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
         self.unk_id = tk.token_to_id(UNK) if self.kind == "char" else None
