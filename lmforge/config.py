@@ -76,6 +76,8 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd
+        if self.head_size is not None and self.head_size * self.n_head == self.n_embd:
+            self.head_size = None  # one spelling for the default, so equal models have equal configs
         if self.family == "gpt":
             if self.head_size is None and self.n_embd % self.n_head:
                 raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

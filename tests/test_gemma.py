@@ -153,3 +153,28 @@ def test_sentencepiece_tokenizer_matches_transformers(gemma):
     assert lm.tokenizer.encode(" hello") == [lm.tokenizer.tk.token_to_id("\u2581hello")]
     assert lm.tokenizer.token_bytes[lm.tokenizer.tk.token_to_id("\u2581hello")] == 6
     assert lm.tokenizer.token_bytes[lm.tokenizer.tk.token_to_id("<0xE4>")] == 1
+
+
+def test_export_round_trips_through_transformers(gemma, tmp_path):
+    """export writes Gemma3ForCausalLM (norms back to Gemma's 1 + w form); transformers and
+    lmforge's own Hugging Face loader both read it to the same logits and greedy tokens."""
+    ref, path = gemma
+    lm = LM.load(path, quantize="none")
+    out = lm.export(tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "Gemma3ForCausalLM"
+    back = LM.load(out, quantize="none")
+    assert back.config == lm.config
+    torch.manual_seed(2)
+    ids = torch.randint(0, lm.config.vocab_size, (1, 3 * WINDOW))
+    with torch.no_grad():
+        ours = lm.model(ids)[0]
+        torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ref(ids).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(back.model(ids)[0], ours, atol=1e-6, rtol=1e-6)
+    prompt = lm.encode_prompt("hello world")
+    greedy = list(lm.engine.generate(prompt, 12, SamplingParams(temperature=0)))
+    hf_greedy = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    assert greedy == hf_greedy
+    assert back.tokenizer.encode("hello  world") == lm.tokenizer.encode("hello  world")

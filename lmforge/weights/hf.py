@@ -2,7 +2,8 @@
 writes what transformers' AutoModelForCausalLM and vLLM load directly, and the loader reads such
 a folder (ours or a hub download, single-file or sharded) into lmforge's own GPT.
 
-LLaMA-style models (RMSNorm, RoPE, SwiGLU) are LlamaForCausalLM; GPT-2-style ones (LayerNorm,
+LLaMA-style models (RMSNorm, RoPE, SwiGLU) are LlamaForCausalLM; Gemma-3-style ones (QK-norm,
+post norms, GeGLU, sliding-window layers) Gemma3ForCausalLM; GPT-2-style ones (LayerNorm,
 learned positions, GELU) are GPT2LMHeadModel, whose Conv1D layers store weights transposed
 and always carry biases (written as zeros when lmforge's model has none).
 """
@@ -24,10 +25,10 @@ from lmforge.config import ModelConfig, load_json
 from lmforge.errors import LMForgeError
 from lmforge.models import build_model
 from lmforge.weights.checkpoint import FORMAT
-from lmforge.weights.names import HF_LLAMA, expand
+from lmforge.weights.names import HF_GEMMA3, HF_LLAMA, expand
 
 # model_type -> the transformers class it names
-SUPPORTED = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+SUPPORTED = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM"}
 
 CONV1D = "conv1d"  # the slot of a GPT-2 weight stored as (in, out)
 
@@ -62,9 +63,11 @@ _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 def _layout(cfg) -> str:
     if cfg.family != "gpt":
         raise LMForgeError(f"only Transformer models export to the Hugging Face layout (this is a {cfg.family})")
+    gemma = (cfg.qk_norm, cfg.post_norms, cfg.embed_scale, cfg.mlp, cfg.norm, cfg.pos, cfg.bias)
+    if gemma == (True, True, True, "geglu", "rmsnorm", "rope", False):
+        return "gemma3"
     if cfg.qk_norm or cfg.post_norms or cfg.embed_scale or cfg.sliding_window is not None:
-        raise LMForgeError("Gemma-style models (QK-norm, post norms, sliding window) do not export to the Hugging "
-                           "Face layout yet")
+        raise LMForgeError("this model mixes Gemma 3 features with others; transformers has no matching architecture")
     if cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu" and not cfg.bias:
         return "llama"
     if cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp == "gelu" and cfg.n_kv_head == cfg.n_head:
@@ -100,6 +103,35 @@ def _llama_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     return out, config
 
 
+def _gemma3_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    cfg = model.config
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    rows = _qkv_rows(cfg)
+    out = {}
+    for hf_name, (ours, slot) in expand(HF_GEMMA3, cfg.n_layer).items():
+        if hf_name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        t = sd[ours] if slot is None else sd[ours][slice(*rows[slot])]
+        out[hf_name] = (t - 1 if hf_name.endswith("norm.weight") else t).contiguous()  # Gemma scales by 1 + w
+    local = cfg.rope_theta_local or cfg.rope_theta
+    config = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings, "query_pre_attn_scalar": cfg.head_dim,  # scores / sqrt(hd)
+        "sliding_window": cfg.sliding_window or cfg.block_size,
+        "layer_types": ["sliding_attention" if cfg.is_local(i) else "full_attention" for i in range(cfg.n_layer)],
+        # transformers 5 reads rope_parameters; earlier versions the two thetas
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": local}},
+        "rope_theta": cfg.rope_theta, "rope_local_base_freq": local,
+        "final_logit_softcapping": None, "attn_logit_softcapping": None, "attention_bias": False,
+        "torch_dtype": "float32",
+    }
+    return out, config
+
+
 def _gpt2_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -126,7 +158,7 @@ def _gpt2_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 def export_hf(model: nn.Module, tokenizer, out_dir: Path | str) -> Path:
     """Write `model` and its LMTokenizer as a Hugging Face model folder (atomically)."""
     layout = _layout(model.config)
-    tensors, config = (_llama_tensors if layout == "llama" else _gpt2_tensors)(model)
+    tensors, config = {"llama": _llama_tensors, "gemma3": _gemma3_tensors, "gpt2": _gpt2_tensors}[layout](model)
     tok = tokenizer
     name = tok.tk.id_to_token
     if tok.eot_id is not None:
@@ -208,6 +240,41 @@ def _llama_config(d: dict, path: Path) -> ModelConfig:
     )
 
 
+def _gemma3_config(d: dict, path: Path) -> ModelConfig:
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act != "gelu_pytorch_tanh":
+        raise LMForgeError(f"{path}: hidden_activation {act!r} is not supported (Gemma 3 uses gelu_pytorch_tanh)")
+    if d.get("final_logit_softcapping") or d.get("attn_logit_softcapping"):
+        raise LMForgeError(f"{path}: logit soft-capping is not supported")
+    n_layer, n_head = _need(d, "num_hidden_layers", path), _need(d, "num_attention_heads", path)
+    n_embd = _need(d, "hidden_size", path)
+    head_dim = d.get("head_dim") or 256
+    if d.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise LMForgeError(f"{path}: query_pre_attn_scalar other than head_dim is not supported")
+    types = d.get("layer_types") or [
+        "full_attention" if (i + 1) % d.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
+        for i in range(n_layer)]
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    every = full[0] + 1 if full else 0
+    if [i for i in range(n_layer) if every and (i + 1) % every == 0] != full:
+        raise LMForgeError(f"{path}: layer_types must repeat a fixed pattern (some local layers, then one global)")
+    rope = d.get("rope_parameters") or {}
+    for kind in rope.values():
+        if isinstance(kind, dict) and kind.get("rope_type", "default") != "default":
+            raise LMForgeError(f"{path}: RoPE scaling {kind['rope_type']!r} is not supported (plain RoPE only)")
+    theta = rope.get("full_attention", {}).get("rope_theta", d.get("rope_theta", 1e6))
+    local = rope.get("sliding_attention", {}).get("rope_theta", d.get("rope_local_base_freq", 1e4))
+    return ModelConfig(
+        family="gpt", vocab_size=_need(d, "vocab_size", path), block_size=_need(d, "max_position_embeddings", path),
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head,
+        head_size=head_dim if head_dim * n_head != n_embd else None, mlp_hidden=_need(d, "intermediate_size", path),
+        norm="rmsnorm", pos="rope", mlp="geglu", bias=False, rope_theta=float(theta),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        qk_norm=True, post_norms=True, embed_scale=True, sliding_window=int(_need(d, "sliding_window", path)),
+        global_every=every, rope_theta_local=float(local),
+    )
+
+
 def _gpt2_config(d: dict, path: Path, bias: bool) -> ModelConfig:
     act = d.get("activation_function", "gelu_new")
     if act != "gelu":  # OpenAI's checkpoints use gelu_new, the tanh approximation
@@ -274,6 +341,9 @@ def load_hf_dir(path: Path | str, device: torch.device | str = "cpu") -> tuple[n
         if d["model_type"] == "llama":
             cfg = _llama_config(d, path)
             table = expand(HF_LLAMA, cfg.n_layer)
+        elif d["model_type"] == "gemma3_text":
+            cfg = _gemma3_config(d, path)
+            table = expand(HF_GEMMA3, cfg.n_layer)
         else:
             # lmforge's own bias-free GPTs export all-zero biases: load those without, as they were
             biases = [k for k in where if k.endswith(".bias")]
@@ -305,6 +375,8 @@ def load_hf_dir(path: Path | str, device: torch.device | str = "cpu") -> tuple[n
                 if slot == CONV1D:  # report the shapes as stored
                     got, want = got[::-1], want[::-1]
                 raise LMForgeError(f"{path}: {hf_name} has shape {got}, config.json implies {want}")
+            if cfg.qk_norm and hf_name.endswith("norm.weight"):
+                t = t.float() + 1  # Gemma stores w for a scale of 1 + w
             dst.copy_(t)  # also casts fp16/bf16 files to float32
     model.reset_buffers()
     return model.eval(), tok_path

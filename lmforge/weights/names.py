@@ -50,6 +50,17 @@ HF_LLAMA: dict[str, str | tuple[str, str]] = {
     "model.layers.{i}.mlp.down_proj.weight": "blocks.{i}.mlp.down_proj.weight",
 }
 
+# Hugging Face Gemma3ForCausalLM (model_type gemma3_text). Its RMSNorms scale by (1 + w), so
+# every *norm.weight is stored 1 less than lmforge's multiplicative scale (see hf.py).
+HF_GEMMA3: dict[str, str | tuple[str, str]] = {
+    **{k: v for k, v in HF_LLAMA.items() if "post_attention_layernorm" not in k},
+    "model.layers.{i}.post_attention_layernorm.weight": "blocks.{i}.attn_out_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "blocks.{i}.mlp_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "blocks.{i}.mlp_out_norm.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "blocks.{i}.attn.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blocks.{i}.attn.k_norm.weight",
+}
+
 SLOTS = ("q", "k", "v")
 
 
