@@ -373,6 +373,92 @@ def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:
     return out
 
 
+finetune_app = typer.Typer(help="Fine-tune a pretrained model on your labelled data.", no_args_is_help=True)
+app.add_typer(finetune_app, name="finetune")
+
+
+@finetune_app.command("classify")
+def finetune_classify(
+    train: Annotated[Path, typer.Option(help="Labelled rows: .csv, .tsv or .jsonl.")],
+    out: Annotated[Path, typer.Option(help="Run folder to create (must not exist or be empty).")],
+    model: Annotated[str, typer.Option(help="Encoder: a pulled name or a sentence-transformers folder.")] = "minilm-l6",
+    text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    label_col: Annotated[str, typer.Option(help="Column holding the label (strings or integers).")] = "label",
+    val: Annotated[Optional[Path], typer.Option(help="Validation rows (default: a stratified split of --train).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of --train held out when no --val is given.")] = 0.1,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Rows per optimizer step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the encoder (the head uses 1e-3).")] = 5e-5,
+    max_len: Annotated[int, typer.Option(help="Tokens kept per text.")] = 64,
+    max_train: Annotated[Optional[int], typer.Option(help="Use a random subsample of this many rows.")] = None,
+    eval_every: Annotated[int, typer.Option(help="Steps between validations.")] = 200,
+    patience: Annotated[int, typer.Option(help="Validations without improvement before stopping.")] = 4,
+    class_weights: Annotated[bool, typer.Option(help="Weight the loss by inverse class frequency.")] = False,
+    skip_empty: Annotated[bool, typer.Option(help="Drop rows with an empty text or label instead of stopping.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (split, order, dropout).")] = 1337,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Train a classification head (and fine-tune the encoder) on labelled text; keeps the best
+    model by validation accuracy and writes metrics.jsonl, confusion.txt/.png and report.json."""
+    from lmforge.encoders import Encoder
+    from lmforge.train.classify import ClassifyConfig, finetune
+
+    if not 0 < val_fraction < 0.5:
+        raise LMForgeError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    for name, v in (("epochs", epochs), ("batch-size", batch_size), ("max-len", max_len), ("eval-every", eval_every),
+                    ("patience", patience)):
+        if v <= 0:
+            raise LMForgeError(f"--{name} must be positive, got {v}")
+    cfg = ClassifyConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_len=max_len, val_fraction=val_fraction,
+                         eval_every=eval_every, patience=patience, class_weights=class_weights, max_train=max_train,
+                         seed=seed, skip_empty=skip_empty)
+    console = _console()
+    enc = Encoder.load(model, device=device)
+    report = finetune(enc, train, text_col, label_col, out, cfg, val_path=val,
+                      log=lambda m: console.print(m, markup=False))
+    console.print(f"validation: accuracy {report['val_accuracy']:.4f}, macro-F1 {report['val_macro_f1']:.4f} "
+                  f"({report['val_rows']:,} rows, {report['seconds']:.0f} s); saved to {out}", markup=False)
+    console.print((out / "confusion.txt").read_text(encoding="utf-8"), markup=False)
+
+
+@app.command()
+def classify(
+    model: Annotated[Path, typer.Argument(help="A folder made by lmforge finetune classify.")],
+    text: Annotated[Optional[str], typer.Argument(help="Text to label.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--in", help="Label every line of this file instead.")] = None,
+    eval: Annotated[Optional[Path], typer.Option(help="Score a labelled .csv/.tsv/.jsonl file instead.")] = None,
+    text_col: Annotated[str, typer.Option(help="With --eval: the text column.")] = "text",
+    label_col: Annotated[str, typer.Option(help="With --eval: the label column.")] = "label",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+):
+    """Label text with a fine-tuned classifier: the label and every class's probability."""
+    from lmforge.train.classify import TextClassifier, read_rows
+
+    if sum(x is not None for x in (text, input, eval)) != 1:
+        raise LMForgeError("give exactly one of: a TEXT argument, --in FILE or --eval FILE")
+    clf = TextClassifier.load(model, device=device)
+    if eval is not None:
+        texts, labels = read_rows(eval, text_col, label_col)
+        s = clf.evaluate(texts, labels)
+        print(f"accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f} over {len(texts):,} rows")
+        print(s.table(clf.labels))
+        return
+    if input is not None:
+        if not input.is_file():
+            raise LMForgeError(f"no such file: {input}")
+        try:
+            texts = [t for t in input.read_text(encoding="utf-8").splitlines() if t.strip()]
+        except UnicodeDecodeError as e:
+            raise LMForgeError(f"{input} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:
+        texts = [text]
+    if not texts or not all(t.strip() for t in texts):
+        raise LMForgeError("nothing to classify: the text is empty")
+    for t, r in zip(texts, clf.predict(texts)):
+        probs = ", ".join(f"{k}: {v:.3f}" for k, v in r["probs"].items())
+        print(f"{r['label']}\t{probs}\t{t[:80]}" if input is not None else f"{r['label']}  ({probs})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
     try:

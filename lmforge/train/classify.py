@@ -1,0 +1,390 @@
+"""Text classification: a linear head on a pretrained encoder's pooled output, fine-tuned on the
+user's labelled rows (CSV, TSV or JSONL), evaluated honestly on rows it never trained on.
+
+A run folder holds the best model by validation accuracy (encoder + head as safetensors, with a
+readable classifier.json naming the labels and the encoder's config), metrics.jsonl, and the
+validation confusion matrix as text and PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.common import atomic_dir, seed_everything
+from lmforge.config import EncoderConfig
+from lmforge.errors import LMForgeError
+from lmforge.models.bert import POOLING, BertEncoder
+
+
+# ---------------------------------------------------------------- data
+def read_rows(path: Path, text_col: str, label_col: str, skip_empty: bool = False) -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) from a .csv, .tsv or .jsonl file; every problem is one clear
+    error (rows with an empty text or label are dropped instead when skip_empty is set)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"no such file: {path}")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LMForgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    rows: list[dict[str, Any]] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise LMForgeError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    else:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(raw), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t"
+                                else csv.QUOTE_MINIMAL)
+        columns = set(reader.fieldnames or [])
+        rows = list(reader)
+    for col in (text_col, label_col):
+        if col not in columns:
+            raise LMForgeError(f"{path}: no column {col!r} (columns: {', '.join(sorted(map(str, columns))) or 'none'})")
+    texts, labels = [], []
+    for n, r in enumerate(rows, 2):
+        text, label = r.get(text_col), r.get(label_col)
+        empty_text, empty_label = text is None or not str(text).strip(), label is None or str(label).strip() == ""
+        if (empty_text or empty_label) and skip_empty:
+            continue
+        if empty_text:
+            raise LMForgeError(f"{path}: row {n} has an empty {text_col!r} (--skip-empty drops such rows)")
+        if empty_label:
+            raise LMForgeError(f"{path}: row {n} has no {label_col!r} (--skip-empty drops such rows)")
+        texts.append(str(text).strip())
+        labels.append(str(label).strip())
+    if not texts:
+        raise LMForgeError(f"{path} has no rows")
+    return texts, labels
+
+
+# ---------------------------------------------------------------- model
+class Classifier(nn.Module):
+    def __init__(self, encoder: BertEncoder, n_classes: int, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.n_embd, n_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = POOLING[self.pooling](self.encoder(idx, mask), mask)  # (B, C)
+        return self.head(self.drop(pooled))  # (B, n_classes) logits
+
+
+@dataclass
+class ClassifyConfig:
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 5e-5
+    head_lr: float = 1e-3
+    """The new head starts from scratch and learns faster than the pretrained encoder."""
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.06
+    max_len: int = 64
+    val_fraction: float = 0.1
+    eval_every: int = 200
+    """Optimizer steps between validations (and at every epoch's end)."""
+    patience: int = 4
+    """Stop after this many validations without a better accuracy."""
+    class_weights: bool = False
+    """Weight the loss by inverse class frequency (for imbalanced labels)."""
+    max_train: int | None = None
+    """Use at most this many training rows (a random subsample)."""
+    seed: int = 1337
+    skip_empty: bool = False
+    """Drop rows whose text or label is empty instead of stopping with an error."""
+    labels: list[str] = field(default_factory=list)
+
+
+def batches(ids: list[list[int]], order: list[int], batch_size: int, pad: int):
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        width = max(len(ids[i]) for i in rows)
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        m = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            x[r, :len(ids[i])] = torch.tensor(ids[i])
+            m[r, :len(ids[i])] = 1
+        yield rows, x, m
+
+
+@torch.inference_mode()
+def predict_proba(model: Classifier, ids: list[list[int]], pad: int, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(ids), model.head.out_features), dtype=np.float32)
+    dev = model.head.weight.device
+    for rows, x, m in batches(ids, order, batch_size, pad):
+        out[rows] = F.softmax(model(x.to(dev), m.to(dev)).float(), -1).cpu().numpy()
+    return out
+
+
+@dataclass
+class Scores:
+    accuracy: float
+    macro_f1: float
+    confusion: list[list[int]]  # [true][predicted]
+
+    def table(self, labels: list[str]) -> str:
+        w = max(8, *(len(lb) for lb in labels))
+        head = " " * (w + 2) + "".join(f"{lb[:w]:>{w + 1}}" for lb in labels) + "   <- predicted"
+        lines = [head] + [f"{lb[:w]:>{w}}  " + "".join(f"{c:>{w + 1}}" for c in row)
+                          for lb, row in zip(labels, self.confusion)]
+        return "\n".join(lines)
+
+
+def score(y_true: list[int], y_pred: list[int], n: int) -> Scores:
+    conf = np.zeros((n, n), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        conf[t, p] += 1
+    f1s = []
+    for c in range(n):
+        tp, fp, fn = conf[c, c], conf[:, c].sum() - conf[c, c], conf[c, :].sum() - conf[c, c]
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return Scores(float(np.trace(conf) / max(1, conf.sum())), float(np.mean(f1s)), conf.tolist())
+
+
+def save_confusion_png(scores: Scores, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conf = np.array(scores.confusion)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)), dpi=120)
+    ax.imshow(conf, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(conf[i, j]), ha="center", va="center",
+                    color="white" if conf[i, j] > conf.max() / 2 else "black")
+    ax.set_title(f"accuracy {scores.accuracy:.3f}, macro-F1 {scores.macro_f1:.3f}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- training
+def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cfg: ClassifyConfig,
+             val_path: Path | None = None, log=print, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune a loaded encoder (lmforge.encoders.Encoder: its model, tokenizer and pooling)
+    with a new head; keeps the best validation accuracy. Returns the final report."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
+    texts, labels = read_rows(train_path, text_col, label_col, cfg.skip_empty)
+    rng = random.Random(cfg.seed)
+    if val_path is not None:
+        val_texts, val_labels = read_rows(val_path, text_col, label_col, cfg.skip_empty)
+    else:  # a held-out split, stratified so that every class is represented in it
+        by_class: dict[str, list[int]] = {}
+        for i, lb in enumerate(labels):
+            by_class.setdefault(lb, []).append(i)
+        held: set[int] = set()
+        for lb, idx in by_class.items():
+            rng.shuffle(idx)
+            held.update(idx[:max(1, round(len(idx) * cfg.val_fraction))] if len(idx) > 1 else [])
+        val_texts = [texts[i] for i in sorted(held)]
+        val_labels = [labels[i] for i in sorted(held)]
+        texts = [t for i, t in enumerate(texts) if i not in held]
+        labels = [lb for i, lb in enumerate(labels) if i not in held]
+    classes = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    if len(classes) < 2:
+        raise LMForgeError(f"{train_path}: only one class ({classes[0]!r}) in {label_col!r}; a classifier needs two or more")
+    unseen = sorted(set(val_labels) - set(classes))
+    if unseen:
+        raise LMForgeError(f"validation labels never seen in training: {', '.join(unseen[:5])}")
+    if not val_texts:
+        raise LMForgeError("no validation rows: give --val or more training rows")
+    if cfg.max_train is not None and len(texts) > cfg.max_train:
+        keep = sorted(rng.sample(range(len(texts)), cfg.max_train))
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    cfg.labels = classes
+    lab = {c: i for i, c in enumerate(classes)}
+    y, y_val = [lab[lb] for lb in labels], [lab[lb] for lb in val_labels]
+
+    seed_everything(cfg.seed)
+    dev = enc.device
+    enc.tk.enable_truncation(min(cfg.max_len, enc.settings.max_len))
+    ids, val_ids = enc.tokenize(texts), enc.tokenize(val_texts)
+    pad = enc.model.config.pad_id
+    model = Classifier(enc.model, len(classes), enc.settings.pooling).to(dev)
+    head_params = list(model.head.parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    decay = [p for p in body if p.dim() >= 2]
+    no_decay = [p for p in body if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                             {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+                             {"params": head_params, "weight_decay": 0.0, "lr": cfg.head_lr}])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    steps_per_epoch = math.ceil(len(ids) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warm = max(1, int(total * cfg.warmup_frac))
+    counts = Counter(y)
+    weight = None
+    if cfg.class_weights:
+        weight = torch.tensor([len(y) / (len(classes) * counts[c]) for c in range(len(classes))], device=dev)
+    log(f"{len(ids):,} training rows, {len(val_ids):,} validation rows, {len(classes)} classes "
+        f"({', '.join(f'{c}: {counts[lab[c]]}' for c in classes)}); {total:,} steps on {dev}")
+
+    with atomic_dir(out) as tmp:
+        metrics = open(tmp / "metrics.jsonl", "w", encoding="utf-8")
+        best, best_state, stale, step, t0 = -1.0, None, 0, 0, time.perf_counter()
+
+        def validate() -> Scores:
+            probs = predict_proba(model, val_ids, pad)
+            return score(y_val, probs.argmax(1).tolist(), len(classes))
+
+        bar = _progress(total) if progress else None
+        stop = False
+        for epoch in range(cfg.epochs):
+            # shuffled, then sorted by length within chunks of 50 batches: little padding, random order
+            order = list(range(len(ids)))
+            rng.shuffle(order)
+            chunk = cfg.batch_size * 50
+            order = [i for s in range(0, len(order), chunk)
+                     for i in sorted(order[s:s + chunk], key=lambda i: len(ids[i]))]
+            groups = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+            rng.shuffle(groups)
+            for rows in groups:
+                model.train()
+                _, x, m = next(batches(ids, rows, len(rows), pad))
+                target = torch.tensor([y[i] for i in rows], device=dev)
+                loss = F.cross_entropy(model(x.to(dev), m.to(dev)), target, weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                frac = (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * frac  # linear warmup, then linear decay to zero
+                opt.step()
+                step += 1
+                if bar is not None:
+                    rate = step * cfg.batch_size / (time.perf_counter() - t0)
+                    bar[0].update(bar[1], advance=1, loss=f"{loss.item():.3f}", rate=f"{rate:.0f} rows/s")
+                last = step == total or step % steps_per_epoch == 0
+                if step % cfg.eval_every == 0 or last:
+                    s = validate()
+                    row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(),
+                           "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1,
+                           "elapsed_s": round(time.perf_counter() - t0, 1)}
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                    if s.accuracy > best:
+                        best, stale = s.accuracy, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    else:
+                        stale += 1
+                        if stale >= cfg.patience:
+                            log(f"early stop at step {step}: no better validation accuracy in {stale} checks")
+                            stop = True
+                            break
+            if stop:
+                break
+        if bar is not None:
+            bar[0].stop()
+        metrics.close()
+        model.load_state_dict(best_state)
+        final = validate()
+        save_classifier(tmp, model, enc, cfg)
+        (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
+        save_confusion_png(final, classes, tmp / "confusion.png")
+        report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
+                  "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "steps": step,
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _progress(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    p.start()
+    return p, p.add_task("finetune", total=total, loss="-", rate="")
+
+
+# ---------------------------------------------------------------- saving / loading
+def save_classifier(folder: Path, model: Classifier, enc, cfg: ClassifyConfig) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    enc.tk.save(str(folder / "tokenizer.json"))
+    meta = {"format": "lmforge-classifier-1", "labels": cfg.labels, "pooling": model.pooling,
+            "max_len": cfg.max_len, "encoder": asdict(model.encoder.config), "train": asdict(cfg)}
+    (folder / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+class TextClassifier:
+    """A fine-tuned classifier folder, ready to label text."""
+
+    def __init__(self, model: Classifier, tokenizer, labels: list[str]):
+        self.model, self.tk, self.labels = model.eval(), tokenizer, labels
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto") -> "TextClassifier":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        from lmforge.common import pick_device
+        from lmforge.config import load_json
+
+        folder = Path(folder)
+        meta = load_json(folder / "classifier.json")
+        if not isinstance(meta, dict) or meta.get("format") != "lmforge-classifier-1":
+            raise LMForgeError(f"{folder} is not an lmforge classifier (made by lmforge finetune classify)")
+        dev = pick_device(device)
+        with torch.device("meta"):
+            model = Classifier(BertEncoder(EncoderConfig.from_dict(meta["encoder"])), len(meta["labels"]),
+                               meta.get("pooling", "mean"))
+        try:
+            state = load_file(str(folder / "model.safetensors"), device=str(dev))
+            model.load_state_dict(state, assign=True)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LMForgeError(f"{folder / 'model.safetensors'} is missing or corrupt ({str(e).splitlines()[0]})") from None
+        tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tk.no_padding()
+        tk.enable_truncation(int(meta.get("max_len", 128)))
+        return cls(model, tk, list(meta["labels"]))
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        ids = [e.ids for e in self.tk.encode_batch(list(texts))]
+        probs = predict_proba(self.model, ids, self.model.encoder.config.pad_id)
+        return [{"label": self.labels[int(p.argmax())], "probs": {lb: float(q) for lb, q in zip(self.labels, p)}}
+                for p in probs]
+
+    def evaluate(self, texts: list[str], labels: list[str]) -> Scores:
+        unknown = sorted(set(labels) - set(self.labels))
+        if unknown:
+            raise LMForgeError(f"labels the classifier was not trained on: {', '.join(unknown[:5])}")
+        pred = [self.labels.index(r["label"]) for r in self.predict(texts)]
+        return score([self.labels.index(lb) for lb in labels], pred, len(self.labels))
