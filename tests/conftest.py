@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,29 @@ def corpus_file(tmp_path: Path) -> Path:
 
 
 TINY_TRAIN = dict(steps=12, batch_size=4, warmup_steps=2, eval_interval=6, eval_iters=2, log_interval=1)
+
+
+def make_tiny_bert(d):
+    """A random BertModel (hidden 32, 2 layers) and a WordPiece tokenizer trained on Python's docs,
+    in the sentence-transformers folder layout (mean pooling, L2 normalisation, 48 tokens)."""
+    import transformers
+    from tokenizers import BertWordPieceTokenizer
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator([pydoc_text(30_000), MIXED], vocab_size=400, show_progress=False)
+    from tokenizers.processors import TemplateProcessing
+
+    cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")  # as a real BERT tokenizer.json has
+    wp.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    wp.save(str(d / "tokenizer.json"))
+    cfg = transformers.BertConfig(vocab_size=wp.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).eval().save_pretrained(d, safe_serialization=True)
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48}))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (d / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Transformer"},
+                                                {"type": "sentence_transformers.models.Pooling"},
+                                                {"type": "sentence_transformers.models.Normalize"}]))
+    return d

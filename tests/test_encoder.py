@@ -12,7 +12,7 @@ import torch
 from lmforge.encoders import Encoder
 from lmforge.errors import LMForgeError
 
-from conftest import MIXED, pydoc_text
+from conftest import make_tiny_bert
 from test_cli import run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -23,27 +23,7 @@ TEXTS = ["hello world", "The with statement is used to wrap the execution of a b
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from tokenizers import BertWordPieceTokenizer
-
-    d = tmp_path_factory.mktemp("minibert")
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([pydoc_text(30_000), MIXED], vocab_size=400, show_progress=False)
-    from tokenizers.processors import TemplateProcessing
-
-    cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")  # as a real BERT tokenizer.json has
-    wp.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    wp.save(str(d / "tokenizer.json"))
-    cfg = transformers.BertConfig(vocab_size=wp.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).eval().save_pretrained(d, safe_serialization=True)
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48}))
-    (d / "1_Pooling").mkdir()
-    (d / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    (d / "modules.json").write_text(json.dumps([{"type": "sentence_transformers.models.Transformer"},
-                                                {"type": "sentence_transformers.models.Pooling"},
-                                                {"type": "sentence_transformers.models.Normalize"}]))
-    return d
+    return make_tiny_bert(tmp_path_factory.mktemp("minibert"))
 
 
 def reference(folder, texts):

@@ -359,6 +359,9 @@ class TextClassifier:
         from lmforge.config import load_json
 
         folder = Path(folder)
+        if not (folder / "classifier.json").is_file():
+            raise LMForgeError(f"{folder} is not an lmforge classifier (no classifier.json; make one with "
+                               f"lmforge finetune classify)")
         meta = load_json(folder / "classifier.json")
         if not isinstance(meta, dict) or meta.get("format") != "lmforge-classifier-1":
             raise LMForgeError(f"{folder} is not an lmforge classifier (made by lmforge finetune classify)")

@@ -1,0 +1,131 @@
+"""Classification fine-tuning on a tiny random BERT (tests/conftest.py) with data made here:
+it must learn a lexical rule, report honest held-out scores, and refuse bad input cleanly."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from lmforge.encoders import Encoder
+from lmforge.errors import LMForgeError
+from lmforge.train.classify import ClassifyConfig, TextClassifier, finetune, read_rows, score
+
+from conftest import make_tiny_bert
+from test_cli import run_cli
+
+pytest.importorskip("transformers")
+
+WORDS = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "poor", "awful", "wrong"],
+         "code": ["def", "return", "class", "import"]}
+FILLER = "the a of to in is and it for with as on by this that".split()
+
+
+def rows(n: int, seed: int = 0, classes=("pos", "neg")) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = classes[i % len(classes)]
+        words = rng.sample(FILLER, 6) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        out.append((" ".join(words), label))
+    return out
+
+
+def write(path, data, kind="csv"):
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in data), encoding="utf-8")
+    else:
+        sep = "\t" if kind == "tsv" else ","
+        path.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{lb}\n" for t, lb in data), encoding="utf-8")
+    return path
+
+
+FAST = dict(epochs=3, batch_size=16, lr=2e-3, head_lr=5e-3, max_len=24, eval_every=20)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_learns_a_lexical_rule_with_three_string_classes(bert, tmp_path, kind):
+    data = write(tmp_path / f"train.{kind}", rows(480, classes=("pos", "neg", "code")), kind)
+    out = tmp_path / "run"
+    report = finetune(Encoder.load(bert), data, "text", "label", out, ClassifyConfig(**FAST), progress=False,
+                      log=lambda m: None)
+    assert report["labels"] == ["code", "neg", "pos"] and report["val_rows"] == 48
+    assert report["val_accuracy"] >= 0.9, report
+    for f in ("model.safetensors", "classifier.json", "tokenizer.json", "metrics.jsonl", "confusion.png",
+              "confusion.txt", "report.json"):
+        assert (out / f).is_file(), f
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_accuracy"] > 0.5
+    clf = TextClassifier.load(out)
+    test = rows(60, seed=7, classes=("pos", "neg", "code"))  # rows never seen in training
+    s = clf.evaluate([t for t, _ in test], [lb for _, lb in test])
+    assert s.accuracy >= 0.9 and np.array(s.confusion).sum() == 60
+    pred = clf.predict(["this is a good one"])[0]
+    assert pred["label"] == "pos" and abs(sum(pred["probs"].values()) - 1) < 1e-5
+
+
+def test_scores_match_a_hand_count():
+    s = score([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], 3)
+    assert s.accuracy == pytest.approx(4 / 6)
+    f1 = [2 / 4, 4 / 5, 2 / 3]  # per class 2tp / (2tp + fp + fn): (1,1,1), (2,1,0), (1,0,1)
+    assert s.macro_f1 == pytest.approx(sum(f1) / 3)
+    assert s.confusion == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_cli_finetune_classify_and_eval(bert, tmp_path, capsys):
+    train = write(tmp_path / "train.tsv", rows(320), "tsv")
+    out = tmp_path / "run"
+    args = ["finetune", "classify", "--model", bert, "--train", train, "--out", out, "--epochs", "3",
+            "--batch-size", "16", "--lr", "0.002", "--max-len", "24", "--eval-every", "20"]
+    code, o, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "validation: accuracy" in o and (out / "confusion.png").is_file()
+    code, o, err = run_cli(["classify", out, "a great thing of the day"], capsys)
+    assert code == 0 and o.startswith("pos"), (o, err)
+    test = write(tmp_path / "test.csv", rows(40, seed=3))
+    code, o, err = run_cli(["classify", out, "--eval", test], capsys)
+    assert code == 0 and "accuracy" in o, err
+    lines = tmp_path / "lines.txt"
+    lines.write_text("good stuff\nbad stuff\n", encoding="utf-8")
+    code, o, err = run_cli(["classify", out, "--in", lines], capsys)
+    assert code == 0 and len(o.strip().splitlines()) == 2
+
+
+def test_bad_inputs(bert, tmp_path, capsys):
+    good = write(tmp_path / "good.csv", rows(40))
+    cases = {
+        "missing column": (["--text-col", "sentence"], "no column 'sentence'"),
+        "single class": ([], "only one class"),
+        "empty text": ([], "empty 'text'"),
+        "bad encoding": ([], "not UTF-8"),
+        "unseen label": (["--val", None], "never seen in training"),
+        "missing file": ([], "no such file"),
+    }
+    (tmp_path / "single.csv").write_text("text,label\na good one,pos\nthe good,pos\n", encoding="utf-8")
+    (tmp_path / "empty.csv").write_text("text,label\na good one,pos\n   ,neg\n", encoding="utf-8")
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9 good,pos\n".encode("latin-1"))
+    write(tmp_path / "val.csv", [("a thing", "other")])
+    files = {"missing column": good, "single class": tmp_path / "single.csv", "empty text": tmp_path / "empty.csv",
+             "bad encoding": tmp_path / "latin.csv", "unseen label": good, "missing file": tmp_path / "nope.csv"}
+    for name, (extra, msg) in cases.items():
+        extra = [str(tmp_path / "val.csv") if e is None else e for e in extra]
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        code, o, err = run_cli(["finetune", "classify", "--model", bert, "--train", files[name], "--out", out,
+                                *extra], capsys)
+        assert code == 1 and msg in err and "Traceback" not in err, (name, err)
+        assert not out.exists(), name  # nothing written half-way
+    texts, labels = read_rows(tmp_path / "empty.csv", "text", "label", skip_empty=True)
+    assert texts == ["a good one"] and labels == ["pos"]
+    code, o, err = run_cli(["classify", bert, "hello"], capsys)  # an encoder folder is not a classifier
+    assert code == 1 and "not an lmforge classifier" in err
+    with pytest.raises(LMForgeError, match="already exists"):
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "x").write_text("x")
+        finetune(Encoder.load(bert), good, "text", "label", tmp_path / "busy", ClassifyConfig(), progress=False)
