@@ -373,6 +373,32 @@ def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:
     return out
 
 
+class _ZeroShot:
+    """The TextClassifier interface over an encoder and label descriptions."""
+
+    def __init__(self, model: str, spec: str, device: str):
+        from lmforge.encoders import Encoder
+
+        pairs = [p.split("=", 1) if "=" in p else (p, p) for p in (x.strip() for x in spec.split(",")) if p]
+        self.descriptions = {k.strip(): v.strip() for k, v in pairs}
+        self.labels = list(self.descriptions)
+        self.enc = Encoder.load(model, device=device)
+
+    def predict(self, texts):
+        from lmforge.encoders import zero_shot
+
+        return zero_shot(self.enc, texts, self.descriptions)
+
+    def evaluate(self, texts, labels):
+        from lmforge.train.classify import score
+
+        unknown = sorted(set(labels) - set(self.labels))
+        if unknown:
+            raise LMForgeError(f"labels with no description: {', '.join(unknown[:5])}")
+        pred = [self.labels.index(r["label"]) for r in self.predict(texts)]
+        return score([self.labels.index(lb) for lb in labels], pred, len(self.labels))
+
+
 finetune_app = typer.Typer(help="Fine-tune a pretrained model on your labelled data.", no_args_is_help=True)
 app.add_typer(finetune_app, name="finetune")
 
@@ -427,6 +453,9 @@ def classify(
     text: Annotated[Optional[str], typer.Argument(help="Text to label.")] = None,
     input: Annotated[Optional[Path], typer.Option("--in", help="Label every line of this file instead.")] = None,
     eval: Annotated[Optional[Path], typer.Option(help="Score a labelled .csv/.tsv/.jsonl file instead.")] = None,
+    zero_shot: Annotated[Optional[str], typer.Option(
+        help="No training: MODEL is an encoder and each text gets the label whose description it is closest to; "
+             "'pos=a positive review,neg=a negative review' (or just 'pos,neg').")] = None,
     text_col: Annotated[str, typer.Option(help="With --eval: the text column.")] = "text",
     label_col: Annotated[str, typer.Option(help="With --eval: the label column.")] = "label",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -436,7 +465,10 @@ def classify(
 
     if sum(x is not None for x in (text, input, eval)) != 1:
         raise LMForgeError("give exactly one of: a TEXT argument, --in FILE or --eval FILE")
-    clf = TextClassifier.load(model, device=device)
+    if zero_shot is not None:
+        clf = _ZeroShot(str(model), zero_shot, device)
+    else:
+        clf = TextClassifier.load(model, device=device)
     if eval is not None:
         texts, labels = read_rows(eval, text_col, label_col)
         s = clf.evaluate(texts, labels)

@@ -108,6 +108,17 @@ class Encoder:
         return ea @ eb.T
 
 
+def zero_shot(enc: Encoder, texts: Sequence[str], descriptions: dict[str, str]) -> list[dict]:
+    """Label each text with the class whose description it is most similar to (no training):
+    the baseline a fine-tuned classifier has to beat. Returns label and softmax-ed similarities."""
+    if len(descriptions) < 2:
+        raise LMForgeError("zero-shot classification needs at least two labels")
+    names = list(descriptions)
+    sims = enc.similarity(list(texts), [descriptions[n] for n in names])  # (N, L) cosines
+    probs = torch.softmax(torch.from_numpy(sims) / 0.05, dim=-1).numpy()  # a sharp softmax over cosines
+    return [{"label": names[int(p.argmax())], "probs": dict(zip(names, map(float, p)))} for p in probs]
+
+
 def _resolve(spec: str | Path) -> Path:
     path = Path(spec)
     if path.is_dir():

@@ -129,3 +129,16 @@ def test_bad_inputs(bert, tmp_path, capsys):
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "x").write_text("x")
         finetune(Encoder.load(bert), good, "text", "label", tmp_path / "busy", ClassifyConfig(), progress=False)
+
+
+def test_zero_shot_baseline(bert, tmp_path, capsys):
+    from lmforge.encoders import zero_shot
+
+    enc = Encoder.load(bert)
+    out = zero_shot(enc, ["def return class", "good great nice"], {"code": "def return class import", "pos": "good great"})
+    assert [r["label"] for r in out] == ["code", "pos"]  # the closest description wins
+    assert all(abs(sum(r["probs"].values()) - 1) < 1e-5 for r in out)
+    with pytest.raises(LMForgeError, match="at least two labels"):
+        zero_shot(enc, ["x"], {"only": "one"})
+    code, o, err = run_cli(["classify", bert, "good great", "--zero-shot", "pos=good great,neg=bad awful"], capsys)
+    assert code == 0 and o.startswith("pos"), (o, err)
