@@ -421,6 +421,8 @@ def finetune_classify(
     patience: Annotated[int, typer.Option(help="Validations without improvement before stopping.")] = 4,
     class_weights: Annotated[bool, typer.Option(help="Weight the loss by inverse class frequency.")] = False,
     skip_empty: Annotated[bool, typer.Option(help="Drop rows with an empty text or label instead of stopping.")] = False,
+    lora: Annotated[int, typer.Option(help="LoRA rank: train low-rank adapters on a frozen encoder (0: full "
+                                           "fine-tuning).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed (split, order, dropout).")] = 1337,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
@@ -431,13 +433,15 @@ def finetune_classify(
 
     if not 0 < val_fraction < 0.5:
         raise LMForgeError(f"--val-fraction must be in (0, 0.5), got {val_fraction}")
+    if lora < 0:
+        raise LMForgeError(f"--lora must be 0 (off) or a positive rank, got {lora}")
     for name, v in (("epochs", epochs), ("batch-size", batch_size), ("max-len", max_len), ("eval-every", eval_every),
                     ("patience", patience)):
         if v <= 0:
             raise LMForgeError(f"--{name} must be positive, got {v}")
     cfg = ClassifyConfig(epochs=epochs, batch_size=batch_size, lr=lr, max_len=max_len, val_fraction=val_fraction,
                          eval_every=eval_every, patience=patience, class_weights=class_weights, max_train=max_train,
-                         seed=seed, skip_empty=skip_empty)
+                         seed=seed, skip_empty=skip_empty, lora_rank=lora)
     console = _console()
     enc = Encoder.load(model, device=device)
     report = finetune(enc, train, text_col, label_col, out, cfg, val_path=val,

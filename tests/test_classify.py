@@ -142,3 +142,33 @@ def test_zero_shot_baseline(bert, tmp_path, capsys):
         zero_shot(enc, ["x"], {"only": "one"})
     code, o, err = run_cli(["classify", bert, "good great", "--zero-shot", "pos=good great,neg=bad awful"], capsys)
     assert code == 0 and o.startswith("pos"), (o, err)
+
+
+def test_lora_trains_only_adapters_and_merges(bert, tmp_path):
+    import torch
+
+    from lmforge.models.lora import LoRALinear, add_lora, merge_lora
+
+    lin = torch.nn.Linear(8, 4)
+    wrapped = LoRALinear(lin, rank=2)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(wrapped(x), lin(x))  # B starts at zero: the pretrained function
+    with torch.no_grad():
+        wrapped.lora_b.normal_()
+    expected = wrapped(x)
+    torch.testing.assert_close(wrapped.merged()(x), expected, atol=1e-5, rtol=1e-5)
+
+    enc = Encoder.load(bert)
+    before = {k: v.clone() for k, v in enc.model.state_dict().items()}
+    data = write(tmp_path / "train.csv", rows(320))
+    cfg = ClassifyConfig(**{**FAST, "lora_rank": 8, "lr": 1e-2, "head_lr": 1e-2, "epochs": 8})
+    report = finetune(enc, data, "text", "label", tmp_path / "run", cfg, progress=False, log=lambda m: None)
+    assert report["val_accuracy"] >= 0.8, report
+    clf = TextClassifier.load(tmp_path / "run")  # merged: a plain encoder, loadable without LoRA code
+    after = clf.model.encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("qkv_proj.weight" in k or "o_proj.weight" in k for k in changed), changed
+    assert add_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), targets=("0",)) == 1
+    m = torch.nn.Sequential(LoRALinear(torch.nn.Linear(2, 2)))
+    merge_lora(m)
+    assert isinstance(m[0], torch.nn.Linear)

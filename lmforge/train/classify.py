@@ -112,6 +112,9 @@ class ClassifyConfig:
     max_train: int | None = None
     """Use at most this many training rows (a random subsample)."""
     seed: int = 1337
+    lora_rank: int = 0
+    """With a rank > 0, the encoder stays frozen and only low-rank adapters on its attention
+    projections (and the head) train; the adapters are merged into the saved weights."""
     skip_empty: bool = False
     """Drop rows whose text or label is empty instead of stopping with an error."""
     labels: list[str] = field(default_factory=list)
@@ -235,8 +238,14 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     ids, val_ids = enc.tokenize(texts), enc.tokenize(val_texts)
     pad = enc.model.config.pad_id
     model = Classifier(enc.model, len(classes), enc.settings.pooling).to(dev)
+    if cfg.lora_rank > 0:
+        from lmforge.models.lora import add_lora
+
+        add_lora(model.encoder, rank=cfg.lora_rank, alpha=2.0 * cfg.lora_rank)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
     head_params = list(model.head.parameters())
-    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("head.") and p.requires_grad]
     decay = [p for p in body if p.dim() >= 2]
     no_decay = [p for p in body if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
@@ -250,6 +259,9 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     weight = None
     if cfg.class_weights:
         weight = torch.tensor([len(y) / (len(classes) * counts[c]) for c in range(len(classes))], device=dev)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}"
+        + (f" (LoRA rank {cfg.lora_rank})" if cfg.lora_rank else ""))
     log(f"{len(ids):,} training rows, {len(val_ids):,} validation rows, {len(classes)} classes "
         f"({', '.join(f'{c}: {counts[lab[c]]}' for c in classes)}); {total:,} steps on {dev}")
 
@@ -311,6 +323,10 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
             bar[0].stop()
         metrics.close()
         model.load_state_dict(best_state)
+        if cfg.lora_rank > 0:
+            from lmforge.models.lora import merge_lora
+
+            merge_lora(model.encoder)
         final = validate()
         save_classifier(tmp, model, enc, cfg)
         (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")

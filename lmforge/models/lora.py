@@ -1,0 +1,55 @@
+"""Low-rank adapters (LoRA): a frozen linear layer plus a trainable update B @ A of rank r,
+scaled by alpha / r. B starts at zero, so training starts from the pretrained function; after
+training the update can be folded into the weight (`merge_lora`) and the model is plain again."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.drop(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scale
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        self.base.weight += (self.lora_b @ self.lora_a) * self.scale
+        for p in self.base.parameters():
+            p.requires_grad_(True)
+        return self.base
+
+
+def add_lora(module: nn.Module, rank: int = 8, alpha: float = 16.0, targets: tuple[str, ...] = ("qkv_proj", "o_proj"),
+             dropout: float = 0.0) -> int:
+    """Wrap the named linear layers in place and freeze everything else; returns how many."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    n = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name in targets:
+                setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
+                n += 1
+    return n
+
+
+def merge_lora(module: nn.Module) -> None:
+    """Fold every adapter into its weight (the saved model then needs no LoRA code)."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged())
