@@ -407,7 +407,10 @@ app.add_typer(finetune_app, name="finetune")
 def finetune_classify(
     train: Annotated[Path, typer.Option(help="Labelled rows: .csv, .tsv or .jsonl.")],
     out: Annotated[Path, typer.Option(help="Run folder to create (must not exist or be empty).")],
-    model: Annotated[str, typer.Option(help="Encoder: a pulled name or a sentence-transformers folder.")] = "minilm-l6",
+    model: Annotated[str, typer.Option(help="Backbone: a pulled encoder, a sentence-transformers folder, or an lmforge "
+                                            "run/checkpoint (GPT, RNN, GRU, LSTM trained here).")] = "minilm-l6",
+    pooling: Annotated[Optional[str], typer.Option(help="mean or cls for encoders (default: the model's own); "
+                                                        "last (default) or mean for lmforge runs.")] = None,
     text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
     label_col: Annotated[str, typer.Option(help="Column holding the label (strings or integers).")] = "label",
     val: Annotated[Optional[Path], typer.Option(help="Validation rows (default: a stratified split of --train).")] = None,
@@ -428,7 +431,7 @@ def finetune_classify(
 ):
     """Train a classification head (and fine-tune the encoder) on labelled text; keeps the best
     model by validation accuracy and writes metrics.jsonl, confusion.txt/.png and report.json."""
-    from lmforge.encoders import Encoder
+    from lmforge.encoders import load_backbone
     from lmforge.train.classify import ClassifyConfig, finetune
 
     if not 0 < val_fraction < 0.5:
@@ -443,7 +446,7 @@ def finetune_classify(
                          eval_every=eval_every, patience=patience, class_weights=class_weights, max_train=max_train,
                          seed=seed, skip_empty=skip_empty, lora_rank=lora)
     console = _console()
-    enc = Encoder.load(model, device=device)
+    enc = load_backbone(model, device=device, pooling=pooling)
     report = finetune(enc, train, text_col, label_col, out, cfg, val_path=val,
                       log=lambda m: console.print(m, markup=False))
     console.print(f"validation: accuracy {report['val_accuracy']:.4f}, macro-F1 {report['val_macro_f1']:.4f} "

@@ -68,6 +68,10 @@ class Encoder:
     def dim(self) -> int:
         return self.model.config.n_embd
 
+    @property
+    def pad_id(self) -> int:
+        return self.model.config.pad_id
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(list(texts))]
 
@@ -106,6 +110,45 @@ class Encoder:
         """Cosine similarities (len(a), len(b))."""
         ea, eb = self.embed(a, normalize=True), self.embed(b, normalize=True)
         return ea @ eb.T
+
+
+class LMBackbone:
+    """One of lmforge's own trained language models (a run folder or checkpoint), seen through
+    the Encoder interface that classification fine-tuning uses: its final states, pooled over
+    real tokens ("mean") or taken at the last one ("last")."""
+
+    def __init__(self, spec: str | Path, device: str = "auto", pooling: str = "last"):
+        from lmforge.api import LM
+        from lmforge.weights.hf_encoder import EncoderSettings
+
+        if pooling not in ("last", "mean"):
+            raise LMForgeError(f"pooling for a language-model backbone must be last or mean, got {pooling!r}")
+        lm = LM.load(spec, device=device, quantize="none")
+        self.model, self.lm_tokenizer = lm.model, lm.tokenizer
+        self.tk = lm.tokenizer.tk
+        self.device = lm.device
+        limit = lm.config.block_size if lm.config.family == "gpt" else 1 << 30
+        self.settings = EncoderSettings(pooling=pooling, max_len=limit, normalize=False)
+        self.pad_id = lm.tokenizer.eot_id if lm.tokenizer.eot_id is not None else 0
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        try:
+            return self.lm_tokenizer.encode_batch(list(texts))
+        except LMForgeError as e:
+            raise LMForgeError(f"cannot tokenize the data with this model's tokenizer: {e}") from None
+
+
+def load_backbone(spec: str | Path, device: str = "auto", pooling: str | None = None):
+    """An Encoder for encoder folders and pulled encoders; an LMBackbone for lmforge runs."""
+    path = Path(spec)
+    if path.exists() and not is_encoder_dir(path):
+        return LMBackbone(path, device, pooling or "last")
+    enc = Encoder.load(spec, device=device)
+    if pooling is not None:
+        if pooling not in ("mean", "cls"):
+            raise LMForgeError(f"pooling for an encoder must be mean or cls, got {pooling!r}")
+        enc.settings.pooling = pooling
+    return enc
 
 
 def zero_shot(enc: Encoder, texts: Sequence[str], descriptions: dict[str, str]) -> list[dict]:

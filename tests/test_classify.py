@@ -172,3 +172,31 @@ def test_lora_trains_only_adapters_and_merges(bert, tmp_path):
     m = torch.nn.Sequential(LoRALinear(torch.nn.Linear(2, 2)))
     merge_lora(m)
     assert isinstance(m[0], torch.nn.Linear)
+
+
+@pytest.mark.parametrize("family,pooling", [("gpt", "mean"), ("lstm", "last")])
+def test_head_on_an_lmforge_trained_backbone(tmp_path, capsys, family, pooling):
+    """The same head on a tiny GPT / LSTM trained here (item 4 of the issue): it learns the rule,
+    saves, and loads back to the same predictions."""
+    from lmforge import api
+
+    from conftest import TINY_TRAIN, pydoc_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(pydoc_text(20_000), encoding="utf-8")
+    run = tmp_path / "lm"
+    api.train(run, model=family, data=[str(corpus)], preset="tiny", show_progress=False, log=lambda *_: None,
+              train_overrides=dict(TINY_TRAIN, steps=4))
+    data = write(tmp_path / "train.csv", rows(320))
+    out = tmp_path / "clf"
+    code, o, err = run_cli(["finetune", "classify", "--model", run, "--train", data, "--out", out, "--epochs", "6",
+                            "--batch-size", "16", "--lr", "0.003", "--max-len", "48", "--eval-every", "40",
+                            "--pooling", pooling], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["val_accuracy"] >= 0.75, report
+    clf = TextClassifier.load(out)
+    assert clf.model.causal and json.loads((out / "classifier.json").read_text())["backbone"] == "lm"
+    test = rows(40, seed=5)
+    s = clf.evaluate([t for t, _ in test], [lb for _, lb in test])
+    assert s.accuracy >= 0.7

@@ -88,5 +88,12 @@ def cls_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor
     return hidden[:, 0]
 
 
-POOLING = {"mean": mean_pool, "cls": cls_pool}
-__all__ = ["BertEncoder", "EncoderBlock", "POOLING", "cls_pool", "mean_pool"]
+def last_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The state of each row's last real token (right-padded rows): what a causal model has read
+    the whole text by."""
+    last = attention_mask.sum(1).clamp(min=1) - 1  # (B,)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+
+POOLING = {"mean": mean_pool, "cls": cls_pool, "last": last_pool}
+__all__ = ["BertEncoder", "EncoderBlock", "POOLING", "cls_pool", "last_pool", "mean_pool"]

@@ -260,11 +260,13 @@ class GPT(nn.Module):
             mask = mask[:, None]  # (B, 1, T, S')
         return mask, False, start
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
+                return_hidden: bool = False):
         """idx: (B, T) token ids; targets: (B, T) next ids or -1 to ignore.
         cache: a KVCache from the engine, or None. Returns logits (B, T, V) and the mean loss;
         with last_only, logits (B, 1, V) for the last position only (generation needs no more,
-        and the output projection over a long prompt is the costliest matmul of a prefill)."""
+        and the output projection over a long prompt is the costliest matmul of a prefill).
+        With return_hidden, (final normed states (B, T, C), None) instead: for other heads."""
         B, T = idx.size()
         pos = cache.pos if cache is not None else 0
         pad = getattr(cache, "pad", None)  # (B,) left-padding per row in a batched cache
@@ -296,6 +298,8 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
+        if return_hidden:
+            return x, None
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

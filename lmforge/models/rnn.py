@@ -69,9 +69,11 @@ class RecurrentLM(nn.Module):
     def reset_buffers(self) -> None:
         self.rnn.flatten_parameters()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
+                return_hidden: bool = False):
         """idx: (B, T); targets: (B, T) or None; cache: RecurrentState or None.
-        Returns logits (B, T, V) and the mean loss."""
+        Returns logits (B, T, V) and the mean loss; with return_hidden, the final normed states
+        (B, T, C) and None (for heads other than the LM head)."""
         x = self.drop(self.embed(idx))  # (B, T, C)
         h0 = cache.state if cache is not None else None  # (L, B, C) or a pair of them for LSTM
         y, h = self.rnn(x, h0)  # y: (B, T, C)
@@ -80,6 +82,8 @@ class RecurrentLM(nn.Module):
             cache.advance(idx.size(1))
         if last_only:
             y = y[:, -1:]  # (B, 1, C)
+        if return_hidden:
+            return self.norm(self.drop(y)), None
         logits = self.lm_head(self.norm(self.drop(y)))  # (B, T, V)
         loss = None
         if targets is not None:

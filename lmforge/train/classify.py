@@ -78,9 +78,13 @@ def read_rows(path: Path, text_col: str, label_col: str, skip_empty: bool = Fals
 
 # ---------------------------------------------------------------- model
 class Classifier(nn.Module):
-    def __init__(self, encoder: BertEncoder, n_classes: int, pooling: str = "mean", dropout: float = 0.1):
+    """A head on a backbone's pooled states. The backbone is a BertEncoder or one of lmforge's
+    own language models (GPT, RNN/GRU/LSTM), whose final states it reads instead of its logits."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int, pooling: str = "mean", dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
+        self.causal = not isinstance(encoder, BertEncoder)
         self.pooling = pooling
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.n_embd, n_classes)
@@ -88,7 +92,9 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = POOLING[self.pooling](self.encoder(idx, mask), mask)  # (B, C)
+        # right padding: a causal model's real tokens never see the pads after them
+        hidden = self.encoder(idx, return_hidden=True)[0] if self.causal else self.encoder(idx, mask)  # (B, T, C)
+        pooled = POOLING[self.pooling](hidden, mask)  # (B, C)
         return self.head(self.drop(pooled))  # (B, n_classes) logits
 
 
@@ -236,7 +242,7 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     dev = enc.device
     enc.tk.enable_truncation(min(cfg.max_len, enc.settings.max_len))
     ids, val_ids = enc.tokenize(texts), enc.tokenize(val_texts)
-    pad = enc.model.config.pad_id
+    pad = enc.pad_id
     model = Classifier(enc.model, len(classes), enc.settings.pooling).to(dev)
     if cfg.lora_rank > 0:
         from lmforge.models.lora import add_lora
@@ -352,18 +358,21 @@ def save_classifier(folder: Path, model: Classifier, enc, cfg: ClassifyConfig) -
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.encoder.config, "tie_embeddings", False):
+        state.pop("encoder.lm_head.weight", None)  # the same tensor as the embedding
     save_file(state, str(folder / "model.safetensors"))
     enc.tk.save(str(folder / "tokenizer.json"))
     meta = {"format": "lmforge-classifier-1", "labels": cfg.labels, "pooling": model.pooling,
-            "max_len": cfg.max_len, "encoder": asdict(model.encoder.config), "train": asdict(cfg)}
+            "max_len": cfg.max_len, "pad_id": enc.pad_id, "backbone": "lm" if model.causal else "encoder",
+            "encoder": asdict(model.encoder.config), "train": asdict(cfg)}
     (folder / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 class TextClassifier:
     """A fine-tuned classifier folder, ready to label text."""
 
-    def __init__(self, model: Classifier, tokenizer, labels: list[str]):
-        self.model, self.tk, self.labels = model.eval(), tokenizer, labels
+    def __init__(self, model: Classifier, tokenizer, labels: list[str], pad_id: int = 0):
+        self.model, self.tk, self.labels, self.pad_id = model.eval(), tokenizer, labels, pad_id
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> "TextClassifier":
@@ -382,22 +391,36 @@ class TextClassifier:
         if not isinstance(meta, dict) or meta.get("format") != "lmforge-classifier-1":
             raise LMForgeError(f"{folder} is not an lmforge classifier (made by lmforge finetune classify)")
         dev = pick_device(device)
-        with torch.device("meta"):
-            model = Classifier(BertEncoder(EncoderConfig.from_dict(meta["encoder"])), len(meta["labels"]),
-                               meta.get("pooling", "mean"))
+        if meta.get("backbone", "encoder") == "lm":
+            from lmforge.config import ModelConfig
+            from lmforge.models import build_model
+
+            backbone = build_model(ModelConfig.from_dict(meta["encoder"]), device=dev, init=False)
+        else:
+            with torch.device("meta"):
+                backbone = BertEncoder(EncoderConfig.from_dict(meta["encoder"]))
+        model = Classifier(backbone, len(meta["labels"]), meta.get("pooling", "mean"))
         try:
             state = load_file(str(folder / "model.safetensors"), device=str(dev))
-            model.load_state_dict(state, assign=True)
+            model.load_state_dict(state, assign=True, strict=False)
+            if model.causal:
+                model.encoder.reset_buffers()
+                if model.encoder.config.tie_embeddings:
+                    model.encoder.lm_head.weight = model.encoder.embed.weight
         except (SafetensorError, OSError, RuntimeError) as e:
             raise LMForgeError(f"{folder / 'model.safetensors'} is missing or corrupt ({str(e).splitlines()[0]})") from None
         tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tk.no_padding()
         tk.enable_truncation(int(meta.get("max_len", 128)))
-        return cls(model, tk, list(meta["labels"]))
+        missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                   if t.is_meta and not n.startswith("encoder.rope_")]
+        if missing:
+            raise LMForgeError(f"{folder / 'model.safetensors'} lacks {', '.join(missing[:3])}")
+        return cls(model.to(dev), tk, list(meta["labels"]), int(meta.get("pad_id", 0)))
 
     def predict(self, texts: list[str]) -> list[dict[str, Any]]:
         ids = [e.ids for e in self.tk.encode_batch(list(texts))]
-        probs = predict_proba(self.model, ids, self.model.encoder.config.pad_id)
+        probs = predict_proba(self.model, ids, self.pad_id)
         return [{"label": self.labels[int(p.argmax())], "probs": {lb: float(q) for lb, q in zip(self.labels, p)}}
                 for p in probs]
 
