@@ -82,16 +82,24 @@ def _qkv_rows(cfg) -> dict[str, tuple[int, int]]:
 
 
 # ---------------------------------------------------------------- export
-def _llama_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+def _table_tensors(model: nn.Module, table, norm_offset: float = 0.0) -> dict[str, torch.Tensor]:
+    """Foreign name -> tensor by a names.py table: q/k/v cut from the fused projection, a tied
+    lm_head left out, norm weights shifted by norm_offset (Gemma stores w for a scale of 1 + w)."""
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     rows = _qkv_rows(cfg)
     out = {}
-    for hf_name, (ours, slot) in expand(HF_LLAMA, cfg.n_layer).items():
+    for hf_name, (ours, slot) in expand(table, cfg.n_layer).items():
         if hf_name == "lm_head.weight" and cfg.tie_embeddings:
             continue
         t = sd[ours] if slot is None else sd[ours][slice(*rows[slot])]
-        out[hf_name] = t.contiguous()
+        out[hf_name] = (t + norm_offset if hf_name.endswith("norm.weight") else t).contiguous()
+    return out
+
+
+def _llama_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    cfg = model.config
+    out = _table_tensors(model, HF_LLAMA)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
         "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -105,14 +113,7 @@ def _llama_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _gemma3_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     cfg = model.config
-    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    rows = _qkv_rows(cfg)
-    out = {}
-    for hf_name, (ours, slot) in expand(HF_GEMMA3, cfg.n_layer).items():
-        if hf_name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        t = sd[ours] if slot is None else sd[ours][slice(*rows[slot])]
-        out[hf_name] = (t - 1 if hf_name.endswith("norm.weight") else t).contiguous()  # Gemma scales by 1 + w
+    out = _table_tensors(model, HF_GEMMA3, norm_offset=-1.0)
     local = cfg.rope_theta_local or cfg.rope_theta
     config = {
         "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": cfg.n_embd,
