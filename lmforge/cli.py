@@ -426,6 +426,7 @@ def finetune_classify(
     skip_empty: Annotated[bool, typer.Option(help="Drop rows with an empty text or label instead of stopping.")] = False,
     lora: Annotated[int, typer.Option(help="LoRA rank: train low-rank adapters on a frozen encoder (0: full "
                                            "fine-tuning).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same --out from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (split, order, dropout).")] = 1337,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
@@ -447,7 +448,7 @@ def finetune_classify(
                          seed=seed, skip_empty=skip_empty, lora_rank=lora)
     console = _console()
     enc = load_backbone(model, device=device, pooling=pooling)
-    report = finetune(enc, train, text_col, label_col, out, cfg, val_path=val,
+    report = finetune(enc, train, text_col, label_col, out, cfg, val_path=val, resume=resume,
                       log=lambda m: console.print(m, markup=False))
     console.print(f"validation: accuracy {report['val_accuracy']:.4f}, macro-F1 {report['val_macro_f1']:.4f} "
                   f"({report['val_rows']:,} rows, {report['seconds']:.0f} s); saved to {out}", markup=False)

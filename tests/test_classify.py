@@ -200,3 +200,42 @@ def test_head_on_an_lmforge_trained_backbone(tmp_path, capsys, family, pooling):
     test = rows(40, seed=5)
     s = clf.evaluate([t for t, _ in test], [lb for _, lb in test])
     assert s.accuracy >= 0.7
+
+
+def test_resume_is_exact(bert, tmp_path, capsys):
+    """Interrupted after 13 steps (last checkpoint at step 10), then resumed: the same model as
+    one uninterrupted run, bit for bit; the checkpoint folder goes away at the end."""
+    from safetensors.torch import load_file
+
+    from lmforge.train.classify import partial_dir
+
+    data = write(tmp_path / "train.csv", rows(320))
+    cfg = dict(FAST, eval_every=5, epochs=2)
+    whole = finetune(Encoder.load(bert), data, "text", "label", tmp_path / "a", ClassifyConfig(**cfg),
+                     progress=False, log=lambda m: None)
+    stopped = finetune(Encoder.load(bert), data, "text", "label", tmp_path / "b", ClassifyConfig(**cfg),
+                       progress=False, log=lambda m: None, stop_after=13)
+    assert stopped["stopped_at"] == 13 and not (tmp_path / "b").exists() and partial_dir(tmp_path / "b").is_dir()
+    with pytest.raises(LMForgeError, match="add --resume"):
+        finetune(Encoder.load(bert), data, "text", "label", tmp_path / "b", ClassifyConfig(**cfg), progress=False)
+    code, o, err = run_cli(["finetune", "classify", "--model", bert, "--train", data, "--out", tmp_path / "b",
+                            "--resume", "--epochs", "2"], capsys)  # other settings than the interrupted run
+    assert code == 1 and "settings differ" in err, err
+    said = []
+    finetune(Encoder.load(bert), data, "text", "label", tmp_path / "b", ClassifyConfig(**cfg), progress=False,
+             log=said.append, resume=True)
+    assert any("resuming at step 10" in m for m in said), said
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["val_accuracy"] == whole["val_accuracy"]
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n")
+    assert not partial_dir(tmp_path / "b").exists()
+    code, o, err = run_cli(["finetune", "classify", "--model", bert, "--train", data, "--out", tmp_path / "c",
+                            "--resume"], capsys)
+    assert code == 1 and "nothing to resume" in err
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return torch.equal(x, y)

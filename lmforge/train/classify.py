@@ -200,13 +200,29 @@ def save_confusion_png(scores: Scores, labels: list[str], path: Path) -> None:
 
 
 # ---------------------------------------------------------------- training
+def partial_dir(out: Path) -> Path:
+    """Where an unfinished run keeps its checkpoint (beside --out, which appears only when done)."""
+    return out.parent / f".{out.name}.partial"
+
+
 def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cfg: ClassifyConfig,
-             val_path: Path | None = None, log=print, progress: bool = True) -> dict[str, Any]:
+             val_path: Path | None = None, log=print, progress: bool = True, resume: bool = False,
+             stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune a loaded encoder (lmforge.encoders.Encoder: its model, tokenizer and pooling)
-    with a new head; keeps the best validation accuracy. Returns the final report."""
+    with a new head; keeps the best validation accuracy. Returns the final report.
+
+    A checkpoint (weights, best weights, optimizer moments, counters) is saved beside `out` at
+    every validation; `resume` continues from it exactly: the batches of step k are a function of
+    (seed, epoch) and dropout is re-seeded every step, so nothing depends on hidden RNG state.
+    stop_after: stop (with a checkpoint) after this many steps, as an interruption would."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
+    part = partial_dir(out)
+    if resume and not (part / "progress.json").is_file():
+        raise LMForgeError(f"nothing to resume: no interrupted run for {out}")
+    if not resume and part.exists():
+        raise LMForgeError(f"an interrupted run for {out} exists; add --resume to continue it, or delete {part}")
     texts, labels = read_rows(train_path, text_col, label_col, cfg.skip_empty)
     rng = random.Random(cfg.seed)
     if val_path is not None:
@@ -271,63 +287,97 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     log(f"{len(ids):,} training rows, {len(val_ids):,} validation rows, {len(classes)} classes "
         f"({', '.join(f'{c}: {counts[lab[c]]}' for c in classes)}); {total:,} steps on {dev}")
 
-    with atomic_dir(out) as tmp:
-        metrics = open(tmp / "metrics.jsonl", "w", encoding="utf-8")
-        best, best_state, stale, step, t0 = -1.0, None, 0, 0, time.perf_counter()
+    from safetensors.torch import load_file, save_file
 
-        def validate() -> Scores:
-            probs = predict_proba(model, val_ids, pad)
-            return score(y_val, probs.argmax(1).tolist(), len(classes))
+    from lmforge.weights.checkpoint import optimizer_tensors, restore_optimizer
 
-        bar = _progress(total) if progress else None
-        stop = False
-        for epoch in range(cfg.epochs):
-            # shuffled, then sorted by length within chunks of 50 batches: little padding, random order
-            order = list(range(len(ids)))
-            rng.shuffle(order)
-            chunk = cfg.batch_size * 50
-            order = [i for s in range(0, len(order), chunk)
-                     for i in sorted(order[s:s + chunk], key=lambda i: len(ids[i]))]
-            groups = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
-            rng.shuffle(groups)
-            for rows in groups:
-                model.train()
-                _, x, m = next(batches(ids, rows, len(rows), pad))
-                target = torch.tensor([y[i] for i in rows], device=dev)
-                loss = F.cross_entropy(model(x.to(dev), m.to(dev)), target, weight=weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                frac = (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
-                for g, lr in zip(opt.param_groups, base_lrs):
-                    g["lr"] = lr * frac  # linear warmup, then linear decay to zero
-                opt.step()
-                step += 1
-                if bar is not None:
-                    rate = step * cfg.batch_size / (time.perf_counter() - t0)
-                    bar[0].update(bar[1], advance=1, loss=f"{loss.item():.3f}", rate=f"{rate:.0f} rows/s")
-                last = step == total or step % steps_per_epoch == 0
-                if step % cfg.eval_every == 0 or last:
-                    s = validate()
-                    row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(),
-                           "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1,
-                           "elapsed_s": round(time.perf_counter() - t0, 1)}
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                    if s.accuracy > best:
-                        best, stale = s.accuracy, 0
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    else:
-                        stale += 1
-                        if stale >= cfg.patience:
-                            log(f"early stop at step {step}: no better validation accuracy in {stale} checks")
-                            stop = True
-                            break
+    best, best_state, stale, step, rows_log = -1.0, None, 0, 0, []
+    if resume:
+        saved = json.loads((part / "progress.json").read_text(encoding="utf-8"))
+        settings = {k: v for k, v in asdict(cfg).items() if k != "labels"}
+        if saved["labels"] != classes or saved["train_rows"] != len(ids) or saved.get("settings") != settings:
+            raise LMForgeError(f"the data or settings differ from the interrupted run in {part}; "
+                               f"resume with the same ones")
+        model.load_state_dict(load_file(str(part / "weights.safetensors"), device=str(dev)), strict=False)
+        best_state = load_file(str(part / "best.safetensors"), device=str(dev))
+        restore_optimizer(opt, load_file(str(part / "optimizer.safetensors"), device=str(dev)), saved["optimizer"],
+                          part)
+        best, stale, step, rows_log = saved["best"], saved["stale"], saved["step"], saved["metrics"]
+        log(f"resuming at step {step} of {total} (best validation accuracy so far {best:.4f})")
+
+    def checkpoint() -> None:
+        with atomic_dir(part) as tmp:
+            save_file(_weights(model.state_dict(), model), str(tmp / "weights.safetensors"))
+            save_file(_weights(best_state, model), str(tmp / "best.safetensors"))
+            tensors, rest = optimizer_tensors(opt)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "progress.json").write_text(json.dumps(
+                {"step": step, "best": best, "stale": stale, "total": total, "labels": classes,
+                 "settings": {k: v for k, v in asdict(cfg).items() if k != "labels"},
+                 "train_rows": len(ids), "optimizer": rest, "metrics": rows_log}), encoding="utf-8")
+
+    def validate() -> Scores:
+        probs = predict_proba(model, val_ids, pad)
+        return score(y_val, probs.argmax(1).tolist(), len(classes))
+
+    t0, first = time.perf_counter(), step
+    bar = _progress(total, step) if progress else None
+    stop = interrupted = False
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        # shuffled, then sorted by length within chunks of 50 batches (little padding, random
+        # order); a function of (seed, epoch) alone, so a resumed run sees the same batches
+        erng = random.Random(cfg.seed * 1_000_003 + epoch)
+        order = list(range(len(ids)))
+        erng.shuffle(order)
+        chunk = cfg.batch_size * 50
+        order = [i for s in range(0, len(order), chunk) for i in sorted(order[s:s + chunk], key=lambda i: len(ids[i]))]
+        groups = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        erng.shuffle(groups)
+        for rows in groups[step - epoch * steps_per_epoch:]:
+            torch.manual_seed(cfg.seed + step)  # dropout masks depend on the step alone
+            model.train()
+            _, x, m = next(batches(ids, rows, len(rows), pad))
+            target = torch.tensor([y[i] for i in rows], device=dev)
+            loss = F.cross_entropy(model(x.to(dev), m.to(dev)), target, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            frac = (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * frac  # linear warmup, then linear decay to zero
+            opt.step()
+            step += 1
+            if bar is not None:
+                rate = (step - first) * cfg.batch_size / (time.perf_counter() - t0)
+                bar[0].update(bar[1], advance=1, loss=f"{loss.item():.3f}", rate=f"{rate:.0f} rows/s")
+            if step % cfg.eval_every == 0 or step == total or step % steps_per_epoch == 0:
+                s = validate()
+                rows_log.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(),
+                                 "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1,
+                                 "elapsed_s": round(time.perf_counter() - t0, 1)})
+                if s.accuracy > best:
+                    best, stale = s.accuracy, 0
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    stale += 1
+                if stale >= cfg.patience:
+                    log(f"early stop at step {step}: no better validation accuracy in {stale} checks")
+                    stop = True
+                elif step < total:
+                    checkpoint()
             if stop:
                 break
-        if bar is not None:
-            bar[0].stop()
-        metrics.close()
+            if stop_after is not None and step >= stop_after and step < total:
+                interrupted = True
+                break
+        if stop or interrupted:
+            break
+    if bar is not None:
+        bar[0].stop()
+    if interrupted:  # as if killed here: the checkpoint of the last validation stays for --resume
+        return {"stopped_at": step, "checkpoint": str(part)}
+    with atomic_dir(out) as tmp:
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_log), encoding="utf-8")
         model.load_state_dict(best_state)
         if cfg.lora_rank > 0:
             from lmforge.models.lora import merge_lora
@@ -341,26 +391,32 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
                   "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "steps": step,
                   "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    import shutil
+
+    shutil.rmtree(part, ignore_errors=True)
     return report
 
 
-def _progress(total: int):
+def _progress(total: int, done: int = 0):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     p = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
     p.start()
-    return p, p.add_task("finetune", total=total, loss="-", rate="")
+    return p, p.add_task("finetune", total=total, completed=done, loss="-", rate="")
 
 
 # ---------------------------------------------------------------- saving / loading
+def _weights(state: dict[str, torch.Tensor], model: Classifier) -> dict[str, torch.Tensor]:
+    """Tensors to save: a tied LM backbone's output projection is the embedding, kept once."""
+    tied = model.causal and getattr(model.encoder.config, "tie_embeddings", False)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not (tied and k == "encoder.lm_head.weight")}
+
+
 def save_classifier(folder: Path, model: Classifier, enc, cfg: ClassifyConfig) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if getattr(model.encoder.config, "tie_embeddings", False):
-        state.pop("encoder.lm_head.weight", None)  # the same tensor as the embedding
-    save_file(state, str(folder / "model.safetensors"))
+    save_file(_weights(model.state_dict(), model), str(folder / "model.safetensors"))
     enc.tk.save(str(folder / "tokenizer.json"))
     meta = {"format": "lmforge-classifier-1", "labels": cfg.labels, "pooling": model.pooling,
             "max_len": cfg.max_len, "pad_id": enc.pad_id, "backbone": "lm" if model.causal else "encoder",

@@ -164,6 +164,27 @@ def _model_tensors_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer's state as safetensors-ready tensors plus JSON-ready rest (no pickle)."""
+    return _optimizer_tensors(opt)
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict[str, Any],
+                      where: Path) -> None:
+    """The inverse of optimizer_tensors."""
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        _, idx, name = key.split(".", 2)
+        opt_state.setdefault(int(idx), {})[name] = t
+    for key, v in rest["scalars"].items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = v
+    try:
+        opt.load_state_dict({"state": opt_state, "param_groups": rest["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise LMForgeError(f"optimizer state in {where} does not fit this model ({e})") from None
+
+
 def load_optimizer_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore optimizer moments and return the trainer state (step, scaler, ...)."""
     if not ckpt.has_optimizer:
