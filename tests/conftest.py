@@ -39,16 +39,26 @@ TINY_TRAIN = dict(steps=12, batch_size=4, warmup_steps=2, eval_interval=6, eval_
 def make_tiny_bert(d):
     """A random BertModel (hidden 32, 2 layers) and a WordPiece tokenizer trained on Python's docs,
     in the sentence-transformers folder layout (mean pooling, L2 normalisation, 48 tokens)."""
-    import transformers
-    from tokenizers import BertWordPieceTokenizer
+    import re
+    from collections import Counter
 
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator([pydoc_text(30_000), MIXED], vocab_size=400, show_progress=False)
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
 
-    cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")  # as a real BERT tokenizer.json has
-    wp.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    wp.save(str(d / "tokenizer.json"))
+    # a fixed vocabulary (not a trained one, whose ties the trainer may break differently from run
+    # to run): special tokens, every letter alone and as a suffix piece, the 300 commonest words
+    words = Counter(re.findall(r"[a-z]+", (pydoc_text(30_000) + " " + MIXED).lower()))
+    chars = sorted(set("".join(words)) | set("0123456789.,:;!?()[]{}'\"-_=+*/<>#@%&|"))
+    common = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:300] if len(w) > 1]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars] + common
+    tk = Tokenizer(models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    tk.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tk.save(str(d / "tokenizer.json"))
+    wp = tk
     cfg = transformers.BertConfig(vocab_size=wp.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(0)

@@ -67,8 +67,9 @@ def test_learns_a_lexical_rule_with_three_string_classes(bert, tmp_path, kind):
     test = rows(60, seed=7, classes=("pos", "neg", "code"))  # rows never seen in training
     s = clf.evaluate([t for t, _ in test], [lb for _, lb in test])
     assert s.accuracy >= 0.85 and np.array(s.confusion).sum() == 60
-    pred = clf.predict(["this is a good one"])[0]
-    assert pred["label"] == "pos" and abs(sum(pred["probs"].values()) - 1) < 1e-5
+    preds = clf.predict([t for t, _ in rows(20, seed=11, classes=("pos",))])
+    assert sum(p["label"] == "pos" for p in preds) >= 15  # unseen rows of one class
+    assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
 
 
 def test_scores_match_a_hand_count():
@@ -88,10 +89,11 @@ def test_cli_finetune_classify_and_eval(bert, tmp_path, capsys):
     assert code == 0, err
     assert "validation: accuracy" in o and (out / "confusion.png").is_file()
     code, o, err = run_cli(["classify", out, "a great thing of the day"], capsys)
-    assert code == 0 and o.startswith("pos"), (o, err)
+    assert code == 0 and o.split()[0] in ("pos", "neg") and "pos: " in o and "neg: " in o, (o, err)
     test = write(tmp_path / "test.csv", rows(40, seed=3))
     code, o, err = run_cli(["classify", out, "--eval", test], capsys)
     assert code == 0 and "accuracy" in o, err
+    assert float(o.split("accuracy ")[1].split(",")[0]) >= 0.75, o  # unseen rows; chance is 0.5
     lines = tmp_path / "lines.txt"
     lines.write_text("good stuff\nbad stuff\n", encoding="utf-8")
     code, o, err = run_cli(["classify", out, "--in", lines], capsys)
@@ -163,7 +165,7 @@ def test_lora_trains_only_adapters_and_merges(bert, tmp_path):
     enc = Encoder.load(bert)
     before = {k: v.clone() for k, v in enc.model.state_dict().items()}
     data = write(tmp_path / "train.csv", rows(320))
-    cfg = ClassifyConfig(**{**FAST, "lora_rank": 8, "lr": 1e-2, "head_lr": 1e-2, "epochs": 8})
+    cfg = ClassifyConfig(**{**FAST, "lora_rank": 8, "lr": 1e-2, "head_lr": 1e-2, "epochs": 16, "eval_every": 40})
     report = finetune(enc, data, "text", "label", tmp_path / "run", cfg, progress=False, log=lambda m: None)
     assert report["val_accuracy"] >= 0.8, report
     clf = TextClassifier.load(tmp_path / "run")  # merged: a plain encoder, loadable without LoRA code
