@@ -102,7 +102,12 @@ class LM:
 
         store.verify(model)
         if model.kind == "hf":
-            return cls._load(model.path, device, quantize)  # a Hugging Face folder (encoders are refused there)
+            from lmforge.weights.hf_encoder import is_encoder_dir
+
+            if is_encoder_dir(model.path):
+                raise LMForgeError(f"{model.name} is a sentence encoder, not a language model: use lmforge embed "
+                                   f"(or lmforge.encoders.Encoder)")
+            return cls._from_hf(model.path, device)
         tok_path = model.path / "tokenizer.json"
         # stored before lmforge could read its tokenizer: convert it now, once
         tok = LMTokenizer.load(tok_path) if tok_path.is_file() else store.cache_tokenizer(model)

@@ -373,32 +373,6 @@ def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:
     return out
 
 
-class _ZeroShot:
-    """The TextClassifier interface over an encoder and label descriptions."""
-
-    def __init__(self, model: str, spec: str, device: str):
-        from lmforge.encoders import Encoder
-
-        pairs = [p.split("=", 1) if "=" in p else (p, p) for p in (x.strip() for x in spec.split(",")) if p]
-        self.descriptions = {k.strip(): v.strip() for k, v in pairs}
-        self.labels = list(self.descriptions)
-        self.enc = Encoder.load(model, device=device)
-
-    def predict(self, texts):
-        from lmforge.encoders import zero_shot
-
-        return zero_shot(self.enc, texts, self.descriptions)
-
-    def evaluate(self, texts, labels):
-        from lmforge.train.classify import score
-
-        unknown = sorted(set(labels) - set(self.labels))
-        if unknown:
-            raise LMForgeError(f"labels with no description: {', '.join(unknown[:5])}")
-        pred = [self.labels.index(r["label"]) for r in self.predict(texts)]
-        return score([self.labels.index(lb) for lb in labels], pred, len(self.labels))
-
-
 finetune_app = typer.Typer(help="Fine-tune a pretrained model on your labelled data.", no_args_is_help=True)
 app.add_typer(finetune_app, name="finetune")
 
@@ -474,7 +448,9 @@ def classify(
     if sum(x is not None for x in (text, input, eval)) != 1:
         raise LMForgeError("give exactly one of: a TEXT argument, --in FILE or --eval FILE")
     if zero_shot is not None:
-        clf = _ZeroShot(str(model), zero_shot, device)
+        from lmforge.encoders import ZeroShotClassifier
+
+        clf = ZeroShotClassifier.from_spec(str(model), zero_shot, device)
     else:
         clf = TextClassifier.load(model, device=device)
     if eval is not None:

@@ -162,6 +162,29 @@ def zero_shot(enc: Encoder, texts: Sequence[str], descriptions: dict[str, str]) 
     return [{"label": names[int(p.argmax())], "probs": dict(zip(names, map(float, p)))} for p in probs]
 
 
+class ZeroShotClassifier:
+    """zero_shot behind the trained classifier's interface (labels, predict, evaluate)."""
+
+    def __init__(self, enc: Encoder, descriptions: dict[str, str]):
+        if len(descriptions) < 2:
+            raise LMForgeError("zero-shot classification needs at least two labels")
+        self.enc, self.descriptions, self.labels = enc, descriptions, list(descriptions)
+
+    @classmethod
+    def from_spec(cls, model: str | Path, spec: str, device: str = "auto") -> "ZeroShotClassifier":
+        """spec: "pos=a positive review,neg=a negative review", or just "pos,neg"."""
+        pairs = [p.split("=", 1) if "=" in p else (p, p) for p in (x.strip() for x in spec.split(",")) if p]
+        return cls(Encoder.load(model, device=device), {k.strip(): v.strip() for k, v in pairs})
+
+    def predict(self, texts: Sequence[str]) -> list[dict]:
+        return zero_shot(self.enc, texts, self.descriptions)
+
+    def evaluate(self, texts: list[str], labels: list[str]):
+        from lmforge.train.classify import evaluate_labels
+
+        return evaluate_labels(self, texts, labels)
+
+
 def _resolve(spec: str | Path) -> Path:
     path = Path(spec)
     if path.is_dir():

@@ -123,8 +123,17 @@ def test_bad_inputs(bert, tmp_path, capsys):
                                 *extra], capsys)
         assert code == 1 and msg in err and "Traceback" not in err, (name, err)
         assert not out.exists(), name  # nothing written half-way
+    (tmp_path / "list.jsonl").write_text('{"text": "good", "label": "pos"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(LMForgeError, match="list.jsonl:2: not a JSON object"):
+        read_rows(tmp_path / "list.jsonl", "text", "label")
     texts, labels = read_rows(tmp_path / "empty.csv", "text", "label", skip_empty=True)
     assert texts == ["a good one"] and labels == ["pos"]
+    clf_dir = tmp_path / "clf"
+    finetune(Encoder.load(bert), good, "text", "label", clf_dir, ClassifyConfig(**{**FAST, "epochs": 1}),
+             progress=False, log=lambda m: None)
+    (clf_dir / "tokenizer.json").write_text("{ not json", encoding="utf-8")
+    code, o, err = run_cli(["classify", clf_dir, "hello"], capsys)
+    assert code == 1 and "not a tokenizer.json" in err and "Traceback" not in err, err
     code, o, err = run_cli(["classify", bert, "hello"], capsys)  # an encoder folder is not a classifier
     assert code == 1 and "not an lmforge classifier" in err
     with pytest.raises(LMForgeError, match="already exists"):

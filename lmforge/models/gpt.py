@@ -154,6 +154,8 @@ class GPT(nn.Module):
             self.pos_embed = nn.Embedding(cfg.block_size, cfg.n_embd, _weight=torch.empty(cfg.block_size, cfg.n_embd))
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self._layer_kinds = sorted({b.local for b in self.blocks})  # global (False) and/or local (True)
+        self._local_rope = "_local" in self._rope_thetas()
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -283,10 +285,10 @@ class GPT(nn.Module):
             x = x + self.pos_embed(positions)  # (T, C) broadcast or (B, T, C)
         # what each kind of layer needs: global layers (False) and sliding-window ones (True)
         ctx = {}
-        for local in {b.local for b in self.blocks}:
+        for local in self._layer_kinds:
             rope = None
             if cfg.pos == "rope":
-                suffix = "_local" if local and "_local" in self._rope_thetas() else ""
+                suffix = "_local" if local and self._local_rope else ""
                 rope = self._rope(suffix, positions, pos + T, pad is not None)
             mask = self._mask(pos, T, pad, cfg.sliding_window if local else None, cache is not None, idx.device)
             ctx[local] = (rope, *mask)

@@ -32,6 +32,15 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.bfloat16)
 
 
+def int8_groups_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) float -> int8 values (rows, cols) and one float scale per 32 (rows, cols // 32),
+    symmetric absmax: Q8_0's own scheme."""
+    rows, cols = w.shape
+    g = w.float().reshape(rows, cols // GROUP, GROUP)  # (rows, G, 32)
+    d = (g.abs().amax(-1) / 127).clamp(min=1e-10)  # (rows, G)
+    return torch.round(g / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(rows, cols), d
+
+
 def int4_pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (out, in) integers 0..15; scale, offset: (out, in // 32) with w = q * scale + offset.
     Returns the CPU kernel's packed weight (out, in // 2) and its (in // 32, out, 2) scales/zeros."""
@@ -205,11 +214,7 @@ class Int8Table(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, w: torch.Tensor) -> "Int8Table":
-        V, C = w.shape
-        g = w.detach().float().reshape(V, C // GROUP, GROUP)
-        d = (g.abs().amax(-1) / 127).clamp(min=1e-10)  # (V, C/32)
-        q = torch.round(g / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(V, C)
-        return cls.from_int8(q, d)
+        return cls.from_int8(*int8_groups_of(w.detach()))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: only the requested rows are unpacked. (..., ) -> (..., C)."""
@@ -270,12 +275,9 @@ def _quantize_linears(module: nn.Module, scheme: str) -> None:
             _quantize_linears(child, scheme)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    return quantize_model(model, "int8")
-
-
 def quant_layout(model: nn.Module) -> dict[str, str]:
-    """Module name -> "int8" / "int4" for every quantized module (saved beside the weights)."""
+    """Module name -> "int8" / "int4" / "table" / "tied" for every quantized module (saved beside
+    the weights, so the quantized model can be rebuilt without its float copy)."""
     kinds = {Int8Linear: "int8", Int4Linear: "int4", Int8Table: "table", TiedHead: "tied"}
     return {name: kinds[type(m)] for name, m in model.named_modules() if type(m) in kinds}
 
@@ -297,15 +299,10 @@ def build_quantized_skeleton(model_cls, cfg, layout: dict[str, str]) -> nn.Modul
                 new = Int4Linear(old.in_features, old.out_features)
             else:
                 new = Int8Linear(old.in_features, old.out_features, old.bias is not None)
-            setattr(parent, name.rpartition(".")[2], new)
+            setattr(parent, attr, new)
     return model
 
 
 def retie(model: nn.Module) -> None:
     if _is_gpt(model) and isinstance(model.embed, Int8Table):
         model.lm_head = TiedHead(model.embed)
-
-
-def state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The quantized state (a tied head holds no tensors of its own)."""
-    return model.state_dict()

@@ -46,9 +46,12 @@ def read_rows(path: Path, text_col: str, label_col: str, skip_empty: bool = Fals
         for n, line in enumerate(raw.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise LMForgeError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise LMForgeError(f"{path}:{n}: not a JSON object (a {type(row).__name__})")
+                rows.append(row)
         columns = set().union(*(r.keys() for r in rows)) if rows else set()
     else:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -465,7 +468,10 @@ class TextClassifier:
                     model.encoder.lm_head.weight = model.encoder.embed.weight
         except (SafetensorError, OSError, RuntimeError) as e:
             raise LMForgeError(f"{folder / 'model.safetensors'} is missing or corrupt ({str(e).splitlines()[0]})") from None
-        tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tk = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the library raises a bare Exception for a missing or bad file
+            raise LMForgeError(f"{folder / 'tokenizer.json'} is missing or not a tokenizer.json ({e})") from None
         tk.no_padding()
         tk.enable_truncation(int(meta.get("max_len", 128)))
         missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
@@ -481,8 +487,13 @@ class TextClassifier:
                 for p in probs]
 
     def evaluate(self, texts: list[str], labels: list[str]) -> Scores:
-        unknown = sorted(set(labels) - set(self.labels))
-        if unknown:
-            raise LMForgeError(f"labels the classifier was not trained on: {', '.join(unknown[:5])}")
-        pred = [self.labels.index(r["label"]) for r in self.predict(texts)]
-        return score([self.labels.index(lb) for lb in labels], pred, len(self.labels))
+        return evaluate_labels(self, texts, labels)
+
+
+def evaluate_labels(clf, texts: list[str], labels: list[str]) -> Scores:
+    """Scores of anything with `labels` and `predict(texts)` (a trained or a zero-shot classifier)."""
+    unknown = sorted(set(labels) - set(clf.labels))
+    if unknown:
+        raise LMForgeError(f"labels the classifier does not know: {', '.join(unknown[:5])}")
+    pred = [clf.labels.index(r["label"]) for r in clf.predict(texts)]
+    return score([clf.labels.index(lb) for lb in labels], pred, len(clf.labels))

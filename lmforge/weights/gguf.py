@@ -158,10 +158,8 @@ def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     slots: dict[str, dict[str, np.ndarray]] = {}
     for t, name, slot in _mapped(g, table):
         w = dequantize(t)
-        if slot == "q" and interleaved:
-            w = unpermute_rope_rows(w, cfg.n_head)
-        elif slot == "k" and interleaved:
-            w = unpermute_rope_rows(w, cfg.n_kv_head)
+        if interleaved and slot in ("q", "k"):
+            w = unpermute_rope_rows(w, cfg.n_head if slot == "q" else cfg.n_kv_head)
         if slot is None:
             state[name] = torch.from_numpy(w)
         else:
@@ -226,14 +224,11 @@ def int8_groups(t, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
         d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, blocks)
         q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1)
         return torch.from_numpy(q), torch.from_numpy(d)
-    qs, ds = [], []
-    for i in range(0, rows, chunk):
-        g = torch.from_numpy(_dequant_rows(t, i, min(rows, i + chunk)))
-        g = g.view(g.size(0), -1, 32)  # (n, G, 32)
-        d = (g.abs().amax(-1) / 127).clamp(min=1e-10)
-        qs.append(torch.round(g / d[..., None]).clamp(-127, 127).to(torch.int8).flatten(1))
-        ds.append(d)
-    return torch.cat(qs), torch.cat(ds)
+    from lmforge.models.quant import int8_groups_of
+
+    parts = [int8_groups_of(torch.from_numpy(_dequant_rows(t, i, min(rows, i + chunk))))
+             for i in range(0, rows, chunk)]
+    return torch.cat([q for q, _ in parts]), torch.cat([d for _, d in parts])
 
 
 def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

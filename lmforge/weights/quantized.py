@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
 from lmforge.models import GPT
-from lmforge.models.quant import build_quantized_skeleton, quant_layout, retie, state_to_save
+from lmforge.models.quant import build_quantized_skeleton, quant_layout, retie
 
 WEIGHTS, CONFIG = "int8.safetensors", "int8.json"
 FORMAT = 3  # bumped when the layout of the cache changes; older caches are rebuilt
@@ -33,7 +33,8 @@ _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": t
 
 
 def save_quantized(folder: Path, model: nn.Module, source_sha256: str) -> None:
-    sd = {k: v.detach().contiguous().cpu() for k, v in state_to_save(model).items()}
+    # a tied head holds no tensors of its own, so the table is saved once
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_file(sd, str(tmp), metadata={"source_sha256": source_sha256})
     os.replace(tmp, folder / WEIGHTS)
