@@ -60,9 +60,13 @@ def test_learns_a_lexical_rule_with_three_string_classes(bert, tmp_path, kind):
     assert report["labels"] == ["code", "neg", "pos"] and report["val_rows"] == 48
     assert report["val_accuracy"] >= 0.85, report  # chance is 1/3
     for f in ("model.safetensors", "classifier.json", "tokenizer.json", "metrics.jsonl", "confusion.png",
-              "confusion.txt", "report.json"):
+              "confusion.txt", "report.json", "loss.png"):
         assert (out / f).is_file(), f
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_accuracy"] > 0.5
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["kind"] == "eval" and log[-1]["val_accuracy"] > 0.5
+    train = [r for r in log if r["kind"] == "train"]  # the shared loop's log: loss, lr and rate every 10 steps
+    assert [r["step"] for r in train][:3] == [10, 20, 30] and all(r["rows_per_s"] > 0 for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
     clf = TextClassifier.load(out)
     test = rows(60, seed=7, classes=("pos", "neg", "code"))  # rows never seen in training
     s = clf.evaluate([t for t, _ in test], [lb for _, lb in test])
@@ -246,6 +250,37 @@ def test_resume_is_exact(bert, tmp_path, capsys):
     code, o, err = run_cli(["finetune", "classify", "--model", bert, "--train", data, "--out", tmp_path / "c",
                             "--resume"], capsys)
     assert code == 1 and "nothing to resume" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(bert, tmp_path, monkeypatch):
+    """Ctrl-C at step 7 (between validations): the loop checkpoints that very step, and
+    --resume from it ends with the same weights as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from lmforge.train import classify
+
+    data = write(tmp_path / "train.csv", rows(200))
+    cfg = dict(FAST, eval_every=5, epochs=1)
+    finetune(Encoder.load(bert), data, "text", "label", tmp_path / "a", ClassifyConfig(**cfg), progress=False,
+             log=lambda m: None)
+    real = classify._ClassifyTask.batch
+
+    def batch(self, step, micro):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(self, step, micro)
+
+    monkeypatch.setattr(classify._ClassifyTask, "batch", batch)
+    with pytest.raises(LMForgeError, match="interrupted at step 7"):
+        finetune(Encoder.load(bert), data, "text", "label", tmp_path / "b", ClassifyConfig(**cfg), progress=False,
+                 log=lambda m: None)
+    monkeypatch.setattr(classify._ClassifyTask, "batch", real)
+    said = []
+    finetune(Encoder.load(bert), data, "text", "label", tmp_path / "b", ClassifyConfig(**cfg), progress=False,
+             log=said.append, resume=True)
+    assert any("resuming at step 7" in m for m in said), said
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch_equal(a[k], b[k]) for k in a)
 
 
 def torch_equal(x, y) -> bool:

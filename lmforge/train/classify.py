@@ -13,7 +13,6 @@ import io
 import json
 import math
 import random
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from lmforge.common import atomic_dir, seed_everything
 from lmforge.config import EncoderConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import POOLING, BertEncoder
+from lmforge.train.loop import Task
 
 
 # ---------------------------------------------------------------- data
@@ -204,7 +204,8 @@ def save_confusion_png(scores: Scores, labels: list[str], path: Path) -> None:
 
 # ---------------------------------------------------------------- training
 def partial_dir(out: Path) -> Path:
-    """Where an unfinished run keeps its checkpoint (beside --out, which appears only when done)."""
+    """Where an unfinished run keeps its metrics log and checkpoint (beside --out, which appears
+    only when the run is done)."""
     return out.parent / f".{out.name}.partial"
 
 
@@ -212,20 +213,27 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
              val_path: Path | None = None, log=print, progress: bool = True, resume: bool = False,
              stop_after: int | None = None) -> dict[str, Any]:
     """Fine-tune a loaded encoder (lmforge.encoders.Encoder: its model, tokenizer and pooling)
-    with a new head; keeps the best validation accuracy. Returns the final report.
+    with a new head, in the shared training loop (lmforge.train.loop.fit); keeps the best
+    validation accuracy. Returns the final report.
 
     A checkpoint (weights, best weights, optimizer moments, counters) is saved beside `out` at
     every validation; `resume` continues from it exactly: the batches of step k are a function of
     (seed, epoch) and dropout is re-seeded every step, so nothing depends on hidden RNG state.
-    stop_after: stop (with a checkpoint) after this many steps, as an interruption would."""
+    stop_after: stop after this many steps as a kill would (the last validation's checkpoint
+    stays); Ctrl-C instead saves a checkpoint of the current step."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
     part = partial_dir(out)
-    if resume and not (part / "progress.json").is_file():
+    ckpt_dir = part / "checkpoint"
+    if resume and not (ckpt_dir / "progress.json").is_file():
         raise LMForgeError(f"nothing to resume: no interrupted run for {out}")
     if not resume and part.exists():
-        raise LMForgeError(f"an interrupted run for {out} exists; add --resume to continue it, or delete {part}")
+        if (ckpt_dir / "progress.json").is_file():
+            raise LMForgeError(f"an interrupted run for {out} exists; add --resume to continue it, or delete {part}")
+        import shutil
+
+        shutil.rmtree(part)  # a run that died before its first checkpoint: nothing to keep
     texts, labels = read_rows(train_path, text_col, label_col, cfg.skip_empty)
     rng = random.Random(cfg.seed)
     if val_path is not None:
@@ -276,10 +284,8 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
                              {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
                              {"params": head_params, "weight_decay": 0.0, "lr": cfg.head_lr}])
-    base_lrs = [g["lr"] for g in opt.param_groups]
     steps_per_epoch = math.ceil(len(ids) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    warm = max(1, int(total * cfg.warmup_frac))
     counts = Counter(y)
     weight = None
     if cfg.class_weights:
@@ -290,109 +296,66 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     log(f"{len(ids):,} training rows, {len(val_ids):,} validation rows, {len(classes)} classes "
         f"({', '.join(f'{c}: {counts[lab[c]]}' for c in classes)}); {total:,} steps on {dev}")
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from lmforge.weights.checkpoint import optimizer_tensors, restore_optimizer
-
-    best, best_state, stale, step, rows_log = -1.0, None, 0, 0, []
+    task = _ClassifyTask(model, opt, cfg, ids, y, val_ids, y_val, pad, weight, steps_per_epoch, total)
+    step = 0
     if resume:
-        saved = json.loads((part / "progress.json").read_text(encoding="utf-8"))
-        settings = {k: v for k, v in asdict(cfg).items() if k != "labels"}
-        if saved["labels"] != classes or saved["train_rows"] != len(ids) or saved.get("settings") != settings:
+        saved = json.loads((ckpt_dir / "progress.json").read_text(encoding="utf-8"))
+        if saved["labels"] != classes or saved["train_rows"] != len(ids) or saved.get("settings") != task.settings():
             raise LMForgeError(f"the data or settings differ from the interrupted run in {part}; "
                                f"resume with the same ones")
-        model.load_state_dict(load_file(str(part / "weights.safetensors"), device=str(dev)), strict=False)
-        best_state = load_file(str(part / "best.safetensors"), device=str(dev))
-        restore_optimizer(opt, load_file(str(part / "optimizer.safetensors"), device=str(dev)), saved["optimizer"],
-                          part)
-        best, stale, step, rows_log = saved["best"], saved["stale"], saved["step"], saved["metrics"]
-        log(f"resuming at step {step} of {total} (best validation accuracy so far {best:.4f})")
+        from lmforge.weights.checkpoint import restore_optimizer
 
-    def checkpoint() -> None:
-        with atomic_dir(part) as tmp:
-            save_file(_weights(model.state_dict(), model), str(tmp / "weights.safetensors"))
-            save_file(_weights(best_state, model), str(tmp / "best.safetensors"))
-            tensors, rest = optimizer_tensors(opt)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            (tmp / "progress.json").write_text(json.dumps(
-                {"step": step, "best": best, "stale": stale, "total": total, "labels": classes,
-                 "settings": {k: v for k, v in asdict(cfg).items() if k != "labels"},
-                 "train_rows": len(ids), "optimizer": rest, "metrics": rows_log}), encoding="utf-8")
+        model.load_state_dict(load_file(str(ckpt_dir / "weights.safetensors"), device=str(dev)), strict=False)
+        task.best_state = load_file(str(ckpt_dir / "best.safetensors"), device=str(dev))
+        restore_optimizer(opt, load_file(str(ckpt_dir / "optimizer.safetensors"), device=str(dev)),
+                          saved["optimizer"], ckpt_dir)
+        task.best, task.stale, step = saved["best"], saved["stale"], saved["step"]
+        log(f"resuming at step {step} of {total} (best validation accuracy so far {task.best:.4f})")
 
-    def validate() -> Scores:
-        probs = predict_proba(model, val_ids, pad)
-        return score(y_val, probs.argmax(1).tolist(), len(classes))
+    from lmforge.train.loop import fit
 
-    t0, first = time.perf_counter(), step
-    bar = _progress(total, step) if progress else None
-    stop = interrupted = False
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
-        # shuffled, then sorted by length within chunks of 50 batches (little padding, random
-        # order); a function of (seed, epoch) alone, so a resumed run sees the same batches
-        erng = random.Random(cfg.seed * 1_000_003 + epoch)
-        order = list(range(len(ids)))
-        erng.shuffle(order)
-        chunk = cfg.batch_size * 50
-        order = [i for s in range(0, len(order), chunk) for i in sorted(order[s:s + chunk], key=lambda i: len(ids[i]))]
-        groups = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
-        erng.shuffle(groups)
-        for rows in groups[step - epoch * steps_per_epoch:]:
-            torch.manual_seed(cfg.seed + step)  # dropout masks depend on the step alone
-            model.train()
-            _, x, m = next(batches(ids, rows, len(rows), pad))
-            target = torch.tensor([y[i] for i in rows], device=dev)
-            loss = F.cross_entropy(model(x.to(dev), m.to(dev)), target, weight=weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            frac = (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
-            for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * frac  # linear warmup, then linear decay to zero
-            opt.step()
-            step += 1
-            if bar is not None:
-                rate = (step - first) * cfg.batch_size / (time.perf_counter() - t0)
-                bar[0].update(bar[1], advance=1, loss=f"{loss.item():.3f}", rate=f"{rate:.0f} rows/s")
-            if step % cfg.eval_every == 0 or step == total or step % steps_per_epoch == 0:
-                s = validate()
-                rows_log.append({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": loss.item(),
-                                 "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1,
-                                 "elapsed_s": round(time.perf_counter() - t0, 1)})
-                if s.accuracy > best:
-                    best, stale = s.accuracy, 0
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                else:
-                    stale += 1
-                if stale >= cfg.patience:
-                    log(f"early stop at step {step}: no better validation accuracy in {stale} checks")
-                    stop = True
-                elif step < total:
-                    checkpoint()
-            if stop:
-                break
-            if stop_after is not None and step >= stop_after and step < total:
-                interrupted = True
-                break
-        if stop or interrupted:
-            break
-    if bar is not None:
-        bar[0].stop()
-    if interrupted:  # as if killed here: the checkpoint of the last validation stays for --resume
-        return {"stopped_at": step, "checkpoint": str(part)}
+    part.mkdir(parents=True, exist_ok=True)
+    task.ckpt_dir = ckpt_dir
+    model.train()
+    try:
+        res = fit(model, model, opt, task, steps=total, start_step=step, grad_clip=1.0, log_interval=10,
+                  seed=cfg.seed, items_per_step=cfg.batch_size, unit="rows", label="finetune", device=dev,
+                  metrics_path=part / "metrics.jsonl", show_progress=progress, log=log, stop_after=stop_after)
+    except BaseException:
+        if not (ckpt_dir / "progress.json").is_file():
+            import shutil
+
+            shutil.rmtree(part, ignore_errors=True)  # nothing worth resuming
+        raise
+    if res.stopped == "early stop":
+        log(f"early stop at step {res.step}: no better validation accuracy in {task.stale} checks")
+    if res.stopped == "stop_after":  # as if killed here: the checkpoint of the last validation stays for --resume
+        return {"stopped_at": res.step, "checkpoint": str(part)}
+    if res.stopped == "interrupted":
+        task.checkpoint(res.step)
+        raise LMForgeError(f"interrupted at step {res.step}; continue with the same command and --resume")
     with atomic_dir(out) as tmp:
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_log), encoding="utf-8")
-        model.load_state_dict(best_state)
+        import shutil
+
+        from lmforge.train.plot import plot_loss
+
+        shutil.copyfile(part / "metrics.jsonl", tmp / "metrics.jsonl")
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title=f"classifier ({len(classes)} classes)",
+                  ylabel="cross-entropy (nats/row)")
+        model.load_state_dict(task.best_state)
         if cfg.lora_rank > 0:
             from lmforge.models.lora import merge_lora
 
             merge_lora(model.encoder)
-        final = validate()
+        final = task.validate()[0]
         save_classifier(tmp, model, enc, cfg)
         (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
         save_confusion_png(final, classes, tmp / "confusion.png")
         report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
-                  "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "steps": step,
-                  "seconds": round(time.perf_counter() - t0, 1)}
+                  "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "steps": res.step,
+                  "stopped": res.stopped, "seconds": round(res.train_seconds, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     import shutil
 
@@ -400,13 +363,95 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     return report
 
 
-def _progress(total: int, done: int = 0):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _ClassifyTask(Task):
+    """Classification as a task of the shared loop: batches, loss, schedule, validation with
+    early stopping on accuracy, and a checkpoint after every validation."""
 
-    p = Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    p.start()
-    return p, p.add_task("finetune", total=total, completed=done, loss="-", rate="")
+    def __init__(self, model: Classifier, opt, cfg: ClassifyConfig, ids, y, val_ids, y_val, pad: int, weight,
+                 steps_per_epoch: int, total: int):
+        self.model, self.opt, self.cfg = model, opt, cfg
+        self.ids, self.y, self.val_ids, self.y_val, self.pad, self.weight = ids, y, val_ids, y_val, pad, weight
+        self.spe, self.total = steps_per_epoch, total
+        self.warm = max(1, int(total * cfg.warmup_frac))
+        self.base_lrs = [g["lr"] for g in opt.param_groups]
+        self.best, self.best_state, self.stale = -1.0, None, 0
+        self.ckpt_dir: Path | None = None
+        self._epoch, self._groups = -1, []
+        self.dev = model.head.weight.device
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self.cfg).items() if k != "labels"}
+
+    def _epoch_groups(self, epoch: int) -> list[list[int]]:
+        # shuffled, then sorted by length within chunks of 50 batches (little padding, random
+        # order); a function of (seed, epoch) alone, so a resumed run sees the same batches
+        if epoch != self._epoch:
+            erng = random.Random(self.cfg.seed * 1_000_003 + epoch)
+            order = list(range(len(self.ids)))
+            erng.shuffle(order)
+            chunk = self.cfg.batch_size * 50
+            order = [i for s in range(0, len(order), chunk)
+                     for i in sorted(order[s:s + chunk], key=lambda i: len(self.ids[i]))]
+            self._groups = [order[s:s + self.cfg.batch_size] for s in range(0, len(order), self.cfg.batch_size)]
+            erng.shuffle(self._groups)
+            self._epoch = epoch
+        return self._groups
+
+    def batch(self, step: int, micro: int):
+        epoch = step // self.spe
+        rows = self._epoch_groups(epoch)[step - epoch * self.spe]
+        _, x, m = next(batches(self.ids, rows, len(rows), self.pad))
+        return x.to(self.dev), m.to(self.dev), torch.tensor([self.y[i] for i in rows], device=self.dev)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, m, target = batch
+        return F.cross_entropy(model(x, m), target, weight=self.weight)
+
+    def set_lr(self, opt, progress_step: float) -> float:
+        step, warm, total = progress_step, self.warm, self.total
+        frac = (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+        for g, lr in zip(opt.param_groups, self.base_lrs):
+            g["lr"] = lr * frac  # linear warmup, then linear decay to zero
+        return self.base_lrs[0] * frac
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step % self.spe == 0
+
+    checkpoint_due = eval_due
+
+    def validate(self) -> tuple[Scores, float]:
+        probs = predict_proba(self.model, self.val_ids, self.pad)
+        self.model.train()
+        nll = -np.log(np.clip(probs[np.arange(len(self.y_val)), self.y_val], 1e-12, None)).mean()
+        return score(self.y_val, probs.argmax(1).tolist(), probs.shape[1]), float(nll)
+
+    def evaluate(self, step: int):
+        s, val_loss = self.validate()
+        if s.accuracy > self.best:
+            self.best, self.stale = s.accuracy, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.stale += 1
+        row = {"epoch": round(step / self.spe, 3), "val_loss": val_loss, "val_accuracy": s.accuracy,
+               "val_macro_f1": s.macro_f1}
+        line = (f"step {step}: validation accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}, "
+                f"loss {val_loss:.4f} (best {self.best:.4f})")
+        return row, line, self.stale >= self.cfg.patience
+
+    def checkpoint(self, step: int) -> Path:
+        from safetensors.torch import save_file
+
+        from lmforge.weights.checkpoint import optimizer_tensors
+
+        with atomic_dir(self.ckpt_dir) as tmp:
+            save_file(_weights(self.model.state_dict(), self.model), str(tmp / "weights.safetensors"))
+            save_file(_weights(self.best_state, self.model), str(tmp / "best.safetensors"))
+            tensors, rest = optimizer_tensors(self.opt)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "progress.json").write_text(json.dumps(
+                {"step": step, "best": self.best, "stale": self.stale, "total": self.total, "labels": self.cfg.labels,
+                 "settings": self.settings(), "train_rows": len(self.ids), "optimizer": rest}), encoding="utf-8")
+        return self.ckpt_dir
 
 
 # ---------------------------------------------------------------- saving / loading

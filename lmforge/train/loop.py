@@ -22,7 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from lmforge.common import (atomic_write_text, autocast, destroy_distributed, human_count, init_distributed, pick_dtype,
+from lmforge.common import (DistInfo, atomic_write_text, autocast, destroy_distributed, human_count, init_distributed,
+                            pick_dtype,
                             seed_everything)
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LMForgeError
@@ -69,14 +70,190 @@ class _NullProgress:
         pass
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, label: str = "train", unit: str = "tok"):
     if not enabled:
         return _NullProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:,.0f} " + unit + "/s"),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+
+
+# ---------------------------------------------------------------------- the shared loop
+class Task:
+    """What differs between kinds of training (a language model, a classifier); `fit` does the
+    rest: accumulation, mixed precision, clipping, the schedule, progress, the metrics log,
+    evaluation and checkpoint timing, stopping, and the exact-resume seeding."""
+
+    def batch(self, step: int, micro: int) -> Any:
+        """The micro-batch `micro` (global index across processes) of optimizer step `step`; a
+        pure function of those numbers, so a resumed run sees the same data."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_lr(self, opt: torch.optim.Optimizer, progress_step: float) -> float:
+        """Set the learning rates for this step; return the one to log."""
+        raise NotImplementedError
+
+    def eval_due(self, step: int) -> bool:
+        return False
+
+    def evaluate(self, step: int) -> tuple[dict[str, float], str, bool]:
+        """(metrics row, line to show, stop early?)"""
+        return {}, "", False
+
+    def checkpoint_due(self, step: int) -> bool:
+        return False
+
+    def checkpoint(self, step: int) -> Path | None:
+        return None
+
+
+@dataclass
+class FitResult:
+    step: int
+    stopped: str  # "done", "early stop", "time budget", "stop_after", "interrupted"
+    steps_this_run: int
+    train_seconds: float
+    losses: list[tuple[int, float]]
+    last_eval: dict[str, float]
+    evaluated_at: int  # step of the last evaluation (-1: none this run)
+    last_checkpoint: Path | None
+
+
+def fit(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, task: Task, *, steps: int, start_step: int = 0,
+        accum: int = 1, grad_clip: float = 1.0, log_interval: int = 10, time_budget: float | None = None,
+        seed: int = 0, items_per_step: int = 1, unit: str = "tok", label: str = "train",
+        scaler: torch.amp.GradScaler | None = None, dist: DistInfo | None = None, device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32, metrics_path: Path | None = None, show_progress: bool = True,
+        log: Callable[[str], None] = print, stop_after: int | None = None) -> FitResult:
+    """Run optimizer steps start_step+1 .. steps of `task` on `model` (`raw` is the module under
+    any DDP/compile wrapper). `accum` is the global number of micro-batches per step; each of the
+    dist.world_size processes does its share. Ctrl-C ends the loop cleanly (stopped="interrupted")."""
+    dist = dist or DistInfo()
+    device = device or next(raw.parameters()).device
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    if accum % dist.world_size:
+        raise LMForgeError(f"grad_accum ({accum}) must be a multiple of the number of processes ({dist.world_size})")
+    local = accum // dist.world_size
+    if metrics_path is not None and dist.master:
+        _trim_metrics(metrics_path, start_step)
+    step, steps_this_run, train_time = start_step, 0, 0.0
+    losses: list[tuple[int, float]] = []
+    last_eval: dict[str, float] = {}
+    evaluated_at, last_ckpt, stopped = -1, None, "done"
+    rate_ema, t_start = 0.0, time.perf_counter()
+
+    def write(row: dict[str, Any]) -> None:
+        if mlog is not None:
+            mlog.write(json.dumps(row) + "\n")
+            mlog.flush()
+
+    with _progress(show_progress and dist.master, label, unit) as progress, \
+            (open(metrics_path, "a", encoding="utf-8") if metrics_path is not None and dist.master
+             else contextlib.nullcontext()) as mlog:
+        bar = progress.add_task(label, total=steps, completed=step, loss=float("nan"), rate=0.0)
+        say = progress.console.print if progress.console is not None else log
+        try:
+            while step < steps:
+                if stop_after is not None and steps_this_run >= stop_after:
+                    stopped = "stop_after"
+                    break
+                if _out_of_time(time_budget, t_start, dist, device):
+                    stopped = "time budget"
+                    break
+                t0 = time.perf_counter()
+                progress_step = step
+                if time_budget:  # a time-budgeted run measures its progress through the schedule in time
+                    progress_step = max(step, steps * (t0 - t_start) / time_budget)
+                lr = task.set_lr(opt, progress_step)
+                torch.manual_seed(seed + step * dist.world_size + dist.rank)  # dropout masks: a function of the step
+
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(local):
+                    batch = task.batch(step, dist.rank * local + micro)
+                    sync = micro == local - 1 or not dist.enabled
+                    with (contextlib.nullcontext() if sync else model.no_sync()):
+                        with autocast(device, dtype):
+                            loss = task.loss(model, batch) / local
+                        scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                if grad_clip > 0:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                steps_this_run += 1
+
+                log_now = step % log_interval == 0 or step == steps
+                if log_now:
+                    if dist.enabled:
+                        import torch.distributed as tdist
+
+                        tdist.all_reduce(loss_sum)
+                        loss_sum /= dist.world_size
+                    loss_val = float(loss_sum)
+                    if not math.isfinite(loss_val):
+                        raise LMForgeError(f"training diverged at step {step} (loss is {loss_val}); try a lower --lr")
+                dt = time.perf_counter() - t0
+                train_time += dt
+                rate = items_per_step / dt
+                rate_ema = rate if rate_ema == 0 else 0.9 * rate_ema + 0.1 * rate
+                if log_now:
+                    losses.append((step, loss_val))
+                    write({"kind": "train", "step": step, "loss": loss_val, "lr": lr,
+                           f"{unit}_per_s": round(rate, 1), "time": round(time.perf_counter() - t_start, 3)})
+                    progress.update(bar, completed=step, loss=loss_val, rate=rate_ema)
+                else:
+                    progress.update(bar, completed=step, rate=rate_ema)
+
+                early = False
+                if task.eval_due(step) or step == steps:
+                    row, line, early = task.evaluate(step)
+                    last_eval, evaluated_at = row, step
+                    write({"kind": "eval", "step": step, **row})
+                    if dist.master and line:
+                        say(line)
+                if early:
+                    stopped = "early stop"
+                    break
+                if step < steps and task.checkpoint_due(step):
+                    last_ckpt = task.checkpoint(step)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+    return FitResult(step, stopped, steps_this_run, train_time, losses, last_eval, evaluated_at, last_ckpt)
+
+
+def _out_of_time(budget: float | None, t_start: float, dist: DistInfo, device: torch.device) -> bool:
+    if budget is None:
+        return False
+    stop = (time.perf_counter() - t_start) >= budget
+    if dist.enabled:  # rank 0 decides, so every rank stops at the same step
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1.0 if stop else 0.0], device=device)
+        tdist.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    return stop
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop log rows past the checkpoint (they belong to the lost part of the run)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class Trainer:
@@ -212,147 +389,63 @@ class Trainer:
 
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        if cfg.grad_accum % dist_info.world_size:
-            raise LMForgeError(f"grad_accum ({cfg.grad_accum}) must be a multiple of the number of processes "
-                               f"({dist_info.world_size})")
-        accum = cfg.grad_accum // dist_info.world_size
-        tokens_per_step = cfg.batch_size * mc.block_size * cfg.grad_accum
+        trainer = self
+
+        class LMTask(Task):
+            def batch(self, step: int, micro: int):
+                return data.batch("train", cfg.batch_size, mc.block_size, _batch_generator(cfg.seed, step, micro),
+                                  trainer.device)
+
+            def loss(self, model: nn.Module, batch) -> torch.Tensor:
+                return model(*batch)[1]
+
+            def set_lr(self, opt, progress_step: float) -> float:
+                lr = lr_at(progress_step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                return lr
+
+            def eval_due(self, step: int) -> bool:
+                return step % cfg.eval_interval == 0
+
+            def evaluate(self, step: int):
+                ev = trainer.evaluate(raw, data, tok, dtype)
+                return ev.as_dict(), f"step {step}: val loss {ev.loss:.4f}, ppl {ev.perplexity:.2f}, bpb {ev.bpb:.4f}", False
+
+            def checkpoint_due(self, step: int) -> bool:
+                return bool(cfg.checkpoint_interval) and step % cfg.checkpoint_interval == 0
+
+            def checkpoint(self, step: int) -> Path:
+                return trainer._save(raw, opt, scaler, tok, step)
+
         metrics_path = self.out_dir / "metrics.jsonl"
-        if dist_info.master:
-            self._trim_metrics(metrics_path, step)
-
-        # -------- loop
-        losses: list[tuple[int, float]] = []
-        stopped, train_time, t_start = "done", 0.0, time.perf_counter()
-        tps_ema = 0.0
-        last_ckpt = None
-        steps_this_run = 0
-        final_eval: dict[str, float] = {}
-        with _progress(self.show_progress) as progress, open(metrics_path, "a", encoding="utf-8") \
-                if dist_info.master else contextlib.nullcontext() as mlog:
-            task = progress.add_task("train", total=cfg.steps, completed=step, loss=float("nan"), tps=0.0)
-            print_line = (progress.console.print if progress.console is not None else self.log)
-            try:
-                while step < cfg.steps:
-                    if self._should_stop(cfg, t_start, steps_this_run, stop_after):
-                        stopped = "stop_after" if stop_after is not None and steps_this_run >= stop_after \
-                            else "time budget"
-                        break
-                    t0 = time.perf_counter()
-                    progress_step = step
-                    if cfg.time_budget:
-                        progress_step = max(step, cfg.steps * (t0 - t_start) / cfg.time_budget)
-                    lr = lr_at(progress_step, cfg)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    torch.manual_seed(cfg.seed + step * dist_info.world_size + dist_info.rank)  # dropout masks
-
-                    loss_sum = torch.zeros((), device=self.device)
-                    for micro in range(accum):
-                        m = dist_info.rank * accum + micro  # global micro-batch index
-                        x, y = data.batch("train", cfg.batch_size, mc.block_size,
-                                          _batch_generator(cfg.seed, step, m), self.device)
-                        sync = micro == accum - 1 or not dist_info.enabled
-                        with (contextlib.nullcontext() if sync else model.no_sync()):
-                            with autocast(self.device, dtype):
-                                _, loss = model(x, y)
-                            loss = loss / accum
-                            scaler.scale(loss).backward()
-                        loss_sum += loss.detach()
-                    if cfg.grad_clip > 0:
-                        scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    steps_this_run += 1
-
-                    log_now = step % cfg.log_interval == 0 or step == cfg.steps
-                    if log_now:
-                        if dist_info.enabled:
-                            import torch.distributed as dist
-
-                            dist.all_reduce(loss_sum)
-                            loss_sum /= dist_info.world_size
-                        loss_val = float(loss_sum)
-                        if not math.isfinite(loss_val):
-                            raise LMForgeError(f"training diverged at step {step} (loss is {loss_val}); "
-                                               f"try a lower --lr")
-                    dt = time.perf_counter() - t0
-                    train_time += dt
-                    tps = tokens_per_step / dt
-                    tps_ema = tps if tps_ema == 0 else 0.9 * tps_ema + 0.1 * tps
-                    if log_now:
-                        losses.append((step, loss_val))
-                        self._write(mlog, {"kind": "train", "step": step, "loss": loss_val, "lr": lr,
-                                           "tok_per_s": round(tps, 1), "time": round(time.perf_counter() - t_start, 3)})
-                        progress.update(task, completed=step, loss=loss_val, tps=tps_ema)
-                    else:
-                        progress.update(task, completed=step, tps=tps_ema)
-
-                    if step % cfg.eval_interval == 0 or step == cfg.steps:
-                        ev = self.evaluate(raw, data, tok, dtype)
-                        final_eval = ev.as_dict()
-                        self._write(mlog, {"kind": "eval", "step": step, **final_eval})
-                        if dist_info.master:
-                            print_line(f"step {step}: val loss {ev.loss:.4f}, ppl {ev.perplexity:.2f}, "
-                                       f"bpb {ev.bpb:.4f}")
-                    if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.steps:
-                        last_ckpt = self._save(raw, opt, scaler, tok, step)
-            except KeyboardInterrupt:
-                stopped = "interrupted"
+        res = fit(model, raw, opt, LMTask(), steps=cfg.steps, start_step=step, accum=cfg.grad_accum,
+                  grad_clip=cfg.grad_clip, log_interval=cfg.log_interval, time_budget=cfg.time_budget, seed=cfg.seed,
+                  items_per_step=cfg.batch_size * mc.block_size * cfg.grad_accum, unit="tok", scaler=scaler,
+                  dist=dist_info, device=self.device, dtype=dtype, metrics_path=metrics_path,
+                  show_progress=self.show_progress, log=self.log, stop_after=stop_after)
+        step, final_eval = res.step, res.last_eval
 
         # -------- final save
-        if not final_eval or stopped != "done":
+        if res.evaluated_at != step:
             ev = self.evaluate(raw, data, tok, dtype)
             final_eval = ev.as_dict()
-            self._write_final(metrics_path, {"kind": "eval", "step": step, **final_eval})
+            if dist_info.master:
+                append_metrics(metrics_path, {"kind": "eval", "step": step, **final_eval})
         last_ckpt = self._save(raw, opt, scaler, tok, step, final_eval)
         if dist_info.master:
             from lmforge.train.plot import plot_loss
 
             plot_loss(metrics_path, self.out_dir / "loss.png", title=f"{mc.family} on {Corpus(self.data_paths).describe()}")
-        total_tokens = tokens_per_step * steps_this_run
-        result = TrainResult(self.out_dir, last_ckpt, step, stopped, total_tokens / max(train_time, 1e-9), train_time,
-                             n_params, final_eval, losses)
-        if stopped == "interrupted":
+        total_tokens = cfg.batch_size * mc.block_size * cfg.grad_accum * res.steps_this_run
+        result = TrainResult(self.out_dir, last_ckpt, step, res.stopped, total_tokens / max(res.train_seconds, 1e-9),
+                             res.train_seconds, n_params, final_eval, res.losses)
+        if res.stopped == "interrupted":
             raise LMForgeError(f"interrupted at step {step}; checkpoint saved in {last_ckpt}. "
                                f"Continue with: lmforge train --resume --out {self.out_dir}")
         return result
 
     # ------------------------------------------------------------------ helpers
-    def _should_stop(self, cfg: TrainConfig, t_start: float, steps_this_run: int, stop_after: int | None) -> bool:
-        stop = stop_after is not None and steps_this_run >= stop_after
-        if cfg.time_budget is not None:
-            stop = stop or (time.perf_counter() - t_start) >= cfg.time_budget
-            if self.dist.enabled:  # rank 0 decides, so every rank stops at the same step
-                import torch.distributed as dist
-
-                flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-                dist.broadcast(flag, src=0)
-                stop = bool(flag.item())
-        return stop
-
-    def _write(self, mlog, row: dict[str, Any]) -> None:
-        if mlog is not None:
-            mlog.write(json.dumps(row) + "\n")
-            mlog.flush()
-
-    def _write_final(self, path: Path, row: dict[str, Any]) -> None:
-        if self.dist.master:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    @staticmethod
-    def _trim_metrics(path: Path, step: int) -> None:
-        """On resume, drop log rows past the checkpoint (they belong to the lost part of the run)."""
-        if not path.is_file():
-            return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
-
     def _save(self, raw: nn.Module, opt, scaler, tok: LMTokenizer, step: int,
               final_eval: dict[str, float] | None = None) -> Path:
         ckpt_dir = self.out_dir / "checkpoints" / f"step_{step:07d}"

@@ -16,7 +16,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def plot_loss(metrics_path: Path, png_path: Path, title: str = "") -> None:
+def plot_loss(metrics_path: Path, png_path: Path, title: str = "", ylabel: str = "cross-entropy (nats/token)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,14 +24,14 @@ def plot_loss(metrics_path: Path, png_path: Path, title: str = "") -> None:
 
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval" and "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.0, alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
