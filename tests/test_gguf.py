@@ -203,6 +203,23 @@ def test_int4_and_int8_table_kernels_match_a_float_reference():
     step = (hi - lo) / 15
     w4 = (torch.round((g - lo) / step) * step + lo).view(96, 64)
     torch.testing.assert_close(q(x), x @ w4.t(), atol=0.05, rtol=0.02)
+    # batches of 16+ rows: the int4 kernel, then the dense bf16 matmul over the batch copy
+    # (only for row counts the packed layout does not pad: 96 is not a multiple of the block)
+    assert not q.keep_batch_copy() and q._values is None
+    xb = torch.randn(40, 64)
+    lin2 = torch.nn.Linear(64, 128, bias=False)
+    q2 = Int4Linear.from_linear(lin2)
+    kernel = q2(xb)
+    assert q2.keep_batch_copy() and q2._values is not None
+    torch.testing.assert_close(q2(xb), kernel, atol=0.03, rtol=0.02)
+    torch.testing.assert_close(q2(xb[:5]), q2.forward(xb)[:5], atol=0.03, rtol=0.02)  # 5 rows: the kernel
+    from lmforge.models.quant import ACTIVATIONS, Int8Linear
+
+    q8 = Int8Linear.from_linear(lin)
+    w8r = q8.weight.float() * q8.scales.float()[:, None]
+    for mode in ACTIVATIONS:  # every batch form against the dequantized int8 weights
+        q8.activations = mode
+        torch.testing.assert_close(q8(xb), xb @ w8r.t(), atol=0.05 if mode == "int8" else 0.02, rtol=0.02)
     table = torch.randn(130, 64)  # not a multiple of the packing block: padded inside
     t = Int8Table.from_float(table)
     gd = table.view(130, 2, 32).abs().amax(-1, keepdim=True) / 127

@@ -115,6 +115,27 @@ def test_chunked_prefill_matches_full_forward(variant):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gpt2-style", "llama-style"])
+def test_last_only_equals_the_full_forwards_last_position(variant):
+    """last_only stops the final block at the last position: same logits as the full forward,
+    with and without a cache, after earlier chunks, with left padding and a sliding window."""
+    cfg = tiny("gpt", **GPT_VARIANTS[variant], sliding_window=6 if variant == "llama-style" else None)
+    model = _trained_ish(cfg)
+    idx = torch.randint(0, 40, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        torch.testing.assert_close(model(idx, last_only=True)[0], full[:, -1:], atol=1e-5, rtol=1e-5)
+        cache = make_cache(cfg, 2, 20, "cpu")
+        model(idx[:, :12], cache=cache)
+        torch.testing.assert_close(model(idx[:, 12:], cache=cache, last_only=True)[0], full[:, -1:],
+                                   atol=1e-5, rtol=1e-5)
+        cache = make_cache(cfg, 2, 20, "cpu")
+        cache.pad = torch.tensor([0, 5])  # row 1: 5 pads, then its own 15 tokens
+        padded = torch.cat([idx[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), idx[1:, :15]], 1)])
+        out = model(padded, cache=cache, last_only=True)[0]
+        torch.testing.assert_close(out[1:], model(idx[1:, :15])[0][:, -1:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["rnn", "gru", "lstm"])
 def test_recurrent_state_carries_history(family):
     cfg = tiny(family)

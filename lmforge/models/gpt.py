@@ -30,10 +30,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 for stability under autocast, return in the input dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        # normalise in fp32 for stability under autocast, return in the input dtype; one op
+        # instead of six matters when decoding (six norms per Gemma layer, per token)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 # RoPE tables are precomputed up to this many positions and extended on the fly beyond it: a
@@ -77,9 +76,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, pos: int,
-                mask: torch.Tensor | None = None, causal: bool = True, kv_start: int = 0):
+                mask: torch.Tensor | None = None, causal: bool = True, kv_start: int = 0, last_only: bool = False):
         """mask/causal/kv_start come from GPT.forward, computed once per kind of layer; keys
-        before kv_start are out of every query's sliding window and are skipped."""
+        before kv_start are out of every query's sliding window and are skipped. With
+        last_only, keys and values are made (and cached) for every position but only the last
+        position queries: (B, 1, C) out."""
         B, T, C = x.size()
         qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hd)
         q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
@@ -92,6 +93,10 @@ class CausalSelfAttention(nn.Module):
             k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
         if kv_start:
             k, v = k[:, :, kv_start:], v[:, :, kv_start:]  # (B, nkv, S - kv_start, hd)
+        if last_only and T > 1:
+            q, T = q[:, :, -1:], 1  # (B, nh, 1, hd): the last query sees every key it may
+            mask = mask[..., -1:, :] if mask is not None else None
+            causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -132,10 +137,14 @@ class Block(nn.Module):
             self.mlp_out_norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True, kv_start=0):
-        a = self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal, kv_start)
+    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True, kv_start=0, last_only=False):
+        """last_only: only the last position goes on past attention (the final block of a
+        prefill, whose other positions' outputs nobody reads): (B, 1, C) out."""
+        a = self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal, kv_start, last_only)
         if self.post_norms:
             a = self.attn_out_norm(a)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = x + self.drop(a)
         m = self.mlp(self.mlp_norm(x))
         if self.post_norms:
@@ -293,8 +302,10 @@ class GPT(nn.Module):
             mask = self._mask(pos, T, pad, cfg.sliding_window if local else None, cache is not None, idx.device)
             ctx[local] = (rope, *mask)
         x = self.drop(x)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx[block.local][0], cache.layer(i) if cache is not None else None, pos, *ctx[block.local][1:])
+            x = block(x, ctx[block.local][0], cache.layer(i) if cache is not None else None, pos, *ctx[block.local][1:],
+                      last_only=last_only and i == last)
         if cache is not None:
             cache.advance(T)
         if last_only:
