@@ -30,8 +30,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 for stability under autocast, return in the input dtype; one op
-        # instead of six matters when decoding (six norms per Gemma layer, per token)
+        # one op instead of six, and no conversions when already in fp32: decoding pays for
+        # every op (a Gemma layer has six norms, run once per token)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # normalise in fp32 for stability under autocast, return in the input dtype
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
@@ -54,11 +57,20 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[
     return freqs.cos(), freqs.sin()
 
 
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-width tables (..., hd/2) -> full-width (cos, signed sin) (..., hd) for apply_rope:
+    built once per forward, shared by every layer."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, nh, T, hd); cos/sin: (T, hd/2). Rotates the two halves of each head (LLaMA/HF layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, nh, T, hd)
-    return out.type_as(x)
+    """x: (B, nh, T, hd); cos/sin: (T, hd) from rope_rotation. Rotates the pairs (x[i],
+    x[i + hd/2]) (LLaMA/HF layout): [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], where
+    rolling x by hd/2 gives [x2, x1] and the signed sin supplies the minus."""
+    if x.dtype != torch.float32:
+        xf = x.float()
+        return (xf * cos + torch.roll(xf, x.size(-1) // 2, dims=-1) * sin).type_as(x)
+    return x * cos + torch.roll(x, x.size(-1) // 2, dims=-1) * sin  # (B, nh, T, hd)
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,11 +157,11 @@ class Block(nn.Module):
             a = self.attn_out_norm(a)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        x = x + self.drop(a)
+        x = x + (self.drop(a) if self.training else a)  # (no dropout call per layer when decoding)
         m = self.mlp(self.mlp_norm(x))
         if self.post_norms:
             m = self.mlp_out_norm(m)
-        return x + self.drop(m)
+        return x + (self.drop(m) if self.training else m)
 
 
 class GPT(nn.Module):
@@ -238,9 +250,9 @@ class GPT(nn.Module):
         cos, sin = getattr(self, f"rope_cos{suffix}"), getattr(self, f"rope_sin{suffix}")
         if needed > cos.size(0):
             cos, sin = rope_tables(self.config.head_dim, needed, self._rope_thetas()[suffix], positions.device)
-        rope = (cos[positions], sin[positions])  # (T, hd/2) or (B, T, hd/2)
+        rope = rope_rotation(cos[positions], sin[positions])  # (T, hd) or (B, T, hd)
         if batched:
-            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd/2): broadcast over heads
+            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hd): broadcast over heads
         return rope
 
     @staticmethod
