@@ -38,14 +38,15 @@ class LM:
         self.quantized: str | None = None
 
     @classmethod
-    def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto") -> "LM":
+    def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto", compile: bool = False) -> "LM":
         """A run folder or checkpoint, a pulled model's name, a .gguf file or a Hugging Face
         model folder (config.json + safetensors + tokenizer.json; llama or gpt2).
         quantize: "none" (float weights); "int8" (weight-only int8 linears and token table);
         "int4" (4-bit groups of 32 for the linears, CPU only); or "auto": on CPU, pretrained
         models (GGUF, Hugging Face) are quantized, since decoding is memory-bound there -- a
         GGUF's 4-bit blocks become int4 unchanged and its other tensors int8 -- and
-        everything else stays float."""
+        everything else stays float. compile: generation runs through torch.compile (see
+        Engine; the first generation waits for the compiler)."""
         if quantize not in QUANTIZE:
             raise LMForgeError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         dev = pick_device(device)
@@ -63,6 +64,8 @@ class LM:
             from lmforge.models.quant import keep_batch_copies
 
             keep_batch_copies(lm.model)
+        if compile:
+            lm.engine = Engine(lm.model, compile=True)
         return lm
 
     @classmethod

@@ -160,6 +160,7 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     quantize: Annotated[str, typer.Option(help="auto (pretrained models quantized on CPU: GGUF 4-bit blocks as int4, the rest int8), none, int8 or int4.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model for faster decoding (the first reply waits a minute or more for the compiler).")] = False,
 ):
     """Continue a prompt with a trained model, streaming to the terminal.
 
@@ -167,7 +168,7 @@ def generate(
     """
     from lmforge.api import LM
 
-    lm = LM.load(checkpoint, device=device, quantize=quantize)
+    lm = LM.load(checkpoint, device=device, quantize=quantize, compile=compile)
     pieces = lm.stream(prompt, max_new_tokens=max_tokens, stop=stop or (), temperature=temperature, top_k=top_k,
                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     sys.stdout.write(prompt)
@@ -300,6 +301,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
     quantize: Annotated[str, typer.Option(help="auto (quantized on CPU), none, int8 or int4.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model for faster decoding (the first reply waits a minute or more for the compiler).")] = False,
 ):
     """Chat in the terminal with streaming replies. Type /reset to start over, /exit to leave.
 
@@ -308,7 +310,7 @@ def chat(
     from lmforge.api import LM
 
     console = _console()
-    lm = LM.load(model, device=device, quantize=quantize)
+    lm = LM.load(model, device=device, quantize=quantize, compile=compile)
     if not lm.tokenizer.chat_template:
         raise LMForgeError(f"{model} has no chat template (a base model); use: lmforge generate {model} \"...\"")
     history: list[dict] = []

@@ -179,3 +179,19 @@ def test_batched_generation_falls_back_when_it_must(family):
     greedy = SamplingParams(temperature=0)
     batched = Engine(model).generate_batch(prompts, 40, greedy)
     assert batched == [generate_naive(model, p, 40, greedy) for p in prompts]
+
+
+def test_compiled_engine_generates_what_the_eager_one_does():
+    """Engine(compile=True) runs the model through torch.compile (inductor: needs a C++
+    compiler); greedy tokens of a quantized llama-style model must not change."""
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    from lmforge.models.quant import quantize_model
+
+    model = quantize_model(_trained_ish(tiny("gpt", **GPT_VARIANTS["llama-style"])), "int8")
+    greedy = SamplingParams(temperature=0)
+    compiled = Engine(model, compile=True)
+    assert compiled.compiled
+    assert list(compiled.generate([1, 2, 3], 12, greedy)) == list(Engine(model).generate([1, 2, 3], 12, greedy))

@@ -38,10 +38,15 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 class Engine:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compile: bool = False):
+        """compile: run the model's forward through torch.compile (dynamic shapes, so the
+        growing cache needs no recompiles). Elementwise work between the matmuls is fused; the
+        first call compiles for a minute or more on CPU (inductor caches it on disk after)."""
         self.model = model.eval()
         self.cfg = model.config
         self.device = _device_of(model)
+        self.compiled = compile
+        self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
 
     @torch.inference_mode()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
@@ -62,7 +67,7 @@ class Engine:
         def prefill(window: list[int]) -> torch.Tensor:
             cache.reset()
             x = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T)
-            return self.model(x, cache=cache, last_only=True)[0][:, -1]  # (1, V)
+            return self._forward(x, cache=cache, last_only=True)[0][:, -1]  # (1, V)
 
         logits = prefill(ids[-ctx:] if ctx else ids)
         for _ in range(max_new_tokens):
@@ -76,7 +81,7 @@ class Engine:
                 logits = prefill(ids[-ctx:])
             else:
                 x = torch.tensor([[nxt]], dtype=torch.long, device=self.device)  # (1, 1)
-                logits = self.model(x, cache=cache, last_only=True)[0][:, -1]
+                logits = self._forward(x, cache=cache, last_only=True)[0][:, -1]
 
 
     @torch.inference_mode()
@@ -98,7 +103,7 @@ class Engine:
         cache = make_cache(self.cfg, B, longest + max_new_tokens, self.device)
         cache.pad = torch.tensor([longest - len(p) for p in prompts], device=self.device)
         x = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=self.device)  # (B, L)
-        logits = self.model(x, cache=cache, last_only=True)[0][:, -1]  # (B, V)
+        logits = self._forward(x, cache=cache, last_only=True)[0][:, -1]  # (B, V)
         gen = _generator(params.seed, self.device)
         stop = set(stop_ids)
         seqs = [list(p) for p in prompts]
@@ -115,7 +120,7 @@ class Engine:
             if all(done):
                 break
             step = torch.tensor([[t] for t in nxt], device=self.device)  # (B, 1)
-            logits = self.model(step, cache=cache, last_only=True)[0][:, -1]
+            logits = self._forward(step, cache=cache, last_only=True)[0][:, -1]
         return outs
 
 

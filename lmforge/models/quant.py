@@ -192,10 +192,10 @@ def int4_block() -> int:
     block row holding rows j (low nibble) and j + B/2 (high). B follows the CPU's vector width
     (64 with AVX-512, 32 with AVX2), so it is found by packing a probe rather than assumed."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g)
+    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g, device="cpu")  # (even under a meta context)
     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
     for b in (64, 32, 16, 8):
-        if torch.equal(_unpack_rows(packed, torch.arange(128), b, 64), q.to(torch.uint8)):
+        if torch.equal(_unpack_rows(packed, torch.arange(128, device="cpu"), b, 64), q.to(torch.uint8)):
             return b
     raise RuntimeError("unrecognised int4 packing layout in this PyTorch build")
 
@@ -219,6 +219,7 @@ class Int8Table(nn.Module):
             raise ValueError(f"the int8 table needs a width divisible by {GROUP}, got {dim}")
         self.num_embeddings, self.embedding_dim = num, dim
         self.padded = -(-num // 64) * 64  # a multiple of every packing block
+        self._block = int4_block()  # looked up once here, not inside a forward torch.compile traces
         self.register_buffer("weight", torch.empty(2 * self.padded, dim // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros", torch.empty(dim // GROUP, 2 * self.padded, 2, dtype=torch.bfloat16,
                                                          device=device))
@@ -254,7 +255,7 @@ class Int8Table(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Embedding lookup: only the requested rows are unpacked. (..., ) -> (..., C)."""
         flat = idx.reshape(-1)
-        b, C = int4_block(), self.embedding_dim
+        b, C = self._block, self.embedding_dim
         hi = _unpack_rows(self.weight, flat, b, C).to(torch.int32) - 8  # (n, C)
         lo = _unpack_rows(self.weight, flat + self.padded, b, C).to(torch.int32)
         d = self.scales_zeros[:, flat + self.padded, 0].t().float()  # (n, C/32): the low half's scale is d
