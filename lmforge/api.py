@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmforge.common import pick_device
+from lmforge.common import pick_device, set_cpu_threads
 from lmforge.config import ModelConfig, TrainConfig, preset as get_preset
 from lmforge.engine import Engine, SamplingParams
 from lmforge.engine.sampling import ban_tokens
@@ -50,6 +50,8 @@ class LM:
         if quantize not in QUANTIZE:
             raise LMForgeError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         dev = pick_device(device)
+        if dev.type == "cpu":
+            set_cpu_threads()
         if quantize == "int4" and dev.type != "cpu":
             raise LMForgeError("int4 weights run on PyTorch's CPU kernel only; use int8 or none on this device")
         lm = cls._load(spec, dev, quantize)

@@ -30,6 +30,34 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_threads() -> int:
+    """Threads for CPU inference: $LMFORGE_THREADS if set, else the CPUs this process may run
+    on, capped by a container's CPU quota (cgroup v2 cpu.max), which PyTorch's own default
+    (the machine's physical cores) ignores -- oversubscribing a quota makes matmuls crawl."""
+    env = os.environ.get("LMFORGE_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise LMForgeError(f"LMFORGE_THREADS must be a whole number, got {env!r}") from None
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_cpu_threads() -> int:
+    """Apply cpu_threads() to PyTorch's intra-op pool (inference entry points call this)."""
+    n = cpu_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     """Compute dtype for autocast. On CPU fp32 is the default: small models gain nothing from
     bf16 autocast on most CPUs, and fp16 autocast is a CUDA feature."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.common import pick_device
+from lmforge.common import pick_device, set_cpu_threads
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import POOLING, BertEncoder
 from lmforge.weights.hf_encoder import EncoderSettings, is_encoder_dir, load_encoder_dir
@@ -43,7 +43,10 @@ class Encoder:
         folder = _resolve(spec)
         from tokenizers import Tokenizer
 
-        model, tok_path, st = load_encoder_dir(folder, pick_device(device))
+        dev = pick_device(device)
+        if dev.type == "cpu":
+            set_cpu_threads()
+        model, tok_path, st = load_encoder_dir(folder, dev)
         try:
             tk = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # the library raises a bare Exception on bad JSON

@@ -226,3 +226,24 @@ def test_crash_while_saving_leaves_no_half_written_checkpoint(tmp_path, corpus_f
     assert not any(name.startswith(".") for name in after), after
     assert api.LM.load(tmp_path / "run").checkpoint.step == 4
     assert [n for n in after if n.startswith("step_")] == [n for n in before if n.startswith("step_")]
+
+
+def test_cpu_thread_count_follows_the_machine_or_the_environment(monkeypatch):
+    import os
+
+    import torch
+
+    from lmforge.common import cpu_threads, set_cpu_threads
+    from lmforge.errors import LMForgeError
+
+    monkeypatch.delenv("LMFORGE_THREADS", raising=False)
+    assert 1 <= cpu_threads() <= len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LMFORGE_THREADS", "1")
+        assert set_cpu_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("LMFORGE_THREADS", "two")
+        with pytest.raises(LMForgeError, match="whole number"):
+            cpu_threads()
+    finally:
+        torch.set_num_threads(before)
