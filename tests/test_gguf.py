@@ -205,12 +205,12 @@ def test_int4_and_int8_table_kernels_match_a_float_reference():
     torch.testing.assert_close(q(x), x @ w4.t(), atol=0.05, rtol=0.02)
     # batches of 16+ rows: the int4 kernel, then the dense bf16 matmul over the batch copy
     # (only for row counts the packed layout does not pad: 96 is not a multiple of the block)
-    assert not q.keep_batch_copy() and q._values is None
+    assert not q.keep_batch_copy() and q._dense is None
     xb = torch.randn(40, 64)
     lin2 = torch.nn.Linear(64, 128, bias=False)
     q2 = Int4Linear.from_linear(lin2)
     kernel = q2(xb)
-    assert q2.keep_batch_copy() and q2._values is not None
+    assert q2.keep_batch_copy() and q2._dense is not None
     torch.testing.assert_close(q2(xb), kernel, atol=0.03, rtol=0.02)
     torch.testing.assert_close(q2(xb[:5]), q2.forward(xb)[:5], atol=0.03, rtol=0.02)  # 5 rows: the kernel
     from lmforge.models.quant import ACTIVATIONS, Int8Linear
