@@ -11,7 +11,9 @@
   is two int4 matmuls in one call over the same bytes -- faster on CPU than one int8 matmul
   and exact to the group scales -- and lookups unpack just the rows they need, so the
   largest matrix of a small model is held once, in a byte per weight.
-Activations between layers stay in the model's dtype.
+The weight-only kernels are built for one row (decoding). A batch of INT_MM_ROWS+ rows (a
+prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations and
+Int4Linear.keep_batch_copy. Activations between layers stay in the model's dtype.
 """
 
 from __future__ import annotations
