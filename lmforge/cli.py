@@ -477,6 +477,84 @@ def classify(
         print(f"{r['label']}\t{probs}\t{t[:80]}" if input is not None else f"{r['label']}  ({probs})")
 
 
+index_app = typer.Typer(help="Collections of documents for retrieval (lmforge search).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("add")
+def index_add(
+    paths: Annotated[Optional[list[Path]], typer.Argument(
+        help="Files or folders (recursive; text, Markdown, HTML, source). None: Python's own docs.")] = None,
+    collection: Annotated[str, typer.Option(help="Collection name.")] = "pydoc",
+    chunk_size: Annotated[int, typer.Option(help="Target chunk size in characters.")] = 1000,
+    overlap: Annotated[int, typer.Option(help="Characters of whole sentences shared by neighbouring chunks.")] = 150,
+):
+    """Add documents to a collection; unchanged files are skipped, changed ones replaced.
+
+    Example: lmforge index add notes/ --collection notes
+    """
+    from lmforge.rag.collection import Collection
+
+    with Collection.open(collection, create=True) as col:
+        r = col.add_pydoc(chunk_size, overlap) if not paths else col.add_paths(paths, chunk_size, overlap)
+    print(f"{collection}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged; {r.chunks:,} chunks in all")
+
+
+@index_app.command("list")
+def index_list(collection: Annotated[Optional[str], typer.Option(help="Show this collection's documents.")] = None):
+    """List the collections, or one collection's documents."""
+    from lmforge.rag.collection import Collection, collections_root
+
+    if collection is None:
+        root = collections_root()
+        names = sorted(p.name for p in root.iterdir() if (p / "collection.db").is_file()) if root.is_dir() else []
+        if not names:
+            print("no collections yet; make one with: lmforge index add [PATHS]")
+        for name in names:
+            with Collection.open(name) as col:
+                print(f"{name}\t{len(col.documents())} documents\t{col.count_chunks()} chunks")
+        return
+    with Collection.open(collection) as col:
+        for source, chars, chunks in col.documents():
+            print(f"{source}\t{chars:,} chars\t{chunks} chunks")
+
+
+@index_app.command("remove")
+def index_remove(
+    sources: Annotated[list[str], typer.Argument(help="Paths (a folder removes what lies under it) or pydoc:TOPIC.")],
+    collection: Annotated[str, typer.Option(help="Collection name.")] = "pydoc",
+):
+    """Remove documents from a collection."""
+    from lmforge.rag.collection import Collection
+
+    with Collection.open(collection) as col:
+        n = col.remove(sources)
+    if not n:
+        raise LMForgeError(f"nothing in {collection!r} matches {', '.join(sources)}")
+    print(f"{collection}: {n} document(s) removed")
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    collection: Annotated[str, typer.Option(help="Collection name.")] = "pydoc",
+    k: Annotated[int, typer.Option("-k", help="How many chunks.")] = 5,
+):
+    """Search a collection (BM25 over stemmed words) and print the best chunks with their sources."""
+    from lmforge.rag.collection import Collection
+
+    if k < 1:
+        raise LMForgeError("-k must be at least 1")
+    with Collection.open(collection) as col:
+        hits = col.search_bm25(query, k)
+    if not hits:
+        print("no matches")
+    for i, h in enumerate(hits, 1):
+        where = f"{h.source}" + (f" > {h.heading}" if h.heading else "")
+        print(f"[{i}] {h.score:.2f}  {where}  (chars {h.start}-{h.end})")
+        print("    " + " ".join(h.text.split())[:300])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -1,0 +1,226 @@
+"""A collection of documents for retrieval: one folder, one SQLite database.
+
+    collections/NAME/collection.db   documents, chunks and their FTS5 full-text index (BM25)
+
+SQLite runs in WAL mode and every file is ingested in its own transaction, so a crash mid-ingest
+leaves the collection as it was after the last whole file. A document is keyed by its path (or
+`pydoc:TOPIC` for the built-in Python docs) and remembered with its content's sha256: adding an
+unchanged file again does nothing, a changed one has its chunks replaced.
+
+BM25 is FTS5's own (k1 = 1.2, b = 0.75) over Porter-stemmed, Unicode-folded tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from lmforge.errors import LMForgeError
+from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, read_document
+
+SCHEMA_VERSION = 1
+DEFAULT_COLLECTION = "pydoc"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL,
+    chars INTEGER NOT NULL, added REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, heading TEXT NOT NULL,
+    text TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, seq);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    heading, text, content='chunks', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, heading, text) VALUES (new.id, new.heading, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, heading, text) VALUES ('delete', old.id, old.heading, old.text);
+END;
+"""
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    score: float  # higher is better
+    source: str
+    heading: str
+    text: str
+    start: int
+    end: int
+
+
+@dataclass
+class AddReport:
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    chunks: int = 0
+
+
+def collections_root() -> Path:
+    from lmforge.store import home
+
+    return home() / "collections"
+
+
+def _valid_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
+        raise LMForgeError(f"bad collection name {name!r}: use letters, digits, '_', '-' or '.' (at most 64)")
+    return name
+
+
+def fts_query(text: str) -> str:
+    """A user's question as an FTS5 query: its words, each quoted (FTS5 syntax characters in
+    the text are then just text), joined by OR so that BM25 ranks partial matches too."""
+    words = re.findall(r"\w+", text.lower())
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+
+
+class Collection:
+    def __init__(self, folder: Path, create: bool = False):
+        self.folder = Path(folder)
+        self.name = self.folder.name
+        db = self.folder / "collection.db"
+        if not db.is_file() and not create:
+            raise LMForgeError(f"no collection {self.name!r} (in {self.folder.parent}); "
+                               f"build it with: lmforge index add PATHS --collection {self.name}")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(db))
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(_SCHEMA)
+            version = self._meta("schema")
+            if version is None:
+                with self.db:
+                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(version) != SCHEMA_VERSION:
+                raise LMForgeError(f"collection {self.name!r} has schema {version}; this lmforge reads "
+                                   f"{SCHEMA_VERSION}: rebuild it")
+        except sqlite3.DatabaseError as e:
+            raise LMForgeError(f"{db} is not a usable collection database ({e}); delete the folder and "
+                               f"index again") from None
+
+    @classmethod
+    def open(cls, name: str = DEFAULT_COLLECTION, create: bool = False, root: Path | None = None) -> "Collection":
+        return cls((root or collections_root()) / _valid_name(name), create=create)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------------ ingest
+    def add_text(self, source: str, text: str, target: int = 1000, overlap: int = 150) -> str:
+        """Ingest one document: "added", "updated" or "unchanged". One transaction."""
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        row = self.db.execute("SELECT id, sha256 FROM documents WHERE source = ?", (source,)).fetchone()
+        if row is not None and row[1] == sha:
+            return "unchanged"
+        chunks = chunk_text(text, target, overlap)
+        with self.db:  # one transaction: the old chunks go only if the new ones arrive
+            if row is not None:
+                self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
+                self.db.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+            cur = self.db.execute("INSERT INTO documents (source, sha256, chars, added) VALUES (?, ?, ?, ?)",
+                                  (source, sha, len(text), time.time()))
+            doc_id = cur.lastrowid
+            self.db.executemany('INSERT INTO chunks (doc_id, seq, start, "end", heading, text) VALUES (?, ?, ?, ?, ?, ?)',
+                                [(doc_id, i, c.start, c.end, c.heading, c.text) for i, c in enumerate(chunks)])
+        return "added" if row is None else "updated"
+
+    def add_paths(self, paths: Iterable[str | Path], target: int = 1000, overlap: int = 150,
+                  progress: Callable[[str], None] | None = None) -> AddReport:
+        report = AddReport()
+        for f in _expand(paths):
+            status = self.add_text(str(f.resolve()), read_document(f), target, overlap)
+            setattr(report, status, getattr(report, status) + 1)
+            if progress:
+                progress(str(f))
+        report.chunks = self.count_chunks()
+        return report
+
+    def add_pydoc(self, target: int = 1000, overlap: int = 150) -> AddReport:
+        """Python's own documentation topics (pydoc_data.topics), one document per topic."""
+        from pydoc_data.topics import topics
+
+        report = AddReport()
+        for name in sorted(topics):
+            status = self.add_text(f"pydoc:{name}", topics[name], target, overlap)
+            setattr(report, status, getattr(report, status) + 1)
+        report.chunks = self.count_chunks()
+        return report
+
+    def remove(self, sources: Iterable[str]) -> int:
+        n = 0
+        with self.db:
+            for s in sources:
+                key = s if s.startswith("pydoc:") or not Path(s).exists() else str(Path(s).resolve())
+                ids = [r[0] for r in self.db.execute(
+                    "SELECT id FROM documents WHERE source = ? OR source LIKE ? ESCAPE '\\'",
+                    (key, _like_prefix(key.rstrip("/") + "/")))]
+                for i in ids:
+                    self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (i,))
+                    self.db.execute("DELETE FROM documents WHERE id = ?", (i,))
+                n += len(ids)
+        return n
+
+    # ------------------------------------------------------------------ read
+    def documents(self) -> list[tuple[str, int, int]]:
+        """(source, characters, chunks) for every document."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT d.source, d.chars, COUNT(c.id) FROM documents d LEFT JOIN chunks c ON c.doc_id = d.id "
+            "GROUP BY d.id ORDER BY d.source")]
+
+    def count_chunks(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def search_bm25(self, query: str, k: int = 10) -> list[Hit]:
+        q = fts_query(query)
+        if not q:
+            return []
+        rows = self.db.execute(
+            'SELECT c.id, -bm25(chunks_fts), d.source, c.heading, c.text, c.start, c."end" '
+            "FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.doc_id "
+            "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?", (q, k))
+        return [Hit(*r) for r in rows]
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files under the given paths (recursively; hidden entries, binaries and unknown kinds
+    skipped in folders; a file named directly is always read)."""
+    for p in map(Path, paths):
+        if not p.exists():
+            raise LMForgeError(f"no such file or folder: {p}")
+        if p.is_file():
+            yield p
+            continue
+        for f in sorted(p.rglob("*")):
+            rel = f.relative_to(p).parts
+            if not f.is_file() or any(part.startswith(".") for part in rel):
+                continue
+            if f.suffix.lower() in TEXT_SUFFIXES:
+                with open(f, "rb") as fh:
+                    if b"\0" not in fh.read(8192):
+                        yield f

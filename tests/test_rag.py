@@ -1,0 +1,154 @@
+"""Retrieval collections: structure-aware chunking, SQLite/FTS5 storage with change detection,
+BM25 search, and clean errors."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from lmforge.errors import LMForgeError
+from lmforge.rag.chunking import chunk_text, html_to_text, read_document
+from lmforge.rag.collection import Collection, fts_query
+
+
+def test_chunks_follow_structure_cover_the_text_and_overlap():
+    text = ("# Intro\n\nShort opening paragraph.\n\n## Details\n\n" + "A sentence about details. " * 60 +
+            "\n\nClosing words.")
+    chunks = chunk_text(text, target=300, overlap=60)
+    assert all(text[c.start:c.end] == c.text for c in chunks)  # spans are exact
+    assert all(len(c.text) <= 300 for c in chunks)
+    assert chunks[0].heading == "Intro" and chunks[0].text.startswith("# Intro")
+    assert not any("Details" in c.text and "opening" in c.text for c in chunks)  # never across a heading
+    details = [c for c in chunks if c.heading == "Details"]
+    assert len(details) >= 5
+    for a, b in zip(details, details[1:]):
+        assert 0 < a.end - b.start <= 60  # consecutive chunks share whole sentences
+    covered = set()
+    for c in chunks:
+        covered.update(range(c.start, c.end))
+    assert all(i in covered for i, ch in enumerate(text) if not ch.isspace())  # nothing dropped
+    with pytest.raises(LMForgeError, match="overlap"):
+        chunk_text(text, target=100, overlap=100)
+
+
+def test_html_and_binary_files(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<html><head><style>x{}</style><script>var a;</script></head><body><h1>Title</h1>"
+                    "<p>First &amp; second.</p><p>Third</p></body></html>", encoding="utf-8")
+    text = read_document(page)
+    assert "var a" not in text and "x{}" not in text
+    assert text.startswith("# Title") and "First & second." in text and "\n\nThird" in text
+    assert html_to_text("<p>a</p><p>b</p>") == "a\n\nb"
+    (tmp_path / "b.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(LMForgeError, match="binary"):
+        read_document(tmp_path / "b.bin")
+    (tmp_path / "l.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(LMForgeError, match="not UTF-8"):
+        read_document(tmp_path / "l.txt")
+
+
+def test_collection_ingest_change_detection_remove_and_bm25(tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.md").write_text("# Cats\n\nCats purr and chase mice around the barn.", encoding="utf-8")
+    (docs / "sub" / "b.txt").write_text("Compilers translate source code into machine code.", encoding="utf-8")
+    (docs / "image.png").write_bytes(b"\x89PNG\x00\x00")  # skipped in folders
+    (docs / ".hidden.txt").write_text("secret", encoding="utf-8")
+    with Collection.open("t", create=True, root=tmp_path / "c") as col:
+        r = col.add_paths([docs])
+        assert (r.added, r.unchanged, r.chunks) == (2, 0, 2)
+        assert [s.rsplit("/", 1)[-1] for s, _, _ in col.documents()] == ["a.md", "b.txt"]
+        hits = col.search_bm25("what do compilers translate?")
+        assert hits[0].source.endswith("b.txt") and hits[0].score > 0
+        assert col.search_bm25("purring cats")[0].source.endswith("a.md")  # stemmed: purring ~ purr
+        assert col.search_bm25('"); DROP TABLE chunks; --') == []  # syntax is just text
+        assert col.add_paths([docs]).unchanged == 2
+        (docs / "a.md").write_text("# Dogs\n\nDogs bark at the postman.", encoding="utf-8")
+        r = col.add_paths([docs])
+        assert (r.updated, r.unchanged) == (1, 1)
+        assert col.search_bm25("cats mice") == [] and col.search_bm25("postman")[0].heading == "Dogs"
+        assert col.remove([str(docs / "sub")]) == 1  # a folder removes what lies under it
+        assert len(col.documents()) == 1 and col.count_chunks() == 1
+    with Collection.open("t", root=tmp_path / "c") as col:  # persisted
+        assert col.search_bm25("bark")[0].source.endswith("a.md")
+
+
+def test_pydoc_collection_and_bad_collections(tmp_path):
+    with Collection.open("pydoc", create=True, root=tmp_path) as col:
+        r = col.add_pydoc()
+        assert r.added > 50 and r.chunks > r.added
+        assert col.search_bm25("file objects read write")[0].source.startswith("pydoc:")
+    with pytest.raises(LMForgeError, match="no collection"):
+        Collection.open("missing", root=tmp_path)
+    with pytest.raises(LMForgeError, match="bad collection name"):
+        Collection.open("../escape", root=tmp_path, create=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "collection.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(LMForgeError, match="not a usable collection"):
+        Collection.open("broken", root=tmp_path)
+    assert fts_query("C++ and/or \"quotes\"") == '"c" OR "and" OR "or" OR "quotes"'
+
+
+def test_a_failed_ingest_keeps_the_previous_version(tmp_path, monkeypatch):
+    """Each document is one transaction: if writing its new chunks fails, its old ones stay."""
+    f = tmp_path / "d.txt"
+    f.write_text("alpha beta gamma", encoding="utf-8")
+    col = Collection.open("t", create=True, root=tmp_path / "c")
+    col.add_paths([f])
+    f.write_text("delta epsilon", encoding="utf-8")
+    import lmforge.rag.collection as mod
+
+    def broken(*a, **k):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    real = col.db
+    class Failing:  # fails at the chunk insert, after the old rows were deleted in the transaction
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def executemany(self, *a, **k):
+            broken()
+
+        def __enter__(self):
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    monkeypatch.setattr(col, "db", Failing())
+    with pytest.raises(sqlite3.OperationalError):
+        col.add_paths([f])
+    monkeypatch.setattr(col, "db", real)
+    assert col.search_bm25("gamma") and not col.search_bm25("epsilon")
+    assert mod.Collection.open("t", root=tmp_path / "c").count_chunks() == 1
+
+
+def test_index_and_search_commands(tmp_path, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    code, out, err = run_cli(["index", "list"], capsys)
+    assert code == 0 and "no collections" in out
+    code, out, err = run_cli(["index", "add"], capsys)  # no paths: Python's own documentation
+    assert code == 0 and "added" in out
+    code, out, err = run_cli(["search", "file objects", "-k", "2"], capsys)
+    assert code == 0 and out.startswith("[1] ") and "pydoc:" in out and "[3]" not in out
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "n.md").write_text("# Kettles\n\nA kettle boils water.", encoding="utf-8")
+    code, out, err = run_cli(["index", "add", notes, "--collection", "notes"], capsys)
+    assert code == 0 and "1 added" in out
+    code, out, err = run_cli(["search", "boiling water", "--collection", "notes"], capsys)
+    assert "n.md > Kettles" in out
+    code, out, err = run_cli(["index", "list"], capsys)
+    assert "notes\t1 documents" in out and "pydoc\t" in out
+    code, out, err = run_cli(["index", "remove", notes / "n.md", "--collection", "notes"], capsys)
+    assert code == 0 and "1 document(s) removed" in out
+    for args, msg in ((["search", "x", "--collection", "nope"], "no collection 'nope'"),
+                      (["index", "add", tmp_path / "missing"], "no such file"),
+                      (["index", "remove", "pydoc:none"], "nothing in 'pydoc' matches"),
+                      (["index", "add", "--collection", "a/b"], "bad collection name")):
+        code, out, err = run_cli(args, capsys)
+        assert code == 1 and msg in err and "Traceback" not in err, (args, err)
