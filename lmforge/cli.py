@@ -488,6 +488,9 @@ def index_add(
     collection: Annotated[str, typer.Option(help="Collection name.")] = "pydoc",
     chunk_size: Annotated[int, typer.Option(help="Target chunk size in characters.")] = 1000,
     overlap: Annotated[int, typer.Option(help="Characters of whole sentences shared by neighbouring chunks.")] = 150,
+    embed: Annotated[Optional[str], typer.Option(
+        help="Sentence encoder for dense vectors: a pulled name or a folder; 'none' for BM25 only. Default: the "
+             "collection's own, else minilm-l6 when it has been pulled.")] = None,
 ):
     """Add documents to a collection; unchanged files are skipped, changed ones replaced.
 
@@ -496,8 +499,20 @@ def index_add(
     from lmforge.rag.collection import Collection
 
     with Collection.open(collection, create=True) as col:
+        spec = embed or col.embed_model
+    if spec is None:
+        from lmforge import store
+
+        spec = "minilm-l6" if store.find("minilm-l6") is not None else "none"
+    encoder = None
+    if spec != "none":
+        from lmforge.encoders import Encoder
+
+        encoder = Encoder.load(spec)
+    with Collection.open(collection, create=True, encoder=encoder) as col:
         r = col.add_pydoc(chunk_size, overlap) if not paths else col.add_paths(paths, chunk_size, overlap)
-    print(f"{collection}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged; {r.chunks:,} chunks in all")
+    print(f"{collection}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged; {r.chunks:,} chunks in all"
+          + (f"; vectors from {encoder.spec}" if encoder is not None else "; BM25 only (no embedding model)"))
 
 
 @index_app.command("list")
@@ -539,19 +554,30 @@ def search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     collection: Annotated[str, typer.Option(help="Collection name.")] = "pydoc",
     k: Annotated[int, typer.Option("-k", help="How many chunks.")] = 5,
+    mode: Annotated[str, typer.Option(help="bm25, dense or hybrid (BM25 and dense fused by reciprocal rank; "
+                                            "BM25 alone when the collection has no vectors).")] = "hybrid",
 ):
-    """Search a collection (BM25 over stemmed words) and print the best chunks with their sources."""
+    """Search a collection and print the best chunks with their scores and sources."""
     from lmforge.rag.collection import Collection
 
     if k < 1:
         raise LMForgeError("-k must be at least 1")
+    if mode not in ("bm25", "dense", "hybrid"):
+        raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
     with Collection.open(collection) as col:
-        hits = col.search_bm25(query, k)
+        spec = col.embed_model
+    encoder = None
+    if spec is not None and mode != "bm25":
+        from lmforge.encoders import Encoder
+
+        encoder = Encoder.load(spec)
+    with Collection.open(collection, encoder=encoder) as col:
+        hits = col.search(query, k, mode)
     if not hits:
         print("no matches")
     for i, h in enumerate(hits, 1):
         where = f"{h.source}" + (f" > {h.heading}" if h.heading else "")
-        print(f"[{i}] {h.score:.2f}  {where}  (chars {h.start}-{h.end})")
+        print(f"[{i}] {h.score:.4g}  {where}  (chars {h.start}-{h.end})")
         print("    " + " ".join(h.text.split())[:300])
 
 

@@ -33,6 +33,7 @@ class Encoder:
         self.tk.enable_truncation(settings.max_len)
         self.device = next(model.parameters()).device
         self.quantized: str | None = None
+        self.spec = "(unnamed)"  # set by load
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", quantize: str = "none") -> "Encoder":
@@ -52,6 +53,9 @@ class Encoder:
         except Exception as e:  # the library raises a bare Exception on bad JSON
             raise LMForgeError(f"{tok_path} is not a valid tokenizer.json ({e})") from None
         enc = cls(model, tk, st)
+        # what the model is called, for records such as a retrieval collection's: a pulled name
+        # as given, a folder as its absolute path
+        enc.spec = str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
         if quantize == "int8":
             from lmforge.models.quant import quantize_model
 

@@ -152,3 +152,67 @@ def test_index_and_search_commands(tmp_path, monkeypatch, capsys):
                       (["index", "add", "--collection", "a/b"], "bad collection name")):
         code, out, err = run_cli(args, capsys)
         assert code == 1 and msg in err and "Traceback" not in err, (args, err)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from conftest import make_tiny_bert
+
+    from lmforge.encoders import Encoder
+
+    return Encoder.load(make_tiny_bert(tmp_path_factory.mktemp("bert")), device="cpu")
+
+
+def test_dense_and_hybrid_search(tmp_path, tiny_encoder):
+    """Vectors are stored with their chunks; a query equal to a chunk's text finds it by dense
+    search (the tiny encoder is random, so only exact matches are certain); hybrid fuses ranks."""
+    import numpy as np
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = {f"d{i}.txt": f"Topic {w}: the {w} is described here in plain words." for i, w in
+             enumerate(["river", "mountain", "compiler", "violin", "glacier", "harbour"])}
+    for name, t in texts.items():
+        (docs / name).write_text(t, encoding="utf-8")
+    col = Collection.open("v", create=True, root=tmp_path / "c", encoder=tiny_encoder)
+    col.add_paths([docs])
+    ids, mat = col._vectors()
+    assert mat.shape == (6, 32) and np.allclose(np.linalg.norm(mat, axis=1), 1, atol=1e-5)
+    for name, t in texts.items():
+        dense = col.search_dense(t, 3)
+        assert dense[0].source.endswith(name) and dense[0].score == pytest.approx(1.0, abs=1e-4)
+        hybrid = col.search_hybrid(t, 3)
+        assert hybrid[0].source.endswith(name)  # first in both rankings
+    # rank fusion by hand for one query
+    q = "the violin"
+    bm, de = col.search_bm25(q, 100), col.search_dense(q, 100)
+    fused = {}
+    for hits in (bm, de):
+        for r, h in enumerate(hits, 1):
+            fused[h.chunk_id] = fused.get(h.chunk_id, 0) + 1 / (60 + r)
+    assert [h.chunk_id for h in col.search_hybrid(q, 4)] == sorted(fused, key=lambda i: -fused[i])[:4]
+    # a changed file gets new vectors in the same transaction; the cache notices
+    (docs / "d3.txt").write_text("Entirely new text about kettles.", encoding="utf-8")
+    col.add_paths([docs])
+    assert col.search_dense("Entirely new text about kettles.", 1)[0].source.endswith("d3.txt")
+    assert col.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0] == col.count_chunks() == 6
+    col.close()
+    other = type("Other", (), {"spec": "some-other-model", "embed": None})()
+    with pytest.raises(LMForgeError, match="was embedded with"):
+        Collection.open("v", root=tmp_path / "c", encoder=other)
+    plain = Collection.open("v", root=tmp_path / "c")  # no encoder: hybrid falls back to BM25
+    assert plain.search("kettles", 1, mode="hybrid")[0].source.endswith("d3.txt")
+    with pytest.raises(LMForgeError, match="needs an embedding model"):
+        plain.search("kettles", mode="dense")
+    with pytest.raises(LMForgeError, match="unknown search mode"):
+        plain.search("kettles", mode="fuzzy")
+
+
+def test_an_encoder_given_later_embeds_what_is_there(tmp_path, tiny_encoder):
+    col = Collection.open("late", create=True, root=tmp_path)
+    col.add_text("a", "First document about rivers.")
+    col.add_text("b", "Second document about mountains.")
+    col.close()
+    col = Collection.open("late", root=tmp_path, encoder=tiny_encoder)
+    assert col.embed_model == tiny_encoder.spec
+    assert col.search_dense("Second document about mountains.", 1)[0].source == "b"

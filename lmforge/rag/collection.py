@@ -7,7 +7,11 @@ leaves the collection as it was after the last whole file. A document is keyed b
 `pydoc:TOPIC` for the built-in Python docs) and remembered with its content's sha256: adding an
 unchanged file again does nothing, a changed one has its chunks replaced.
 
-BM25 is FTS5's own (k1 = 1.2, b = 0.75) over Porter-stemmed, Unicode-folded tokens.
+BM25 is FTS5's own (k1 = 1.2, b = 0.75) over Porter-stemmed, Unicode-folded tokens. With an
+embedding model (a sentence encoder such as minilm-l6, fixed per collection at its first
+embedded ingest), every chunk also gets a unit-length vector, stored beside it in the same
+transaction; dense search is exact (one matrix product), and hybrid search fuses the BM25 and
+dense rankings by reciprocal rank (score = sum of 1 / (rrf_k + rank)).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from lmforge.errors import LMForgeError
 from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, read_document
@@ -38,6 +44,8 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, seq);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     heading, text, content='chunks', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS vectors (
+    chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE, vec BLOB NOT NULL);
 CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
     INSERT INTO chunks_fts(rowid, heading, text) VALUES (new.id, new.heading, new.text);
 END;
@@ -86,9 +94,13 @@ def fts_query(text: str) -> str:
 
 
 class Collection:
-    def __init__(self, folder: Path, create: bool = False):
+    def __init__(self, folder: Path, create: bool = False, encoder=None):
+        """encoder: an lmforge.encoders.Encoder (or anything with `embed(texts) -> (n, d)` and a
+        `spec` string naming it) for dense vectors; the collection remembers which one."""
         self.folder = Path(folder)
         self.name = self.folder.name
+        self.encoder = encoder
+        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, chunk ids, vectors)
         db = self.folder / "collection.db"
         if not db.is_file() and not create:
             raise LMForgeError(f"no collection {self.name!r} (in {self.folder.parent}); "
@@ -110,9 +122,32 @@ class Collection:
             raise LMForgeError(f"{db} is not a usable collection database ({e}); delete the folder and "
                                f"index again") from None
 
+        if encoder is not None:
+            self._check_encoder()
+
     @classmethod
-    def open(cls, name: str = DEFAULT_COLLECTION, create: bool = False, root: Path | None = None) -> "Collection":
-        return cls((root or collections_root()) / _valid_name(name), create=create)
+    def open(cls, name: str = DEFAULT_COLLECTION, create: bool = False, root: Path | None = None,
+             encoder=None) -> "Collection":
+        return cls((root or collections_root()) / _valid_name(name), create=create, encoder=encoder)
+
+    @property
+    def embed_model(self) -> str | None:
+        return self._meta("embed_model")
+
+    def _check_encoder(self) -> None:
+        spec, have = str(self.encoder.spec), self.embed_model
+        if have is not None and have != spec:
+            raise LMForgeError(f"collection {self.name!r} was embedded with {have!r}, not {spec!r}; use that "
+                               f"model or re-index into a new collection")
+        if have is None:
+            with self.db:
+                self.db.execute("INSERT INTO meta VALUES ('embed_model', ?)", (spec,))
+            if self.count_chunks():  # chunks added before an encoder was given: embed them now
+                rows = self.db.execute("SELECT id, text FROM chunks ORDER BY id").fetchall()
+                vecs = self._embed([t for _, t in rows])
+                with self.db:
+                    self.db.executemany("INSERT INTO vectors VALUES (?, ?)",
+                                        [(i, v.tobytes()) for (i, _), v in zip(rows, vecs)])
 
     def close(self) -> None:
         self.db.close()
@@ -135,6 +170,7 @@ class Collection:
         if row is not None and row[1] == sha:
             return "unchanged"
         chunks = chunk_text(text, target, overlap)
+        vecs = self._embed([c.text for c in chunks]) if self.encoder is not None else None
         with self.db:  # one transaction: the old chunks go only if the new ones arrive
             if row is not None:
                 self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
@@ -144,7 +180,16 @@ class Collection:
             doc_id = cur.lastrowid
             self.db.executemany('INSERT INTO chunks (doc_id, seq, start, "end", heading, text) VALUES (?, ?, ?, ?, ?, ?)',
                                 [(doc_id, i, c.start, c.end, c.heading, c.text) for i, c in enumerate(chunks)])
+            if vecs is not None:
+                ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,))]
+                self.db.executemany("INSERT INTO vectors VALUES (?, ?)", [(i, v.tobytes()) for i, v in zip(ids, vecs)])
         return "added" if row is None else "updated"
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 1), dtype=np.float32)
+        v = np.asarray(self.encoder.embed(texts), dtype=np.float32)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)  # (n, d) unit rows
 
     def add_paths(self, paths: Iterable[str | Path], target: int = 1000, overlap: int = 150,
                   progress: Callable[[str], None] | None = None) -> AddReport:
@@ -191,6 +236,56 @@ class Collection:
 
     def count_chunks(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids (n,), unit vectors (n, d)), cached until the database changes."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0] + self.db.total_changes
+        if self._matrix is None or self._matrix[0] != version:
+            rows = self.db.execute("SELECT chunk_id, vec FROM vectors ORDER BY chunk_id").fetchall()
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1) \
+                if rows else np.zeros((0, 1), dtype=np.float32)
+            self._matrix = (version, ids, mat)
+        return self._matrix[1], self._matrix[2]
+
+    def _hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+        if not scored:
+            return []
+        marks = ",".join("?" * len(scored))
+        rows = {r[0]: r for r in self.db.execute(
+            f'SELECT c.id, d.source, c.heading, c.text, c.start, c."end" FROM chunks c '
+            f"JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})", [i for i, _ in scored])}
+        return [Hit(i, s, *rows[i][1:]) for i, s in scored if i in rows]
+
+    def search_dense(self, query: str, k: int = 10) -> list[Hit]:
+        """Cosine similarity to the query's embedding, exact over every chunk."""
+        if self.encoder is None:
+            raise LMForgeError("dense search needs an embedding model (minilm-l6, say)")
+        ids, mat = self._vectors()
+        if not len(ids):
+            return []
+        sims = mat @ self._embed([query])[0]  # (n,)
+        top = np.argpartition(-sims, min(k, len(ids)) - 1)[:k]
+        top = top[np.argsort(-sims[top])]
+        return self._hits([(int(ids[i]), float(sims[i])) for i in top])
+
+    def search_hybrid(self, query: str, k: int = 10, depth: int = 100, rrf_k: int = 60) -> list[Hit]:
+        """Reciprocal rank fusion of the BM25 and dense top-`depth` lists."""
+        fused: dict[int, float] = {}
+        for hits in (self.search_bm25(query, depth), self.search_dense(query, depth)):
+            for rank, h in enumerate(hits, 1):
+                fused[h.chunk_id] = fused.get(h.chunk_id, 0.0) + 1.0 / (rrf_k + rank)
+        best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
+        return self._hits(best)
+
+    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Hit]:
+        if mode == "bm25" or (mode == "hybrid" and self.encoder is None):
+            return self.search_bm25(query, k)
+        if mode == "dense":
+            return self.search_dense(query, k)
+        if mode == "hybrid":
+            return self.search_hybrid(query, k)
+        raise LMForgeError(f"unknown search mode {mode!r}: use bm25, dense or hybrid")
 
     def search_bm25(self, query: str, k: int = 10) -> list[Hit]:
         q = fts_query(query)
