@@ -509,8 +509,24 @@ def index_add(
         from lmforge.encoders import Encoder
 
         encoder = Encoder.load(spec)
-    with Collection.open(collection, create=True, encoder=encoder) as col:
-        r = col.add_pydoc(chunk_size, overlap) if not paths else col.add_paths(paths, chunk_size, overlap)
+    from pydoc_data.topics import topics
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lmforge.rag.collection import expand_paths
+
+    files = expand_paths(paths) if paths else None
+    total = len(files) if files is not None else len(topics)
+    t0 = time.perf_counter()
+    with Collection.open(collection, create=True, encoder=encoder) as col, \
+            Progress(TextColumn("[bold]index"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                     TimeRemainingColumn(), console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task("index", total=total, rate="")
+
+        def step(_source: str) -> None:
+            done = bar.tasks[0].completed + 1
+            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} docs/s")
+
+        r = col.add_pydoc(chunk_size, overlap, step) if files is None else col.add_paths(files, chunk_size, overlap, step)
     print(f"{collection}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged; {r.chunks:,} chunks in all"
           + (f"; vectors from {encoder.spec}" if encoder is not None else "; BM25 only (no embedding model)"))
 

@@ -216,3 +216,34 @@ def test_an_encoder_given_later_embeds_what_is_there(tmp_path, tiny_encoder):
     col = Collection.open("late", root=tmp_path, encoder=tiny_encoder)
     assert col.embed_model == tiny_encoder.spec
     assert col.search_dense("Second document about mountains.", 1)[0].source == "b"
+
+
+def test_retrieval_metrics_and_a_tiny_beir_folder(tmp_path, tiny_encoder):
+    import gzip
+    import json
+    import math
+
+    from lmforge.rag.evaluate import evaluate_beir, load_beir, metrics
+
+    m = metrics(["x", "a", "y", "b"], {"a": 1, "b": 2})
+    assert m["recall@1"] == 0 and m["recall@5"] == 1 and m["mrr@10"] == 0.5
+    ideal = 2 / math.log2(2) + 1 / math.log2(3)
+    assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 2 / math.log2(5)) / ideal)
+
+    words = ["river", "mountain", "compiler", "violin", "glacier", "harbour", "desert", "orchard"]
+    with gzip.open(tmp_path / "corpus.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i, w in enumerate(words):
+            f.write(json.dumps({"_id": f"d{i}", "title": w.title(), "text": f"All about the {w} and its ways."}) + "\n")
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"tell me about the {w}"}) + "\n"
+                                                    for i, w in enumerate(words)), encoding="utf-8")
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i}\td{i}\t1\n" for i in range(len(words))), encoding="utf-8")
+    corpus, queries, qrels = load_beir(tmp_path)
+    assert len(corpus) == 8 and corpus["d0"].startswith("River\n\n") and qrels["q3"] == {"d3": 1}
+    r = evaluate_beir(tmp_path, encoder=tiny_encoder, log=lambda m: None)
+    assert r["bm25"]["recall@1"] == 1.0 and r["bm25"]["ndcg@10"] == 1.0  # each query names its document
+    assert set(r) == {"bm25", "dense", "hybrid", "_"} and 0 <= r["dense"]["ndcg@10"] <= 1
+    assert r["hybrid"]["recall@10"] == 1.0
+    with pytest.raises(LMForgeError, match="not a BEIR folder"):
+        load_beir(tmp_path, split="dev")

@@ -109,6 +109,7 @@ class Collection:
         try:
             self.db = sqlite3.connect(str(db))
             self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against crashes, no fsync per commit
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(_SCHEMA)
             version = self._meta("schema")
@@ -202,7 +203,8 @@ class Collection:
         report.chunks = self.count_chunks()
         return report
 
-    def add_pydoc(self, target: int = 1000, overlap: int = 150) -> AddReport:
+    def add_pydoc(self, target: int = 1000, overlap: int = 150,
+                  progress: Callable[[str], None] | None = None) -> AddReport:
         """Python's own documentation topics (pydoc_data.topics), one document per topic."""
         from pydoc_data.topics import topics
 
@@ -210,6 +212,8 @@ class Collection:
         for name in sorted(topics):
             status = self.add_text(f"pydoc:{name}", topics[name], target, overlap)
             setattr(report, status, getattr(report, status) + 1)
+            if progress:
+                progress(f"pydoc:{name}")
         report.chunks = self.count_chunks()
         return report
 
@@ -300,6 +304,10 @@ class Collection:
 
 def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    return list(_expand(paths))
 
 
 def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
