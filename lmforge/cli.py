@@ -597,6 +597,45 @@ def search(
         print("    " + " ".join(h.text.split())[:300])
 
 
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="A question about the collection's documents.")],
+    collection: Annotated[str, typer.Option(help="Collection name (lmforge index add builds it).")] = "pydoc",
+    model: Annotated[str, typer.Option(help="Chat model.")] = "smollm2-135m-instruct",
+    k: Annotated[int, typer.Option("-k", help="Sources to retrieve.")] = 3,
+    mode: Annotated[str, typer.Option(help="bm25, dense or hybrid retrieval.")] = "hybrid",
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 200,
+):
+    """Answer a question from a collection, citing its sources by number.
+
+    Example: lmforge ask "What does the with statement do?"
+    """
+    from lmforge.api import LM
+    from lmforge.encoders import Encoder
+    from lmforge.rag.ask import ask as ask_fn
+    from lmforge.rag.collection import Collection
+
+    if k < 1:
+        raise LMForgeError("-k must be at least 1")
+    with Collection.open(collection) as col:
+        spec = col.embed_model
+    encoder = Encoder.load(spec) if spec is not None and mode != "bm25" else None
+    lm = LM.load(model)
+    if not lm.tokenizer.chat_template:
+        raise LMForgeError(f"{model} has no chat template; ask needs a chat model (smollm2-135m-instruct)")
+    with Collection.open(collection, encoder=encoder) as col:
+        answer = ask_fn(question, col, lm, k=k, mode=mode, max_new_tokens=max_tokens,
+                        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    if answer.removed:
+        print(f"(removed citations of sources that were not given: {', '.join(f'[{n}]' for n in answer.removed)})")
+    if answer.cited:
+        print("\nSources:")
+        for n in sorted(answer.cited):
+            h = answer.sources[n - 1]
+            print(f"  [{n}] {h.source}" + (f" > {h.heading}" if h.heading else "") + f"  (chars {h.start}-{h.end})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -90,3 +90,24 @@ def test_exported_folder_loads_and_chats(float_lm, tmp_path):
     reply = "".join(lm.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=20,
                             temperature=0))
     assert "Paris" in reply
+
+
+def test_ask_cites_the_right_python_doc_topics(tmp_path):
+    """The README's retrieval story end to end: the default collection (Python's docs, MiniLM
+    vectors) and SmolLM2 answer two questions; the cited topics are asserted, not the wording."""
+    if store.find("minilm-l6") is None:
+        pytest.skip("minilm-l6 is not pulled")
+    from lmforge.encoders import Encoder
+    from lmforge.rag.ask import ask
+    from lmforge.rag.collection import Collection
+
+    col = Collection.open("pydoc", create=True, root=tmp_path, encoder=Encoder.load("minilm-l6", device="cpu"))
+    col.add_pydoc()
+    lm = LM.load(NAME)
+    for question, topic in (("How do I open a file for writing?", "pydoc:types"),
+                            ("What does the with statement do?", "pydoc:with")):
+        a = ask(question, col, lm, max_new_tokens=80)
+        cited = {a.sources[n - 1].source for n in a.cited}
+        print(question, "->", sorted(cited), a.text[:120])
+        assert a.found and topic in cited and not a.removed
+    assert not ask("Who won the 1998 football world cup?", col, lm).found

@@ -247,3 +247,30 @@ def test_retrieval_metrics_and_a_tiny_beir_folder(tmp_path, tiny_encoder):
     assert r["hybrid"]["recall@10"] == 1.0
     with pytest.raises(LMForgeError, match="not a BEIR folder"):
         load_beir(tmp_path, split="dev")
+
+
+def test_citations_are_checked_and_attributed():
+    from lmforge.rag.ask import attribute, check_citations
+    from lmforge.rag.collection import Hit
+
+    sources = [Hit(1, 0.0, "a", "", "Kettles boil water quickly on a gas stove.", 0, 10),
+               Hit(2, 0.0, "b", "", "Violins have four strings tuned in fifths.", 0, 10)]
+    text, valid, removed = check_citations("Violins have four strings [2] [7].", 2)
+    assert text == "Violins have four strings [2]." and valid == [2] and removed == [7]
+    assert attribute("A violin has four strings, tuned in fifths.", sources) == 2
+    assert attribute("Kettles boil water.", sources) == 1
+    assert attribute("Nothing in common whatsoever here.", sources) is None
+
+
+def test_ask_says_so_when_the_collection_has_nothing(tmp_path, tiny_encoder):
+    from lmforge.rag.ask import NOT_FOUND, ask
+
+    col = Collection.open("q", create=True, root=tmp_path, encoder=tiny_encoder)
+    with pytest.raises(LMForgeError, match="is empty"):
+        ask("anything?", col, lm=None)
+    col.add_text("a", "Kettles boil water quickly on a gas stove.")
+    said = []
+    a = ask("anything?", col, lm=None, min_similarity=1.01, on_text=said.append)  # nothing can be that similar
+    assert not a.found and a.text == NOT_FOUND and said == [NOT_FOUND] and not a.cited
+    with pytest.raises(LMForgeError, match="empty"):
+        ask("   ", col, lm=None)

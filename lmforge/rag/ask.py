@@ -1,0 +1,143 @@
+"""Grounded answers: retrieve, prompt with numbered sources, generate, and check the citations.
+
+Citations come from two places. Numbers the model writes itself ("[2]") are kept when they name
+a source it was shown, and removed and reported otherwise. A sentence of the answer that cites
+nothing gets the source whose words it shares most, when it shares enough. Small models such as
+SmolLM2-135M rarely cite on their own but do copy from their sources, so this attribution is
+what makes their citations dependable. When the best source is not similar enough to the
+question, no answer is generated: the reply says the collection has nothing on it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from lmforge.errors import LMForgeError
+from lmforge.rag.collection import Collection, Hit
+
+SYSTEM = ("You answer questions using only the numbered sources given. After each fact, cite its source number "
+          "in brackets, like [1]. If the sources do not contain the answer, say you do not know.")
+NOT_FOUND = "The collection has nothing on this question, so there is no grounded answer to give."
+_CITE = re.compile(r"\s*\[(\d+)\]")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\"'(])|\n\s*\n")
+
+
+@dataclass
+class Answer:
+    text: str
+    sources: list[Hit]  # numbered from 1, as shown to the model
+    cited: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)  # numbers the model cited that name no source
+    found: bool = True
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9_]+", text.lower()) if len(w) > 2}
+
+
+def attribute(sentence: str, sources: list[Hit], min_overlap: float = 0.5) -> int | None:
+    """The source (1-based) sharing the largest share of the sentence's words, if at least
+    min_overlap of them."""
+    words = _words(sentence)
+    if len(words) < 3:
+        return None
+    best, share = None, 0.0
+    for i, h in enumerate(sources, 1):
+        s = len(words & _words(h.text)) / len(words)
+        if s > share:
+            best, share = i, s
+    return best if share >= min_overlap else None
+
+
+def check_citations(sentence: str, n_sources: int) -> tuple[str, list[int], list[int]]:
+    """(sentence without invalid citations, valid numbers, removed numbers)."""
+    valid, removed = [], []
+
+    def keep(m: re.Match) -> str:
+        n = int(m.group(1))
+        if 1 <= n <= n_sources:
+            valid.append(n)
+            return m.group(0)
+        removed.append(n)
+        return ""
+
+    return _CITE.sub(keep, sentence), valid, removed
+
+
+def build_messages(lm, question: str, hits: list[Hit], max_new_tokens: int,
+                   per_source_chars: int = 700) -> tuple[list[dict], list[Hit]]:
+    """The chat messages with as many sources (best first) as the context leaves room for."""
+    budget = (lm.hard_context or 1 << 30) - max_new_tokens - 8
+    used: list[Hit] = []
+    for h in hits:
+        trial = used + [h]
+        if _n_tokens(lm, _messages(question, trial, per_source_chars)) > budget:
+            break
+        used = trial
+    msgs = _messages(question, used, per_source_chars)
+    if _n_tokens(lm, msgs) > budget:
+        raise LMForgeError("the question is too long for the model's context; shorten it")
+    return msgs, used
+
+
+def _n_tokens(lm, messages: list[dict]) -> int:
+    return len(lm.tokenizer.encode(lm.tokenizer.render_chat(messages, add_generation_prompt=True), check=False))
+
+
+def _messages(question: str, hits: list[Hit], per_source_chars: int) -> list[dict]:
+    blocks = []
+    for i, h in enumerate(hits, 1):
+        where = h.source + (f" > {h.heading}" if h.heading else "")
+        blocks.append(f"[{i}] ({where})\n{' '.join(h.text.split())[:per_source_chars]}")
+    sources = "\n\n".join(blocks)
+    return [{"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}\n"
+                                        f"Answer in two or three sentences and cite the sources like [1]."}]
+
+
+def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybrid", max_new_tokens: int = 200,
+        min_similarity: float = 0.3, on_text: Callable[[str], None] | None = None) -> Answer:
+    """Answer from the collection. on_text receives the answer a sentence at a time, with its
+    citations, as it is generated."""
+    if not question.strip():
+        raise LMForgeError("the question is empty")
+    if collection.count_chunks() == 0:
+        raise LMForgeError(f"collection {collection.name!r} is empty; add documents with lmforge index add")
+    hits = collection.search(question, k, mode)
+    if collection.encoder is not None:
+        best = collection.search_dense(question, 1)
+        found = bool(best) and best[0].score >= min_similarity
+    else:
+        found = bool(hits)
+    if not found or not hits:
+        if on_text:
+            on_text(NOT_FOUND)
+        return Answer(NOT_FOUND, [], found=False)
+    msgs, sources = build_messages(lm, question, hits, max_new_tokens)
+    answer = Answer("", sources)
+    pending = ""
+
+    def flush(sentence: str, sep: str) -> None:
+        text, valid, removed = check_citations(sentence, len(sources))
+        answer.removed += removed
+        if not valid and not _CITE.search(text):
+            n = attribute(text, sources)
+            if n is not None:
+                valid = [n]
+                text = text.rstrip() + f" [{n}]"
+        answer.cited += [n for n in valid if n not in answer.cited]
+        answer.text += text + sep
+        if on_text:
+            on_text(text + sep)
+
+    for piece in lm.chat(msgs, max_new_tokens, temperature=0):
+        pending += piece
+        while (m := _SENTENCE.search(pending)) is not None:
+            flush(pending[:m.start()], pending[m.start():m.end()])
+            pending = pending[m.end():]
+    if pending.strip():
+        flush(pending, "")
+    answer.text = answer.text.strip()
+    return answer
