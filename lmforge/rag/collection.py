@@ -103,8 +103,9 @@ class Collection:
         self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, chunk ids, vectors)
         db = self.folder / "collection.db"
         if not db.is_file() and not create:
-            raise LMForgeError(f"no collection {self.name!r} (in {self.folder.parent}); "
-                               f"build it with: lmforge index add PATHS --collection {self.name}")
+            how = "lmforge index add" if self.name == DEFAULT_COLLECTION else \
+                f"lmforge index add PATHS --collection {self.name}"
+            raise LMForgeError(f"no collection {self.name!r} (in {self.folder.parent}); build it with: {how}")
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(db))
