@@ -191,6 +191,7 @@ def eval_cmd(
 
     Every token is predicted once, in windows of the model's context length.
     Example: lmforge eval runs/my-run --data held_out.txt
+    Retrieval quality instead: lmforge eval retrieval --beir DIR (see lmforge eval-retrieval --help).
     """
     from lmforge.api import LM
 
@@ -636,8 +637,40 @@ def ask(
             print(f"  [{n}] {h.source}" + (f" > {h.heading}" if h.heading else "") + f"  (chars {h.start}-{h.end})")
 
 
+@app.command("eval-retrieval", hidden=True)
+def eval_retrieval(
+    beir: Annotated[Path, typer.Option(help="A BEIR folder: corpus.jsonl[.gz], queries.jsonl, qrels/SPLIT.tsv.")],
+    split: Annotated[str, typer.Option(help="Which qrels file to score.")] = "test",
+    embed: Annotated[str, typer.Option(help="Sentence encoder for dense and hybrid ('none': BM25 only).")] = "minilm-l6",
+    max_queries: Annotated[Optional[int], typer.Option(help="Score only the first N judged queries.")] = None,
+):
+    """Retrieval quality (lmforge eval retrieval --beir DIR): recall@1/5/10, MRR@10 and nDCG@10 for
+    BM25, dense and hybrid search, side by side, each document indexed as one chunk."""
+    from rich.table import Table
+
+    from lmforge.rag.evaluate import evaluate_beir
+
+    encoder = None
+    if embed != "none":
+        from lmforge.encoders import Encoder
+
+        encoder = Encoder.load(embed)
+    r = evaluate_beir(beir, split, encoder, max_queries=max_queries, log=lambda m: _console(stderr=True).print(m))
+    info = r.pop("_")
+    table = Table(title=f"{beir.name} ({split}): {info['documents']:,} documents, {info['queries']:,} queries")
+    cols = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "ms_per_query")
+    table.add_column("mode")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for mode, m in r.items():
+        table.add_row(mode, *(f"{m[c]:.4f}" if c != "ms_per_query" else f"{m[c]:.1f}" for c in cols))
+    _console().print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
+    if args[:2] == ["eval", "retrieval"]:  # `lmforge eval CHECKPOINT` stays as it was
+        args = ["eval-retrieval", *args[2:]]
     try:
         app(args=args, prog_name="lmforge")
     except LMForgeError as e:

@@ -274,3 +274,19 @@ def test_ask_says_so_when_the_collection_has_nothing(tmp_path, tiny_encoder):
     assert not a.found and a.text == NOT_FOUND and said == [NOT_FOUND] and not a.cited
     with pytest.raises(LMForgeError, match="empty"):
         ask("   ", col, lm=None)
+
+
+def test_eval_retrieval_command(tmp_path, capsys):
+    import json
+
+    from test_cli import run_cli
+
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": w, "text": f"about {w}"}) + "\n"
+                                                   for i, w in enumerate(["kettles", "violins", "glaciers"])))
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "violins please"}) + "\n")
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    code, out, err = run_cli(["eval", "retrieval", "--beir", tmp_path, "--embed", "none"], capsys)
+    assert code == 0 and "bm25" in out and "1.0000" in out, (out, err)
+    code, out, err = run_cli(["eval", "retrieval", "--beir", tmp_path / "nope", "--embed", "none"], capsys)
+    assert code == 1 and "not a BEIR folder" in err
