@@ -86,23 +86,11 @@ def _valid_name(name: str) -> str:
     return name
 
 
-# English function words: in an OR query they match nearly every chunk, which costs time (FTS5
-# ranks every match) and adds almost nothing to BM25 (their IDF is near zero)
-STOPWORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
-below between both but by can did do does doing down during each few for from further had has have having he her
-here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
-off on once only or other our ours ourselves out over own same she should so some such than that the their theirs
-them themselves then there these they this those through to too under until up very was we were what when where
-which while who whom why will with would you your yours yourself yourselves""".split())
-
-
 def fts_query(text: str) -> str:
-    """A user's question as an FTS5 query: its words less the function words (all of them if
-    that leaves none), each quoted (FTS5 syntax characters in the text are then just text),
-    joined by OR so that BM25 ranks partial matches too."""
-    words = list(dict.fromkeys(re.findall(r"\w+", text.lower())))
-    content = [w for w in words if w not in STOPWORDS]
-    return " OR ".join(f'"{w}"' for w in (content or words))
+    """A user's question as an FTS5 query: its words, each quoted (FTS5 syntax characters in
+    the text are then just text), joined by OR so that BM25 ranks partial matches too."""
+    words = re.findall(r"\w+", text.lower())
+    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
 
 
 class Collection:
