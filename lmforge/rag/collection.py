@@ -166,13 +166,45 @@ class Collection:
 
     # ------------------------------------------------------------------ ingest
     def add_text(self, source: str, text: str, target: int = 1000, overlap: int = 150) -> str:
-        """Ingest one document: "added", "updated" or "unchanged". One transaction."""
-        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        row = self.db.execute("SELECT id, sha256 FROM documents WHERE source = ?", (source,)).fetchone()
-        if row is not None and row[1] == sha:
-            return "unchanged"
-        chunks = chunk_text(text, target, overlap)
-        vecs = self._embed([c.text for c in chunks]) if self.encoder is not None else None
+        """Ingest one document: "added", "updated" or "unchanged"."""
+        return self.add_documents([(source, text)], target, overlap)[0]
+
+    def add_documents(self, docs: Iterable[tuple[str, str]], target: int = 1000, overlap: int = 150,
+                      progress: Callable[[str], None] | None = None, batch: int = 64) -> list[str]:
+        """Ingest (source, text) pairs; each one's status ("added", "updated", "unchanged") in
+        order. Changed documents are chunked, and their chunks embedded `batch` documents at a
+        time (one encoder call: length-bucketed batches across documents, not a call per
+        document); each document is then written in its own transaction, vectors included."""
+        statuses: list[str] = []
+        pending: list[tuple[str, str, str, tuple | None, list]] = []
+
+        def flush() -> None:
+            texts = [c.text for *_, chunks in pending for c in chunks]
+            vecs = self._embed(texts) if self.encoder is not None else None
+            at = 0
+            for source, text, sha, row, chunks in pending:
+                self._write(source, text, sha, row, chunks, None if vecs is None else vecs[at:at + len(chunks)])
+                at += len(chunks)
+                if progress:
+                    progress(source)
+            pending.clear()
+
+        for source, text in docs:
+            sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            row = self.db.execute("SELECT id, sha256 FROM documents WHERE source = ?", (source,)).fetchone()
+            if row is not None and row[1] == sha:
+                statuses.append("unchanged")
+                if progress:
+                    progress(source)
+                continue
+            statuses.append("added" if row is None else "updated")
+            pending.append((source, text, sha, row, chunk_text(text, target, overlap)))
+            if len(pending) >= batch:
+                flush()
+        flush()
+        return statuses
+
+    def _write(self, source: str, text: str, sha: str, row: tuple | None, chunks: list, vecs: np.ndarray | None) -> None:
         with self.db:  # one transaction: the old chunks go only if the new ones arrive
             if row is not None:
                 self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
@@ -185,7 +217,6 @@ class Collection:
             if vecs is not None:
                 ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,))]
                 self.db.executemany("INSERT INTO vectors VALUES (?, ?)", [(i, v.tobytes()) for i, v in zip(ids, vecs)])
-        return "added" if row is None else "updated"
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -195,28 +226,23 @@ class Collection:
 
     def add_paths(self, paths: Iterable[str | Path], target: int = 1000, overlap: int = 150,
                   progress: Callable[[str], None] | None = None) -> AddReport:
-        report = AddReport()
-        for f in _expand(paths):
-            status = self.add_text(str(f.resolve()), read_document(f), target, overlap)
-            setattr(report, status, getattr(report, status) + 1)
-            if progress:
-                progress(str(f))
-        report.chunks = self.count_chunks()
-        return report
+        files = expand_paths(paths)  # every path checked before anything is written
+        statuses = self.add_documents(((str(f.resolve()), read_document(f)) for f in files), target, overlap, progress)
+        return self._report(statuses)
 
     def add_pydoc(self, target: int = 1000, overlap: int = 150,
                   progress: Callable[[str], None] | None = None) -> AddReport:
         """Python's own documentation topics (pydoc_data.topics), one document per topic."""
         from pydoc_data.topics import topics
 
-        report = AddReport()
-        for name in sorted(topics):
-            status = self.add_text(f"pydoc:{name}", topics[name], target, overlap)
-            setattr(report, status, getattr(report, status) + 1)
-            if progress:
-                progress(f"pydoc:{name}")
-        report.chunks = self.count_chunks()
-        return report
+        statuses = self.add_documents(((f"pydoc:{n}", topics[n]) for n in sorted(topics)), target, overlap, progress)
+        return self._report(statuses)
+
+    def _report(self, statuses: list[str]) -> AddReport:
+        r = AddReport(chunks=self.count_chunks())
+        for st in statuses:
+            setattr(r, st, getattr(r, st) + 1)
+        return r
 
     def remove(self, sources: Iterable[str]) -> int:
         n = 0

@@ -71,8 +71,7 @@ def evaluate_beir(folder: Path, split: str = "test", encoder=None, modes: tuple[
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         col = Collection(Path(tmp) / "beir", create=True, encoder=encoder)
-        for doc_id, text in corpus.items():
-            col.add_text(doc_id, text, target=ONE_CHUNK, overlap=0)
+        col.add_documents(corpus.items(), target=ONE_CHUNK, overlap=0)
         build = time.perf_counter() - t
         log(f"indexed {len(corpus):,} documents in {build:.1f} s")
         results: dict[str, dict[str, float]] = {}

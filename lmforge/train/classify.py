@@ -13,6 +13,7 @@ import io
 import json
 import math
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from lmforge.common import atomic_dir, seed_everything
 from lmforge.config import EncoderConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import POOLING, BertEncoder
-from lmforge.train.loop import Task
+from lmforge.train.loop import Task, fit
 
 
 # ---------------------------------------------------------------- data
@@ -232,8 +233,6 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     if not resume and part.exists():
         if (ckpt_dir / "progress.json").is_file():
             raise LMForgeError(f"an interrupted run for {out} exists; add --resume to continue it, or delete {part}")
-        import shutil
-
         shutil.rmtree(part)  # a run that died before its first checkpoint: nothing to keep
     texts, labels = read_rows(train_path, text_col, label_col, cfg.skip_empty)
     rng = random.Random(cfg.seed)
@@ -299,7 +298,7 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
 
     from safetensors.torch import load_file
 
-    task = _ClassifyTask(model, opt, cfg, ids, y, val_ids, y_val, pad, weight, steps_per_epoch, total)
+    task = _ClassifyTask(model, opt, cfg, ids, y, val_ids, y_val, pad, weight, steps_per_epoch, total, ckpt_dir)
     step = 0
     if resume:
         saved = json.loads((ckpt_dir / "progress.json").read_text(encoding="utf-8"))
@@ -315,10 +314,7 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
         task.best, task.stale, step = saved["best"], saved["stale"], saved["step"]
         log(f"resuming at step {step} of {total} (best validation accuracy so far {task.best:.4f})")
 
-    from lmforge.train.loop import fit
-
     part.mkdir(parents=True, exist_ok=True)
-    task.ckpt_dir = ckpt_dir
     model.train()
     t0 = time.perf_counter()
     try:
@@ -327,8 +323,6 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
                   metrics_path=part / "metrics.jsonl", show_progress=progress, log=log, stop_after=stop_after)
     except BaseException:
         if not (ckpt_dir / "progress.json").is_file():
-            import shutil
-
             shutil.rmtree(part, ignore_errors=True)  # nothing worth resuming
         raise
     if res.stopped == "early stop":
@@ -339,8 +333,6 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
         task.checkpoint(res.step)
         raise LMForgeError(f"interrupted at step {res.step}; continue with the same command and --resume")
     with atomic_dir(out) as tmp:
-        import shutil
-
         from lmforge.train.plot import plot_loss
 
         shutil.copyfile(part / "metrics.jsonl", tmp / "metrics.jsonl")
@@ -359,8 +351,6 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
                   "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "steps": res.step,
                   "stopped": res.stopped, "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    import shutil
-
     shutil.rmtree(part, ignore_errors=True)
     return report
 
@@ -370,14 +360,14 @@ class _ClassifyTask(Task):
     early stopping on accuracy, and a checkpoint after every validation."""
 
     def __init__(self, model: Classifier, opt, cfg: ClassifyConfig, ids, y, val_ids, y_val, pad: int, weight,
-                 steps_per_epoch: int, total: int):
+                 steps_per_epoch: int, total: int, ckpt_dir: Path):
         self.model, self.opt, self.cfg = model, opt, cfg
         self.ids, self.y, self.val_ids, self.y_val, self.pad, self.weight = ids, y, val_ids, y_val, pad, weight
         self.spe, self.total = steps_per_epoch, total
         self.warm = max(1, int(total * cfg.warmup_frac))
         self.base_lrs = [g["lr"] for g in opt.param_groups]
         self.best, self.best_state, self.stale = -1.0, None, 0
-        self.ckpt_dir: Path | None = None
+        self.ckpt_dir = ckpt_dir
         self._epoch, self._groups = -1, []
         self.dev = model.head.weight.device
 

@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.common import (DistInfo, atomic_write_text, autocast, destroy_distributed, human_count, init_distributed,
-                            pick_dtype,
-                            seed_everything)
+                            pick_dtype, seed_everything)
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LMForgeError
 from lmforge.models import build_model, count_params
@@ -121,7 +120,6 @@ class FitResult:
     losses: list[tuple[int, float]]
     last_eval: dict[str, float]
     evaluated_at: int  # step of the last evaluation (-1: none this run)
-    last_checkpoint: Path | None
 
 
 def fit(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, task: Task, *, steps: int, start_step: int = 0,
@@ -144,7 +142,7 @@ def fit(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, task: Task
     step, steps_this_run, train_time = start_step, 0, 0.0
     losses: list[tuple[int, float]] = []
     last_eval: dict[str, float] = {}
-    evaluated_at, last_ckpt, stopped = -1, None, "done"
+    evaluated_at, stopped = -1, "done"
     rate_ema, t_start = 0.0, time.perf_counter()
 
     def write(row: dict[str, Any]) -> None:
@@ -223,10 +221,10 @@ def fit(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, task: Task
                     stopped = "early stop"
                     break
                 if step < steps and task.checkpoint_due(step):
-                    last_ckpt = task.checkpoint(step)
+                    task.checkpoint(step)
         except KeyboardInterrupt:
             stopped = "interrupted"
-    return FitResult(step, stopped, steps_this_run, train_time, losses, last_eval, evaluated_at, last_ckpt)
+    return FitResult(step, stopped, steps_this_run, train_time, losses, last_eval, evaluated_at)
 
 
 def _out_of_time(budget: float | None, t_start: float, dist: DistInfo, device: torch.device) -> bool:
