@@ -497,8 +497,9 @@ def index_add(
 
     Example: lmforge index add notes/ --collection notes
     """
-    from lmforge.rag.collection import Collection
+    from lmforge.rag.collection import Collection, expand_paths
 
+    files = expand_paths(paths) if paths else None  # bad paths fail before a collection is created
     with Collection.open(collection, create=True) as col:
         spec = embed or col.embed_model
     if spec is None:
@@ -513,9 +514,6 @@ def index_add(
     from pydoc_data.topics import topics
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from lmforge.rag.collection import expand_paths
-
-    files = expand_paths(paths) if paths else None
     total = len(files) if files is not None else len(topics)
     t0 = time.perf_counter()
     with Collection.open(collection, create=True, encoder=encoder) as col, \
