@@ -38,7 +38,8 @@ def main() -> None:
     from pydoc_data.topics import topics
 
     from lmforge.encoders import Encoder
-    from lmforge.rag.collection import Collection
+    from lmforge.rag.chunking import Chunk
+    from lmforge.rag.collection import Collection, fts_query
 
     words = re.findall(r"[a-z]{3,}", " ".join(topics.values()).lower())
     vocab, counts = np.unique(words, return_counts=True)
@@ -47,37 +48,59 @@ def main() -> None:
     enc = Encoder.load(args.embed, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         col = Collection(Path(tmp) / "big", create=True)
+        col.db.execute("INSERT INTO meta VALUES ('embed_model', ?)", (enc.spec,))
+        col.db.commit()
         t = time.perf_counter()
         per_doc = 50
-        with col.db:
-            for d in range(args.chunks // per_doc):
-                cur = col.db.execute("INSERT INTO documents (source, sha256, chars, added) VALUES (?, '', 0, 0)",
-                                     (f"doc{d}",))
-                rows = [(cur.lastrowid, i, 0, 0, "", " ".join(rng.choice(vocab, 60, p=p)))
-                        for i in range(per_doc)]
-                col.db.executemany('INSERT INTO chunks (doc_id, seq, start, "end", heading, text) '
-                                   'VALUES (?, ?, ?, ?, ?, ?)', rows)
-            ids = [r[0] for r in col.db.execute("SELECT id FROM chunks")]
-            vecs = rng.standard_normal((len(ids), enc.dim)).astype(np.float32)
+        for d in range(args.chunks // per_doc):
+            chunks = [Chunk(" ".join(rng.choice(vocab, 60, p=p)), 0, 0) for _ in range(per_doc)]
+            vecs = rng.standard_normal((per_doc, enc.dim)).astype(np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            col.db.executemany("INSERT INTO vectors VALUES (?, ?)", [(i, v.tobytes()) for i, v in zip(ids, vecs)])
-            col.db.execute("INSERT INTO meta VALUES ('embed_model', ?)", (enc.spec,))
-        print(f"built a {len(ids):,}-chunk collection in {time.perf_counter() - t:.1f} s")
+            col._write(f"doc{d}", "", "", None, chunks, vecs)
+        print(f"built a {col.size():,}-chunk collection in {time.perf_counter() - t:.1f} s")
         col.close()
         col = Collection(Path(tmp) / "big", encoder=enc)
+        for name, fn in (("bm25 index", col._lexical), ("HNSW index", col._ann_index)):
+            t = time.perf_counter()
+            fn()
+            print(f"{name} built in {time.perf_counter() - t:.1f} s")
         qrng = random.Random(1)
         sentences = [s.strip() for t in topics.values() for s in re.split(r"(?<=[.?!])\s+", t) if 30 < len(s) < 160]
         queries = qrng.sample(sentences, args.queries)
-        col.search(queries[0], 10, "hybrid")  # load the vectors once, as a long-running server would
-        for mode in ("bm25", "dense", "hybrid"):
+        col.search(queries[0], 10, "hybrid")  # vectors and indexes in memory, as a long-running server has them
+
+        def small(c):  # the same collection searched as a small one is: FTS5 bm25() and exact dense
+            c.lexical_from = c.ann_from = 10**12
+
+        def large(c):
+            c.lexical_from = c.ann_from = 0
+
+        rows = [("query embedding alone", None, lambda q: enc.embed([q])),
+                ("bm25: FTS5 bm25()", small, lambda q: col.search(q, 10, "bm25")),
+                ("bm25: in-memory index", large, lambda q: col.search(q, 10, "bm25")),
+                ("dense: exact", small, lambda q: col.search(q, 10, "dense")),
+                ("dense: HNSW", large, lambda q: col.search(q, 10, "dense")),
+                ("hybrid: FTS5 + exact", small, lambda q: col.search(q, 10, "hybrid")),
+                ("hybrid: index + HNSW (default)", large, lambda q: col.search(q, 10, "hybrid"))]
+        print(f"\n| {len(queries)} queries over {col.size():,} chunks | p50 ms | p95 ms | max ms |")
+        print("|---|---|---|---|")
+        for name, setup, fn in rows:
+            if setup:
+                setup(col)
+            fn(queries[0])
             times = []
             for q in queries:
                 t = time.perf_counter()
-                col.search(q, 10, mode)
+                fn(q)
                 times.append((time.perf_counter() - t) * 1000)
             times.sort()
-            print(f"{mode:7} p50 {times[len(times) // 2]:7.1f} ms   p95 {times[int(len(times) * 0.95)]:7.1f} ms   "
-                  f"max {times[-1]:7.1f} ms")
+            print(f"| {name} | {times[len(times) // 2]:.1f} | {times[int(len(times) * 0.95)]:.1f} | {times[-1]:.1f} |")
+        large(col)
+        agree = [len({h.chunk_id for h in col.search_bm25(q, 10)} &
+                     {i for (i,) in col.db.execute(
+                         "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT 10",
+                         (fts_query(q),))}) / 10 for q in queries[:50]]
+        print(f"\nBM25 top-10 overlap, in-memory index vs FTS5 bm25(), 50 queries: {np.mean(agree):.3f}")
 
 
 if __name__ == "__main__":

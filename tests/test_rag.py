@@ -290,3 +290,95 @@ def test_eval_retrieval_command(tmp_path, capsys):
     assert code == 0 and "bm25" in out and "1.0000" in out, (out, err)
     code, out, err = run_cli(["eval", "retrieval", "--beir", tmp_path / "nope", "--embed", "none"], capsys)
     assert code == 1 and "not a BEIR folder" in err
+
+
+def _pydoc_queries(n: int) -> list[str]:
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    sentences = [s for t in topics.values() for s in re.split(r"(?<=[.?!])\s+", t) if 20 < len(s) < 200]
+    return random.Random(0).sample(sentences, n) + ["What does the with statement do?", "naïve café_x 中文"]
+
+
+def test_in_memory_bm25_index_gives_fts5_scores(tmp_path):
+    """Large collections score BM25 from an in-memory index built out of FTS5's own token index;
+    it must rank and score exactly as FTS5's bm25() does, persist, and notice changes."""
+    col = Collection.open("p", create=True, root=tmp_path)
+    col.add_pydoc()
+    queries = _pydoc_queries(150)
+    reference = {q: col._bm25(q, 20) for q in queries}  # a small collection: FTS5 bm25() itself
+    assert not (tmp_path / "p" / "bm25.npz").exists()
+    col.lexical_from = 0
+    for q in queries:
+        fast, ref = col._bm25(q, 20), reference[q]
+        assert [i for i, _ in fast[:10]] == [i for i, _ in ref[:10]], q
+        assert [s for _, s in fast] == pytest.approx([s for _, s in ref], rel=1e-5), q
+    saved = tmp_path / "p" / "bm25.npz"
+    assert saved.is_file()
+    again = Collection.open("p", root=tmp_path)
+    again.lexical_from = 0
+    assert again._lexical().stamp == col.stamp  # loaded, not rebuilt
+    again.add_text("extra", "Quokkas are small marsupials found on Rottnest Island.")
+    assert again.search_bm25("quokka marsupials")[0].source == "extra"  # stale index rebuilt
+    saved.write_bytes(b"garbage")
+    third = Collection.open("p", root=tmp_path)
+    third.lexical_from = 0
+    assert third.search_bm25("quokka")[0].source == "extra"  # an unreadable file is rebuilt, not trusted
+
+
+def test_chinese_text_is_searchable_by_bigrams(tmp_path):
+    from lmforge.rag.lexical import fts_text
+
+    assert fts_text("我爱北京 ok") == " 我爱 爱北 北京  ok"
+    col = Collection.open("zh", create=True, root=tmp_path)
+    col.add_text("a", "北京是中国的首都，有很多名胜古迹。")
+    col.add_text("b", "上海是一个国际化的大城市，位于长江入海口。")
+    col.add_text("c", "Rivers flow into the sea.")
+    for lexical_from in (10**9, 0):
+        col.lexical_from = lexical_from
+        assert col.search_bm25("中国的首都是哪里？")[0].source == "a"
+        assert col.search_bm25("长江")[0].source == "b"
+
+
+class _BagOfWords:
+    """A stand-in sentence encoder: hashed word counts, so texts sharing words are close."""
+    spec = "bag-of-words-64"
+
+    def embed(self, texts):
+        import zlib
+
+        import numpy as np
+
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for r, t in enumerate(texts):
+            for w in t.lower().split():
+                out[r, zlib.crc32(w.encode()) % 64] += 1
+        return out + 1e-3
+
+
+def test_large_collections_use_an_hnsw_index_close_to_exact(tmp_path):
+    pytest.importorskip("usearch")
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    col = Collection.open("big", create=True, root=tmp_path, encoder=_BagOfWords())
+    col.add_documents([(f"d{i}", " ".join(rng.choices(words, k=12))) for i in range(1500)], target=2000, overlap=0)
+    queries = [" ".join(rng.choices(words, k=6)) for _ in range(40)]
+    exact = {q: col._dense(q, 10) for q in queries}
+    assert not col.uses_ann()
+    col.ann_from = 0
+    assert col.uses_ann()
+    recall = [len({i for i, _ in col._dense(q, 10)} & {i for i, _ in exact[q]}) / 10 for q in queries]
+    assert sum(recall) / len(recall) >= 0.9
+    top = col._dense(queries[0], 10)
+    assert top[0][1] == pytest.approx(exact[queries[0]][0][1], abs=5e-3)  # float16 cosines
+    files = list((tmp_path / "big").glob("vectors-*.usearch"))
+    assert len(files) == 1 and col.stamp in files[0].name
+    col.add_text("new", "w1 w2 w3 w4 w5 w6 w7 w8")
+    assert col.search_dense("w1 w2 w3 w4 w5 w6 w7 w8", 1)[0].source == "new"  # rebuilt for the change
+    files = list((tmp_path / "big").glob("vectors-*.usearch"))
+    assert len(files) == 1 and col.stamp in files[0].name  # the stale file is gone
+    assert col.refresh() == []  # nothing stale

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -28,9 +29,12 @@ import numpy as np
 
 from lmforge.errors import LMForgeError
 from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, read_document
+from lmforge.rag.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, fts_text, query_words
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_COLLECTION = "pydoc"
+LEXICAL_FROM = 10_000  # chunks: from here BM25 runs on the in-memory index (FTS5 scores every match)
+ANN_FROM = 50_000  # vectors: from here dense search uses an HNSW index (exact search passes ~10 ms)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -42,17 +46,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     seq INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, heading TEXT NOT NULL,
     text TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, seq);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
-    heading, text, content='chunks', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2');
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(heading, text, tokenize='%s');
 CREATE TABLE IF NOT EXISTS vectors (
     chunk_id INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE, vec BLOB NOT NULL);
-CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, heading, text) VALUES (new.id, new.heading, new.text);
-END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts(chunks_fts, rowid, heading, text) VALUES ('delete', old.id, old.heading, old.text);
+    DELETE FROM chunks_fts WHERE rowid = old.id;
 END;
-"""
+""" % TOKENIZE
 
 
 @dataclass
@@ -89,8 +89,7 @@ def _valid_name(name: str) -> str:
 def fts_query(text: str) -> str:
     """A user's question as an FTS5 query: its words, each quoted (FTS5 syntax characters in
     the text are then just text), joined by OR so that BM25 ranks partial matches too."""
-    words = re.findall(r"\w+", text.lower())
-    return " OR ".join(f'"{w}"' for w in dict.fromkeys(words))
+    return " OR ".join(f'"{w}"' for w in query_words(text))
 
 
 class Collection:
@@ -100,7 +99,12 @@ class Collection:
         self.folder = Path(folder)
         self.name = self.folder.name
         self.encoder = encoder
-        self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, chunk ids, vectors)
+        self.lexical_from, self.ann_from = LEXICAL_FROM, ANN_FROM
+        self._matrix: tuple[str, np.ndarray, np.ndarray] | None = None  # (stamp, chunk ids, vectors)
+        self._size: tuple[str, int] | None = None
+        self._lex: LexicalIndex | None = None
+        self._ann: tuple[str, object] | None = None
+        self._tokenizer: QueryTokenizer | None = None
         db = self.folder / "collection.db"
         if not db.is_file() and not create:
             how = "lmforge index add" if self.name == DEFAULT_COLLECTION else \
@@ -115,11 +119,12 @@ class Collection:
             self.db.executescript(_SCHEMA)
             version = self._meta("schema")
             if version is None:
-                with self.db:
-                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                with self.db:  # uid + generation stamp the derived index files (bm25.npz, vectors-*.usearch)
+                    self.db.executemany("INSERT INTO meta VALUES (?, ?)", [
+                        ("schema", str(SCHEMA_VERSION)), ("uid", secrets.token_hex(6)), ("generation", "0")])
             elif int(version) != SCHEMA_VERSION:
                 raise LMForgeError(f"collection {self.name!r} has schema {version}; this lmforge reads "
-                                   f"{SCHEMA_VERSION}: rebuild it")
+                                   f"{SCHEMA_VERSION}: delete {self.folder} and index again")
         except sqlite3.DatabaseError as e:
             raise LMForgeError(f"{db} is not a usable collection database ({e}); delete the folder and "
                                f"index again") from None
@@ -150,6 +155,7 @@ class Collection:
                 with self.db:
                     self.db.executemany("INSERT INTO vectors VALUES (?, ?)",
                                         [(i, v.tobytes()) for (i, _), v in zip(rows, vecs)])
+                    self._bump()
 
     def close(self) -> None:
         self.db.close()
@@ -163,6 +169,15 @@ class Collection:
     def _meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
+
+    def _bump(self) -> None:
+        """Count a change, inside the writer's transaction: derived indexes built before it are stale."""
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+
+    @property
+    def stamp(self) -> str:
+        """Names this collection's current contents (its uid and change count)."""
+        return f"{self._meta('uid')}-{self._meta('generation')}"
 
     # ------------------------------------------------------------------ ingest
     def add_text(self, source: str, text: str, target: int = 1000, overlap: int = 150) -> str:
@@ -214,9 +229,12 @@ class Collection:
             doc_id = cur.lastrowid
             self.db.executemany('INSERT INTO chunks (doc_id, seq, start, "end", heading, text) VALUES (?, ?, ?, ?, ?, ?)',
                                 [(doc_id, i, c.start, c.end, c.heading, c.text) for i, c in enumerate(chunks)])
+            ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,))]
+            self.db.executemany("INSERT INTO chunks_fts (rowid, heading, text) VALUES (?, ?, ?)",
+                                [(i, fts_text(c.heading), fts_text(c.text)) for i, c in zip(ids, chunks)])
             if vecs is not None:
-                ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,))]
                 self.db.executemany("INSERT INTO vectors VALUES (?, ?)", [(i, v.tobytes()) for i, v in zip(ids, vecs)])
+            self._bump()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -256,6 +274,8 @@ class Collection:
                     self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (i,))
                     self.db.execute("DELETE FROM documents WHERE id = ?", (i,))
                 n += len(ids)
+            if n:
+                self._bump()
         return n
 
     # ------------------------------------------------------------------ read
@@ -268,17 +288,81 @@ class Collection:
     def count_chunks(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
 
+    def size(self) -> int:
+        """Number of chunks, cached until the collection changes."""
+        stamp = self.stamp
+        if self._size is None or self._size[0] != stamp:
+            self._size = (stamp, self.count_chunks())
+        return self._size[1]
+
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk ids (n,), unit vectors (n, d)), cached until the database changes."""
-        version = self.db.execute("PRAGMA data_version").fetchone()[0] + self.db.total_changes
-        if self._matrix is None or self._matrix[0] != version:
+        """(chunk ids (n,), unit vectors (n, d)), cached until the collection changes."""
+        stamp = self.stamp
+        if self._matrix is None or self._matrix[0] != stamp:
             rows = self.db.execute("SELECT chunk_id, vec FROM vectors ORDER BY chunk_id").fetchall()
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1) \
                 if rows else np.zeros((0, 1), dtype=np.float32)
-            self._matrix = (version, ids, mat)
+            self._matrix = (stamp, ids, mat)
         return self._matrix[1], self._matrix[2]
 
+    # ------------------------------------------------------------------ derived indexes
+    def uses_lexical_index(self) -> bool:
+        return self.size() >= self.lexical_from
+
+    def uses_ann(self) -> bool:
+        from lmforge.rag import ann
+
+        return self.encoder is not None and self.size() >= self.ann_from and ann.available()
+
+    def _lexical(self) -> LexicalIndex:
+        """The in-memory BM25 index: loaded from bm25.npz, or rebuilt (and saved) when stale."""
+        if self._lex is not None and self._lex.stamp == self.stamp:
+            return self._lex
+        self.db.execute("BEGIN")  # one read snapshot: stamp, vocabulary and postings agree
+        try:
+            stamp = self.stamp
+            path = self.folder / "bm25.npz"
+            lex = LexicalIndex.load(path, stamp)
+            if lex is None:
+                lex = LexicalIndex.build(self.db, stamp)
+                lex.save(path)
+        finally:
+            self.db.rollback()
+        self._lex = lex
+        return lex
+
+    def _ann_index(self):
+        """The HNSW index over the vectors (vectors-STAMP.usearch), rebuilt when stale."""
+        from lmforge.rag import ann
+
+        stamp = self.stamp
+        if self._ann is None or self._ann[0] != stamp:
+            path = self.folder / f"vectors-{stamp}.usearch"
+            index = ann.load(path)
+            if index is None:
+                ids, mat = self._vectors()
+                index = ann.build(ids, mat)
+                ann.save(index, path)
+                for old in self.folder.glob("vectors-*.usearch"):
+                    if old != path:
+                        old.unlink(missing_ok=True)
+            self._ann = (stamp, index)
+        return self._ann[1]
+
+    def refresh(self) -> list[str]:
+        """Build the derived indexes a collection of this size searches with, if they are stale,
+        so that the first query does not pay for it; names what was built."""
+        built = []
+        if self.uses_lexical_index() and (self._lex is None or self._lex.stamp != self.stamp):
+            self._lexical()
+            built.append("bm25")
+        if self.uses_ann() and (self._ann is None or self._ann[0] != self.stamp):
+            self._ann_index()
+            built.append("ann")
+        return built
+
+    # ------------------------------------------------------------------ search
     def _hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
         if not scored:
             return []
@@ -288,26 +372,56 @@ class Collection:
             f"JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})", [i for i, _ in scored])}
         return [Hit(i, s, *rows[i][1:]) for i, s in scored if i in rows]
 
-    def search_dense(self, query: str, k: int = 10) -> list[Hit]:
-        """Cosine similarity to the query's embedding, exact over every chunk."""
+    def _bm25(self, query: str, k: int) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score) of the k best chunks: FTS5's bm25() over an OR of the query's
+        words, or the same scores from the in-memory index on large collections."""
+        words = query_words(query)
+        if not words or k <= 0:
+            return []
+        if self.uses_lexical_index():
+            if self._tokenizer is None:
+                self._tokenizer = QueryTokenizer()
+            phrases = self._tokenizer.terms(words)
+            if all(len(p) == 1 for p in phrases):  # else a multi-token phrase: FTS5 matches it as one
+                return self._lexical().search(phrases, k)
+        q = " OR ".join(f'"{w}"' for w in words)
+        return self.db.execute("SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
+                               "ORDER BY bm25(chunks_fts) LIMIT ?", (q, k)).fetchall()
+
+    def _dense(self, query: str, k: int) -> list[tuple[int, float]]:
+        """(chunk id, cosine) of the k nearest chunks: exact, or HNSW on large collections."""
         if self.encoder is None:
             raise LMForgeError("dense search needs an embedding model (minilm-l6, say)")
+        if self.size() == 0 or k <= 0:
+            return []
+        q = self._embed([query])[0]  # (d,)
+        if self.uses_ann():
+            return self._ann_index().search(q, k)
         ids, mat = self._vectors()
         if not len(ids):
             return []
-        sims = mat @ self._embed([query])[0]  # (n,)
+        sims = mat @ q  # (n,)
         top = np.argpartition(-sims, min(k, len(ids)) - 1)[:k]
         top = top[np.argsort(-sims[top])]
-        return self._hits([(int(ids[i]), float(sims[i])) for i in top])
+        return [(int(ids[i]), float(sims[i])) for i in top]
+
+    def _hybrid(self, query: str, k: int, depth: int = 100, rrf_k: int = 60) -> list[tuple[int, float]]:
+        fused: dict[int, float] = {}
+        for ranked in (self._bm25(query, depth), self._dense(query, depth)):
+            for rank, (i, _) in enumerate(ranked, 1):
+                fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + rank)
+        return sorted(fused.items(), key=lambda kv: -kv[1])[:k]
+
+    def search_bm25(self, query: str, k: int = 10) -> list[Hit]:
+        return self._hits(self._bm25(query, k))
+
+    def search_dense(self, query: str, k: int = 10) -> list[Hit]:
+        """Cosine similarity to the query's embedding (exact below ann_from vectors)."""
+        return self._hits(self._dense(query, k))
 
     def search_hybrid(self, query: str, k: int = 10, depth: int = 100, rrf_k: int = 60) -> list[Hit]:
         """Reciprocal rank fusion of the BM25 and dense top-`depth` lists."""
-        fused: dict[int, float] = {}
-        for hits in (self.search_bm25(query, depth), self.search_dense(query, depth)):
-            for rank, h in enumerate(hits, 1):
-                fused[h.chunk_id] = fused.get(h.chunk_id, 0.0) + 1.0 / (rrf_k + rank)
-        best = sorted(fused.items(), key=lambda kv: -kv[1])[:k]
-        return self._hits(best)
+        return self._hits(self._hybrid(query, k, depth, rrf_k))
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Hit]:
         if mode == "bm25" or (mode == "hybrid" and self.encoder is None):
@@ -317,16 +431,6 @@ class Collection:
         if mode == "hybrid":
             return self.search_hybrid(query, k)
         raise LMForgeError(f"unknown search mode {mode!r}: use bm25, dense or hybrid")
-
-    def search_bm25(self, query: str, k: int = 10) -> list[Hit]:
-        q = fts_query(query)
-        if not q:
-            return []
-        rows = self.db.execute(
-            'SELECT c.id, -bm25(chunks_fts), d.source, c.heading, c.text, c.start, c."end" '
-            "FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.doc_id "
-            "WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?", (q, k))
-        return [Hit(*r) for r in rows]
 
 
 def _like_prefix(prefix: str) -> str:
