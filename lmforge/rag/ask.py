@@ -20,6 +20,7 @@ from lmforge.rag.collection import Collection, Hit
 SYSTEM = ("You answer questions using only the numbered sources given. After each fact, cite its source number "
           "in brackets, like [1]. If the sources do not contain the answer, say you do not know.")
 NOT_FOUND = "The collection has nothing on this question, so there is no grounded answer to give."
+STOP = ("\nQuestion:", "\nSources:")  # the model starting a new exchange of its own
 _CITE = re.compile(r"\s*\[(\d+)\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\"'(])|\n\s*\n")
 
@@ -132,11 +133,20 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
         if on_text:
             on_text(text + sep)
 
-    for piece in lm.chat(msgs, max_new_tokens, temperature=0):
+    seen: set[str] = set()
+    pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=STOP)  # a penalty (1.05-1.1) made
+    # SmolLM2's answers wander into code; stopping at a repeated sentence ends its loops instead
+    for piece in pieces:
         pending += piece
         while (m := _SENTENCE.search(pending)) is not None:
-            flush(pending[:m.start()], pending[m.start():m.end()])
-            pending = pending[m.end():]
+            sentence, sep, pending = pending[:m.start()], pending[m.start():m.end()], pending[m.end():]
+            key = " ".join(_CITE.sub("", sentence).split()).lower()
+            if key in seen:  # a small model that starts repeating itself has said what it knows
+                pending = ""
+                pieces.close()
+                break
+            seen.add(key)
+            flush(sentence, sep)
     if pending.strip():
         flush(pending, "")
     answer.text = answer.text.strip()
