@@ -3,6 +3,7 @@
     lmforge pull minilm-l6
     python benchmarks/retrieval.py                     # train claims (the test claims are kept aside)
     python benchmarks/retrieval.py --split test --beir PATH_TO_SCIFACT_WITH_TEST_QRELS
+    python benchmarks/retrieval.py --rerank encoder    # plus hybrid's top 20 reranked (or --rerank llm)
 
 Each abstract is one chunk; BM25 is SQLite FTS5's over Porter-stemmed words, dense is
 all-MiniLM-L6-v2 (lmforge's encoder, float), hybrid is reciprocal-rank fusion of the two
@@ -27,6 +28,10 @@ def main() -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--embed", default="minilm-l6", help="sentence encoder ('none': BM25 only)")
     ap.add_argument("--max-queries", type=int)
+    ap.add_argument("--rerank", default="none", choices=("none", "encoder", "llm"),
+                    help="also score hybrid's top --candidates reordered by this reranker")
+    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the LLM reranker's model")
     args = ap.parse_args()
     import torch
 
@@ -35,14 +40,20 @@ def main() -> None:
     from lmforge.rag.evaluate import evaluate_beir
 
     enc = None if args.embed == "none" else Encoder.load(args.embed, device="cpu")
-    r = evaluate_beir(args.beir, args.split, enc, max_queries=args.max_queries)
+    lm = None
+    if args.rerank == "llm":
+        from lmforge.api import LM
+
+        lm = LM.load(args.model)
+    r = evaluate_beir(args.beir, args.split, enc, max_queries=args.max_queries, rerank=args.rerank, lm=lm,
+                      candidates=args.candidates)
     info = r.pop("_")
     print(f"\n{args.beir.name} ({args.split} split): {info['documents']:,} documents, {info['queries']:,} queries; "
           f"index built in {info['index_seconds']:.1f} s (BM25 + vectors)")
     cols = ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10", "ms_per_query")
-    print(f"{'mode':8}" + "".join(f"{c:>14}" for c in cols))
+    print(f"{'mode':16}" + "".join(f"{c:>14}" for c in cols))
     for mode, m in r.items():
-        print(f"{mode:8}" + "".join(f"{m[c]:>14.4f}" if c != "ms_per_query" else f"{m[c]:>14.1f}" for c in cols))
+        print(f"{mode:16}" + "".join(f"{m[c]:>14.4f}" if c != "ms_per_query" else f"{m[c]:>14.1f}" for c in cols))
 
 
 if __name__ == "__main__":

@@ -609,14 +609,29 @@ def search(
     k: Annotated[int, typer.Option("-k", help="How many chunks.")] = 5,
     mode: Annotated[str, typer.Option(help="bm25, dense or hybrid (BM25 and dense fused by reciprocal rank; "
                                             "BM25 alone when the collection has no vectors).")] = "hybrid",
+    dense_weight: Annotated[float, typer.Option(help="Hybrid fusion: the dense ranking's weight against BM25's 1 "
+                                                     "(lower it for text the encoder does not know).")] = 1.0,
+    rerank: Annotated[str, typer.Option(help="Rerank the retrieved chunks: none, encoder (best sentence) "
+                                             "or llm (the chat model judges each).")] = "none",
+    model: Annotated[str, typer.Option(help="Model for --rerank llm.")] = "smollm2-135m-instruct",
 ):
     """Search a collection and print the best chunks with their scores and sources."""
     if k < 1:
         raise LMForgeError("-k must be at least 1")
     if mode not in ("bm25", "dense", "hybrid"):
         raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
-    with _open_for_search(collection, mode != "bm25") as col:
-        hits = col.search(query, k, mode)
+    from lmforge.rag.rerank import RERANKERS, rerank as rerank_hits
+
+    if rerank not in RERANKERS:
+        raise LMForgeError(f"unknown --rerank {rerank!r}: use {', '.join(RERANKERS)}")
+    lm = None
+    if rerank == "llm":
+        from lmforge.api import LM
+
+        lm = LM.load(model)
+    with _open_for_search(collection, mode != "bm25" or rerank == "encoder") as col:
+        hits = col.search(query, k if rerank == "none" else max(3 * k, 10), mode, dense_weight=dense_weight)
+        hits = rerank_hits(query, hits, rerank, col.encoder, lm)[:k]
     if not hits:
         print("no matches")
     for i, h in enumerate(hits, 1):
@@ -629,10 +644,14 @@ def search(
 def ask(
     question: Annotated[str, typer.Argument(help="A question about the collection's documents.")],
     collection: Annotated[str, typer.Option(help="Collection name (lmforge index add builds it).")] = "pydoc",
-    model: Annotated[str, typer.Option(help="Chat model.")] = "smollm2-135m-instruct",
+    model: Annotated[str, typer.Option(help="Model that answers: a chat model, or a base model (plain prompt).")] = "smollm2-135m-instruct",
     k: Annotated[int, typer.Option("-k", help="Sources to retrieve.")] = 3,
     mode: Annotated[str, typer.Option(help="bm25, dense or hybrid retrieval.")] = "hybrid",
     max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 200,
+    dense_weight: Annotated[float, typer.Option(help="Hybrid fusion: the dense ranking's weight against BM25's 1 "
+                                                     "(lower it for text the encoder does not know).")] = 1.0,
+    rerank: Annotated[str, typer.Option(help="Rerank the retrieved chunks: none, encoder (best sentence) "
+                                             "or llm (the chat model judges each).")] = "none",
 ):
     """Answer a question from a collection, citing its sources by number.
 
@@ -641,13 +660,16 @@ def ask(
     from lmforge.api import LM
     from lmforge.rag.ask import ask as ask_fn
 
+    from lmforge.rag.rerank import RERANKERS
+
     if k < 1:
         raise LMForgeError("-k must be at least 1")
+    if rerank not in RERANKERS:
+        raise LMForgeError(f"unknown --rerank {rerank!r}: use {', '.join(RERANKERS)}")
     lm = LM.load(model)
-    if not lm.tokenizer.chat_template:
-        raise LMForgeError(f"{model} has no chat template; ask needs a chat model (smollm2-135m-instruct)")
-    with _open_for_search(collection, mode != "bm25") as col:
-        answer = ask_fn(question, col, lm, k=k, mode=mode, max_new_tokens=max_tokens,
+    with _open_for_search(collection, mode != "bm25" or rerank == "encoder") as col:
+        answer = ask_fn(question, col, lm, k=k, mode=mode, max_new_tokens=max_tokens, rerank=rerank,
+                        dense_weight=dense_weight,
                         on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
     sys.stdout.write("\n")
     if answer.removed:
@@ -689,10 +711,58 @@ def eval_retrieval(
     _console().print(table)
 
 
+@app.command("eval-qa", hidden=True)
+def eval_qa(
+    squad: Annotated[Path, typer.Option(help="A SQuAD-format JSON file (SQuAD 1.1/2.0, CMRC 2018).")],
+    model: Annotated[str, typer.Option(help="Model that answers (a base model gets a plain prompt); "
+                                             "'none' scores retrieval only.")] = "smollm2-135m-instruct",
+    embed: Annotated[str, typer.Option(help="Sentence encoder for dense and hybrid ('none': BM25 only).")] = "minilm-l6",
+    k: Annotated[int, typer.Option("-k", help="Contexts retrieved per question.")] = 3,
+    mode: Annotated[str, typer.Option(help="bm25, dense or hybrid retrieval.")] = "hybrid",
+    max_answers: Annotated[int, typer.Option(help="Questions answered by the model (0: all).")] = 50,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 48,
+    dense_weight: Annotated[float, typer.Option(help="Hybrid fusion: the dense ranking's weight against BM25's 1 "
+                                                     "(lower it for text the encoder does not know).")] = 1.0,
+):
+    """Question answering (lmforge eval qa --squad FILE): the contexts are indexed, every question
+    is retrieved (hit@1, hit@k: its own context found), and the first --max-answers are answered
+    by `ask` and scored (exact match, F1, answer contained)."""
+    from rich.table import Table
+
+    from lmforge.rag.evaluate import evaluate_squad
+
+    if k < 1:
+        raise LMForgeError("-k must be at least 1")
+    if mode not in ("bm25", "dense", "hybrid"):
+        raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
+    if not squad.is_file():
+        raise LMForgeError(f"no such file: {squad}")
+    encoder = lm = None
+    if embed != "none":
+        from lmforge.encoders import Encoder
+
+        encoder = Encoder.load(embed)
+    if model != "none":
+        from lmforge.api import LM
+
+        lm = LM.load(model)
+    err = _console(stderr=True)
+    r = evaluate_squad(squad, lm, encoder, k=k, mode=mode, max_answers=max_answers or None, max_new_tokens=max_tokens,
+                       dense_weight=dense_weight,
+                       log=err.print, on_answer=lambda q, a, g: err.print(f"[dim]{q}[/dim] -> {a[:80]!r} (gold {g[0]!r})"))
+    table = Table(title=f"{squad.name}: {r['contexts']:,} contexts, {r['questions']:,} questions, {mode} retrieval")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, v in r.items():
+        if key not in ("contexts", "questions"):
+            table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+    _console().print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
-    if args[:2] == ["eval", "retrieval"]:  # `lmforge eval CHECKPOINT` stays as it was
-        args = ["eval-retrieval", *args[2:]]
+    if args[:2] in (["eval", "retrieval"], ["eval", "qa"]):  # `lmforge eval CHECKPOINT` stays as it was
+        args = [f"eval-{args[1]}", *args[2:]]
     try:
         app(args=args, prog_name="lmforge")
     except LMForgeError as e:

@@ -195,3 +195,17 @@ def test_compiled_engine_generates_what_the_eager_one_does():
     compiled = Engine(model, compile=True)
     assert compiled.compiled
     assert list(compiled.generate([1, 2, 3], 12, greedy)) == list(Engine(model).generate([1, 2, 3], 12, greedy))
+
+
+@pytest.mark.parametrize("family", ["gpt", "gru"])
+def test_continuation_logprobs_match_the_full_forward(family):
+    """Engine.continuation_logprobs (the LLM reranker's score) right-pads a batch and projects
+    only the scored positions; every pair must get what one full forward of it gives."""
+    model = _trained_ish(tiny(family, **(GPT_VARIANTS["llama-style"] if family == "gpt" else {})))
+    pairs = [([1, 5, 9, 2], [7, 3, 3]), ([4], [8]), ([8, 8, 1, 2, 2, 2], [5, 6])]
+    got = Engine(model).continuation_logprobs(pairs, batch=2)
+    for (p, c), value in zip(pairs, got):
+        with torch.inference_mode():
+            logp = model(torch.tensor([p + c]))[0][0].float().log_softmax(-1)  # (T, V)
+        want = sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(c))
+        assert value == pytest.approx(want, abs=1e-4)

@@ -111,3 +111,25 @@ def test_ask_cites_the_right_python_doc_topics(tmp_path):
         print(question, "->", sorted(cited), a.text[:120])
         assert a.found and topic in cited and not a.removed
     assert not ask("Who won the 1998 football world cup?", col, lm).found
+
+
+def test_eval_qa_answers_and_llm_reranking(tmp_path):
+    """SmolLM2 answers a tiny SQuAD-format file through ask (scored by contains/EM/F1), and as
+    a reranker puts the passage that answers a question first."""
+    from test_rag import _squad_file
+
+    from lmforge.rag.collection import Hit
+    from lmforge.rag.evaluate import evaluate_squad
+    from lmforge.rag.rerank import rerank
+
+    lm = LM.load(NAME)
+    answers = []
+    r = evaluate_squad(_squad_file(tmp_path / "s.json"), lm, None, mode="bm25", k=1, log=lambda m: None,
+                       on_answer=lambda q, a, g: answers.append((q, a, g)))
+    print(answers, r)
+    assert r["hit@1"] == 1.0 and r["answered"] == 3 and r["contains"] >= 1 / 3 and r["f1"] > 0
+    passages = ["The Eiffel Tower was finished in 1889 in Paris.", "Penguins are birds that cannot fly but swim well.",
+                "The Great Wall lies in the north of China."]
+    hits = [Hit(i, 0.0, f"p{i}", "", t, 0, 0) for i, t in enumerate(passages)]
+    for question, best in (("Can penguins fly?", "p1"), ("When was the Eiffel Tower finished?", "p0")):
+        assert rerank(question, hits, "llm", lm=lm)[0].source == best

@@ -382,3 +382,103 @@ def test_large_collections_use_an_hnsw_index_close_to_exact(tmp_path):
     files = list((tmp_path / "big").glob("vectors-*.usearch"))
     assert len(files) == 1 and col.stamp in files[0].name  # the stale file is gone
     assert col.refresh() == []  # nothing stale
+
+
+def test_pdf_files_are_read_through_the_extra(tmp_path):
+    pytest.importorskip("pypdf")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"pdf.fonttype": 42}):  # TrueType: a real text layer
+        fig = plt.figure()
+        fig.text(0.1, 0.5, "Quokkas live on Rottnest Island.")
+        fig.savefig(tmp_path / "q.pdf")
+        plt.close(fig)
+    assert "Quokkas live on Rottnest Island." in read_document(tmp_path / "q.pdf")
+    col = Collection.open("pdf", create=True, root=tmp_path / "c")
+    assert col.add_paths([tmp_path]).added == 1  # folders include PDFs when pypdf is there
+    assert col.search_bm25("quokka island")[0].source.endswith("q.pdf")
+    (tmp_path / "bad.pdf").write_bytes(b"%PDF-1.4 not really" * 20)
+    with pytest.raises(LMForgeError, match="not a readable PDF"):
+        read_document(tmp_path / "bad.pdf")
+
+
+def test_encoder_reranking_prefers_the_chunk_with_the_answering_sentence():
+    from lmforge.rag.collection import Hit
+    from lmforge.rag.rerank import rerank
+
+    broad = Hit(1, 0.9, "broad", "", "w1 w2 w3 a b c. w1 w2 d e f. w3 w1 g h i.", 0, 0)
+    exact = Hit(2, 0.8, "exact", "", "p q r s t u v x y z. w1 w2 w3 w4 w5 w6.", 0, 0)
+    out = rerank("w1 w2 w3 w4 w5 w6", [broad, exact], "encoder", encoder=_BagOfWords())
+    assert [h.source for h in out] == ["exact", "broad"] and out[0].score > out[1].score
+    assert rerank("q", [broad], "none") == [broad]
+    with pytest.raises(LMForgeError, match="unknown reranker"):
+        rerank("q", [broad], "magic")
+    with pytest.raises(LMForgeError, match="needs a language model"):
+        rerank("q", [broad], "llm")
+
+
+def test_hybrid_fusion_weights(tmp_path):
+    col = Collection.open("w", create=True, root=tmp_path, encoder=_BagOfWords())
+    for i, t in enumerate(["alpha beta gamma", "alpha delta", "gamma gamma epsilon", "zeta eta theta"]):
+        col.add_text(f"d{i}", t)
+    q = "alpha gamma"
+    bm, de = col._bm25(q, 100), col._dense(q, 100)
+    for w in (0.0, 0.5, 3.0):
+        fused = {}
+        for weight, ranked in ((1.0, bm), (w, de)):
+            for r, (i, _) in enumerate(ranked, 1):
+                fused[i] = fused.get(i, 0) + weight / (10 + r)
+        want = sorted(fused, key=lambda i: -fused[i])[:3]
+        assert [h.chunk_id for h in col.search(q, 3, "hybrid", rrf_k=10, dense_weight=w)] == want
+    assert [h.chunk_id for h in col.search(q, 3, "hybrid", dense_weight=0.0)] == [i for i, _ in bm[:3]]
+
+
+def _squad_file(path):
+    import json
+
+    data = {"version": "test", "data": [{"title": "t", "paragraphs": [
+        {"context": "The Eiffel Tower was finished in 1889 in Paris.",
+         "qas": [{"id": "1", "question": "When was the Eiffel Tower finished?", "answers": [{"text": "1889"}]}]},
+        {"context": "长城位于中国北方，全长两万多公里。",
+         "qas": [{"id": "2", "question": "长城位于哪里？", "answers": [{"text": "中国北方"}]}]},
+        {"context": "Penguins are birds that cannot fly but swim well.",
+         "qas": [{"id": "3", "question": "What can penguins not do?", "answers": [{"text": "fly"}]},
+                 {"id": "4", "question": "Unanswerable?", "answers": [], "is_impossible": True}]}]}]}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_squad_scoring_and_retrieval_hit_rates(tmp_path):
+    from lmforge.rag.evaluate import answer_tokens, contains_answer, evaluate_squad, exact_match, f1_score, load_squad
+
+    assert answer_tokens("The Eiffel-Tower, 1889!") == ["eiffel", "tower", "1889"]
+    assert answer_tokens("中国北方。") == ["中", "国", "北", "方"]
+    assert exact_match("the 1889.", ["1889"]) == 1.0 and exact_match("in 1889", ["1889"]) == 0.0
+    assert f1_score("in 1889 the tower", ["1889"]) == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
+    assert f1_score("位于中国北方", ["中国北方"]) == pytest.approx(2 * (4 / 6) / (4 / 6 + 1))
+    assert contains_answer("It was finished in 1889.", ["1889"]) == 1.0 and contains_answer("no", ["1889"]) == 0.0
+    contexts, qas = load_squad(_squad_file(tmp_path / "s.json"))
+    assert len(contexts) == 3 and len(qas) == 3  # the unanswerable one is left out
+    r = evaluate_squad(tmp_path / "s.json", mode="bm25", k=1, log=lambda m: None)
+    assert r["hit@1"] == 1.0 and r["questions"] == 3 and "exact_match" not in r
+    (tmp_path / "bad.json").write_text('{"data": [{"nope": 1}]}', encoding="utf-8")
+    with pytest.raises(LMForgeError, match="not a SQuAD-format"):
+        load_squad(tmp_path / "bad.json")
+
+
+def test_eval_qa_command_and_its_bad_input(tmp_path, capsys):
+    from test_cli import run_cli
+
+    f = _squad_file(tmp_path / "s.json")
+    code, out, err = run_cli(["eval", "qa", "--squad", f, "--model", "none", "--embed", "none", "--mode", "bm25"], capsys)
+    assert code == 0 and "hit@1" in out and "1.0000" in out, err
+    for args, msg in ((["--squad", tmp_path / "missing.json"], "no such file"),
+                      (["--squad", f, "--mode", "fuzzy"], "unknown --mode"),
+                      (["--squad", f, "-k", "0"], "-k must be at least 1")):
+        code, out, err = run_cli(["eval", "qa", "--model", "none", "--embed", "none", *args], capsys)
+        assert code == 1 and msg in err and "Traceback" not in err, (args, err)
+    code, out, err = run_cli(["search", "x", "--collection", "none", "--rerank", "magic"], capsys)
+    assert code == 1 and "unknown --rerank" in err

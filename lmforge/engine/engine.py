@@ -85,6 +85,27 @@ class Engine:
 
 
     @torch.inference_mode()
+    def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                              batch: int = 4) -> list[float]:
+        """Sum of log P(continuation | prompt) for each (prompt ids, continuation ids) pair.
+        Rows are right-padded (causal attention never looks ahead, so padding after a row's
+        tokens changes nothing) and the output projection runs only at the scored positions."""
+        out: list[float] = []
+        for at in range(0, len(pairs), batch):
+            group = [(list(p), list(c)) for p, c in pairs[at:at + batch]]
+            if any(not p or not c for p, c in group):
+                raise LMForgeError("every prompt and continuation needs at least one token")
+            seqs = [p + c for p, c in group]
+            longest = max(map(len, seqs))
+            x = torch.tensor([s + [0] * (longest - len(s)) for s in seqs], device=self.device)  # (B, L)
+            hidden = self.model(x, return_hidden=True)[0]  # (B, L, C)
+            for b, (p, c) in enumerate(group):
+                h = hidden[b, len(p) - 1:len(p) + len(c) - 1]  # (len(c), C): the states that predict c
+                logp = self.model.lm_head(h).float().log_softmax(-1)  # (len(c), V)
+                out.append(float(logp.gather(1, torch.tensor(c, device=self.device)[:, None]).sum()))
+        return out
+
+    @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
                        processors: Sequence[LogitsProcessor] = ()) -> list[list[int]]:

@@ -16,13 +16,16 @@ from typing import Callable
 
 from lmforge.errors import LMForgeError
 from lmforge.rag.collection import Collection, Hit
+from lmforge.rag.lexical import query_words
 
 SYSTEM = ("You answer questions using only the numbered sources given. After each fact, cite its source number "
           "in brackets, like [1]. If the sources do not contain the answer, say you do not know.")
+INSTRUCTION = "Answer in two or three sentences and cite the sources like [1]."
+SHORT = "Answer with a short phrase from the sources and cite it like [1]."  # extractive QA (eval qa)
 NOT_FOUND = "The collection has nothing on this question, so there is no grounded answer to give."
 STOP = ("\nQuestion:", "\nSources:")  # the model starting a new exchange of its own
 _CITE = re.compile(r"\s*\[(\d+)\]")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\"'(])|\n\s*\n")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\"'(])|(?<=[。！？])|\n\s*\n")
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Answer:
 
 
 def _words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z0-9_]+", text.lower()) if len(w) > 2}
+    return {w for w in query_words(text) if len(w) > 2 or not w.isascii()}  # CJK comes as bigrams
 
 
 def attribute(sentence: str, sources: list[Hit], min_overlap: float = 0.5) -> int | None:
@@ -67,46 +70,59 @@ def check_citations(sentence: str, n_sources: int) -> tuple[str, list[int], list
     return _CITE.sub(keep, sentence), valid, removed
 
 
-def build_messages(lm, question: str, hits: list[Hit], max_new_tokens: int,
-                   per_source_chars: int = 700) -> tuple[list[dict], list[Hit]]:
+def build_messages(lm, question: str, hits: list[Hit], max_new_tokens: int, per_source_chars: int = 700,
+                   instruction: str = INSTRUCTION) -> tuple[list[dict], list[Hit]]:
     """The chat messages with as many sources (best first) as the context leaves room for."""
     budget = (lm.hard_context or 1 << 30) - max_new_tokens - 8
     used: list[Hit] = []
     for h in hits:
         trial = used + [h]
-        if _n_tokens(lm, _messages(question, trial, per_source_chars)) > budget:
+        if _n_tokens(lm, _messages(question, trial, per_source_chars, instruction)) > budget:
             break
         used = trial
-    msgs = _messages(question, used, per_source_chars)
+    msgs = _messages(question, used, per_source_chars, instruction)
     if _n_tokens(lm, msgs) > budget:
         raise LMForgeError("the question is too long for the model's context; shorten it")
     return msgs, used
 
 
+def render(lm, messages: list[dict]) -> str:
+    """The prompt text: the model's chat template, or for a base model (no template) the same
+    content as a plain document that ends where the answer starts."""
+    if lm.tokenizer.chat_template:
+        return lm.tokenizer.render_chat(messages, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\nAnswer:"
+
+
 def _n_tokens(lm, messages: list[dict]) -> int:
-    return len(lm.tokenizer.encode(lm.tokenizer.render_chat(messages, add_generation_prompt=True), check=False))
+    return len(lm.tokenizer.encode(render(lm, messages), check=False))
 
 
-def _messages(question: str, hits: list[Hit], per_source_chars: int) -> list[dict]:
+def _messages(question: str, hits: list[Hit], per_source_chars: int, instruction: str = INSTRUCTION) -> list[dict]:
     blocks = []
     for i, h in enumerate(hits, 1):
         where = h.source + (f" > {h.heading}" if h.heading else "")
         blocks.append(f"[{i}] ({where})\n{' '.join(h.text.split())[:per_source_chars]}")
     sources = "\n\n".join(blocks)
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}\n"
-                                        f"Answer in two or three sentences and cite the sources like [1]."}]
+            {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}\n{instruction}"}]
 
 
 def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybrid", max_new_tokens: int = 200,
-        min_similarity: float = 0.3, on_text: Callable[[str], None] | None = None) -> Answer:
+        min_similarity: float = 0.3, on_text: Callable[[str], None] | None = None,
+        instruction: str = INSTRUCTION, rerank: str = "none", dense_weight: float = 1.0) -> Answer:
     """Answer from the collection. on_text receives the answer a sentence at a time, with its
-    citations, as it is generated."""
+    citations, as it is generated. Chat models get their chat template; base models a plain
+    prompt ending in "Answer:", and their answer ends at a blank line. rerank ("encoder" or
+    "llm") reorders the top max(3k, 10) retrieved chunks before the best k are kept."""
     if not question.strip():
         raise LMForgeError("the question is empty")
     if collection.count_chunks() == 0:
         raise LMForgeError(f"collection {collection.name!r} is empty; add documents with lmforge index add")
-    hits = collection.search(question, k, mode)
+    from lmforge.rag.rerank import rerank as rerank_hits
+
+    hits = collection.search(question, k if rerank == "none" else max(3 * k, 10), mode, dense_weight=dense_weight)
+    hits = rerank_hits(question, hits, rerank, collection.encoder, lm)[:k]
     if collection.encoder is not None:
         best = collection.search_dense(question, 1)
         found = bool(best) and best[0].score >= min_similarity
@@ -116,7 +132,7 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
         if on_text:
             on_text(NOT_FOUND)
         return Answer(NOT_FOUND, [], found=False)
-    msgs, sources = build_messages(lm, question, hits, max_new_tokens)
+    msgs, sources = build_messages(lm, question, hits, max_new_tokens, instruction=instruction)
     answer = Answer("", sources)
     pending = ""
 
@@ -134,7 +150,10 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
             on_text(text + sep)
 
     seen: set[str] = set()
-    pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=STOP)  # a penalty (1.05-1.1) made
+    if lm.tokenizer.chat_template:
+        pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=STOP)
+    else:
+        pieces = lm.stream(render(lm, msgs), max_new_tokens, temperature=0, stop=STOP + ("\n\n",))  # a penalty (1.05-1.1) made
     # SmolLM2's answers wander into code; stopping at a repeated sentence ends its loops instead
     for piece in pieces:
         pending += piece

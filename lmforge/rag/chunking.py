@@ -74,9 +74,43 @@ def html_to_text(source: str) -> str:
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
 
 
+def pdf_support() -> bool:
+    try:
+        import pypdf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_pdf(path: Path) -> str:
+    """A PDF's text layer, page by page (pages as paragraphs). Scanned pages have none."""
+    if not pdf_support():
+        raise LMForgeError(f"reading {path} needs the PDF extra: pip install 'lmforge[pdf]'")
+    import logging
+
+    import pypdf
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # damaged files become one clear error below
+    try:
+        reader = pypdf.PdfReader(str(path))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise LMForgeError(f"{path} is an encrypted PDF; decrypt it first")
+        pages = [(p.extract_text() or "").strip() for p in reader.pages]
+    except LMForgeError:
+        raise
+    except Exception as e:  # pypdf raises many kinds for damaged files
+        raise LMForgeError(f"{path} is not a readable PDF ({type(e).__name__}: {e})") from None
+    text = "\n\n".join(p for p in pages if p)
+    if not text:
+        raise LMForgeError(f"{path} has no text layer (a scanned PDF?); nothing to index")
+    return text
+
+
 def read_document(path: Path) -> str:
-    """The text of a file (HTML reduced to its visible text). Binary or non-UTF-8 files are
-    clear errors."""
+    """The text of a file (HTML reduced to its visible text, PDF to its text layer). Binary or
+    non-UTF-8 files are clear errors."""
+    if Path(path).suffix.lower() == ".pdf":
+        return read_pdf(path)
     try:
         raw = Path(path).read_bytes()
     except OSError as e:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from lmforge.errors import LMForgeError
-from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, read_document
+from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, pdf_support, read_document
 from lmforge.rag.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, fts_text, query_words
 
 SCHEMA_VERSION = 2
@@ -405,11 +405,12 @@ class Collection:
         top = top[np.argsort(-sims[top])]
         return [(int(ids[i]), float(sims[i])) for i in top]
 
-    def _hybrid(self, query: str, k: int, depth: int = 100, rrf_k: int = 60) -> list[tuple[int, float]]:
+    def _hybrid(self, query: str, k: int, depth: int = 100, rrf_k: int = 60,
+                dense_weight: float = 1.0) -> list[tuple[int, float]]:
         fused: dict[int, float] = {}
-        for ranked in (self._bm25(query, depth), self._dense(query, depth)):
+        for weight, ranked in ((1.0, self._bm25(query, depth)), (dense_weight, self._dense(query, depth))):
             for rank, (i, _) in enumerate(ranked, 1):
-                fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + rank)
+                fused[i] = fused.get(i, 0.0) + weight / (rrf_k + rank)
         return sorted(fused.items(), key=lambda kv: -kv[1])[:k]
 
     def search_bm25(self, query: str, k: int = 10) -> list[Hit]:
@@ -419,17 +420,22 @@ class Collection:
         """Cosine similarity to the query's embedding (exact below ann_from vectors)."""
         return self._hits(self._dense(query, k))
 
-    def search_hybrid(self, query: str, k: int = 10, depth: int = 100, rrf_k: int = 60) -> list[Hit]:
-        """Reciprocal rank fusion of the BM25 and dense top-`depth` lists."""
-        return self._hits(self._hybrid(query, k, depth, rrf_k))
+    def search_hybrid(self, query: str, k: int = 10, depth: int = 100, rrf_k: int = 60,
+                      dense_weight: float = 1.0) -> list[Hit]:
+        """Reciprocal rank fusion of the BM25 and dense top-`depth` lists: a chunk scores
+        1 / (rrf_k + its BM25 rank) + dense_weight / (rrf_k + its dense rank). A smaller rrf_k
+        favours the lists' leaders; dense_weight < 1 trusts BM25 more (an encoder that does not
+        know the collection's language), > 1 trusts the encoder more."""
+        return self._hits(self._hybrid(query, k, depth, rrf_k, dense_weight))
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Hit]:
+    def search(self, query: str, k: int = 10, mode: str = "hybrid", rrf_k: int = 60,
+               dense_weight: float = 1.0) -> list[Hit]:
         if mode == "bm25" or (mode == "hybrid" and self.encoder is None):
             return self.search_bm25(query, k)
         if mode == "dense":
             return self.search_dense(query, k)
         if mode == "hybrid":
-            return self.search_hybrid(query, k)
+            return self.search_hybrid(query, k, rrf_k=rrf_k, dense_weight=dense_weight)
         raise LMForgeError(f"unknown search mode {mode!r}: use bm25, dense or hybrid")
 
 
@@ -454,7 +460,9 @@ def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
             rel = f.relative_to(p).parts
             if not f.is_file() or any(part.startswith(".") for part in rel):
                 continue
-            if f.suffix.lower() in TEXT_SUFFIXES:
+            if f.suffix.lower() == ".pdf" and pdf_support():  # without the extra, folders skip PDFs
+                yield f
+            elif f.suffix.lower() in TEXT_SUFFIXES:
                 with open(f, "rb") as fh:
                     if b"\0" not in fh.read(8192):
                         yield f

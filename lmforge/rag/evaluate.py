@@ -12,6 +12,7 @@ import csv
 import gzip
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +63,10 @@ def metrics(ranked: list[str], relevant: dict[str, int]) -> dict[str, float]:
 
 
 def evaluate_beir(folder: Path, split: str = "test", encoder=None, modes: tuple[str, ...] = ("bm25", "dense", "hybrid"),
-                  max_queries: int | None = None, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
-    """Index the corpus into a temporary collection and score each search mode."""
+                  max_queries: int | None = None, log: Callable[[str], None] = print, rerank: str = "none",
+                  lm=None, candidates: int = 20) -> dict[str, dict[str, float]]:
+    """Index the corpus into a temporary collection and score each search mode; with a
+    reranker, also "hybrid+RERANKER": the hybrid top `candidates` reordered."""
     corpus, queries, qrels = load_beir(folder, split)
     qids = sorted(qrels)[:max_queries] if max_queries else sorted(qrels)
     if encoder is None:
@@ -75,11 +78,19 @@ def evaluate_beir(folder: Path, split: str = "test", encoder=None, modes: tuple[
         build = time.perf_counter() - t
         log(f"indexed {len(corpus):,} documents in {build:.1f} s")
         results: dict[str, dict[str, float]] = {}
+        from lmforge.rag.rerank import rerank as rerank_hits
+
+        if rerank != "none":
+            modes = (*modes, f"hybrid+{rerank}")
         for mode in modes:
             sums: dict[str, float] = {}
             t = time.perf_counter()
             for q in qids:
-                ranked = [h.source for h in col.search(queries[q], 10, mode)]
+                if "+" in mode:
+                    hits = rerank_hits(queries[q], col.search(queries[q], candidates, "hybrid"), rerank, encoder, lm)
+                    ranked = [h.source for h in hits[:10]]
+                else:
+                    ranked = [h.source for h in col.search(queries[q], 10, mode)]
                 for name, v in metrics(ranked, qrels[q]).items():
                     sums[name] = sums.get(name, 0.0) + v
             results[mode] = {name: v / len(qids) for name, v in sums.items()}
@@ -87,3 +98,124 @@ def evaluate_beir(folder: Path, split: str = "test", encoder=None, modes: tuple[
         col.close()
     results["_"] = {"documents": len(corpus), "queries": len(qids), "index_seconds": build}
     return results
+
+
+# ---------------------------------------------------------------------- question answering
+def load_squad(path: Path) -> tuple[list[str], list[tuple[str, int, list[str]]]]:
+    """(distinct contexts, [(question, its context's index, gold answers)]) from a SQuAD-format
+    JSON file (SQuAD 1.1/2.0, CMRC 2018); unanswerable questions are left out."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["data"]
+        contexts: dict[str, int] = {}
+        qas = []
+        for article in data:
+            for para in article["paragraphs"]:
+                ctx = contexts.setdefault(para["context"], len(contexts))
+                for qa in para["qas"]:
+                    answers = [a["text"] for a in qa.get("answers", []) if a.get("text", "").strip()]
+                    if answers and not qa.get("is_impossible", False):
+                        qas.append((qa["question"], ctx, answers))
+    except FileNotFoundError:
+        raise LMForgeError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LMForgeError(f"{path} is not a SQuAD-format JSON file ({type(e).__name__}: {e})") from None
+    if not qas:
+        raise LMForgeError(f"{path} has no answerable questions")
+    return list(contexts), qas
+
+
+_ARTICLES = {"a", "an", "the"}
+
+
+def answer_tokens(text: str) -> list[str]:
+    """SQuAD-style normalization for scoring: lower case, punctuation and English articles
+    dropped; CJK scored by character (as CMRC 2018 does), other text by word."""
+    import unicodedata
+
+    text = "".join(" " if unicodedata.category(c).startswith(("P", "S")) else c for c in text.lower())
+    out: list[str] = []
+    for word in text.split():
+        if word in _ARTICLES:
+            continue
+        run = ""
+        for c in word:
+            if "\u3400" <= c <= "\u9fff" or "\u3040" <= c <= "\u30ff" or "\uac00" <= c <= "\ud7af":
+                if run:
+                    out.append(run)
+                    run = ""
+                out.append(c)
+            else:
+                run += c
+        if run:
+            out.append(run)
+    return out
+
+
+def exact_match(prediction: str, golds: list[str]) -> float:
+    p = answer_tokens(prediction)
+    return float(any(p == answer_tokens(g) for g in golds))
+
+
+def f1_score(prediction: str, golds: list[str]) -> float:
+    from collections import Counter
+
+    p = answer_tokens(prediction)
+    best = 0.0
+    for g in map(answer_tokens, golds):
+        common = sum((Counter(p) & Counter(g)).values())
+        if common:
+            precision, recall = common / len(p), common / len(g)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def contains_answer(prediction: str, golds: list[str]) -> float:
+    """The lenient score for generated answers: a gold answer appears inside the prediction."""
+    p = " ".join(answer_tokens(prediction))
+    return float(any((g := " ".join(answer_tokens(x))) and g in p for x in golds))
+
+
+def evaluate_squad(path: Path, lm=None, encoder=None, k: int = 3, mode: str = "hybrid", max_answers: int | None = 50,
+                   max_new_tokens: int = 48, log: Callable[[str], None] = print, dense_weight: float = 1.0,
+                   on_answer: Callable[[str, str, list[str]], None] | None = None) -> dict[str, float]:
+    """Index the contexts into a temporary collection (default chunking) and report retrieval
+    hit rates (is the question's own context among the top 1 / k?) over every question, then
+    exact match, F1 and contains-the-answer of `ask` over the first max_answers questions."""
+    from lmforge.rag.ask import SHORT, ask
+
+    contexts, qas = load_squad(path)
+    if encoder is None and mode != "bm25":
+        mode = "bm25"
+    out: dict[str, float] = {"contexts": len(contexts), "questions": len(qas)}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        col = Collection(Path(tmp) / "squad", create=True, encoder=encoder)
+        col.add_documents((f"context{i}", c) for i, c in enumerate(contexts))
+        out["index_seconds"] = time.perf_counter() - t
+        log(f"indexed {len(contexts):,} contexts ({col.size():,} chunks) in {out['index_seconds']:.1f} s")
+        top1 = topk = 0
+        for question, ctx, _ in qas:
+            sources = [h.source for h in col.search(question, k, mode, dense_weight=dense_weight)]
+            top1 += bool(sources) and sources[0] == f"context{ctx}"
+            topk += f"context{ctx}" in sources
+        out["hit@1"], out[f"hit@{k}"] = top1 / len(qas), topk / len(qas)
+        if lm is not None and max_answers != 0:
+            chosen = qas[:max_answers] if max_answers else qas
+            em = f1 = has = declined = 0.0
+            t = time.perf_counter()
+            for question, _, golds in chosen:
+                a = ask(question, col, lm, k=k, mode=mode, max_new_tokens=max_new_tokens, instruction=SHORT,
+                        dense_weight=dense_weight)
+                text = re.sub(r"\s*\[\d+\]", "", a.text).strip()
+                declined += not a.found
+                em += exact_match(text, golds)
+                f1 += f1_score(text, golds)
+                has += contains_answer(text, golds)
+                if on_answer:
+                    on_answer(question, text, golds)
+            n = len(chosen)
+            out.update({"answered": n, "exact_match": em / n, "f1": f1 / n, "contains": has / n,
+                        "declined": declined / n, "seconds_per_answer": (time.perf_counter() - t) / n})
+        col.close()
+    return out
