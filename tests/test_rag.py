@@ -482,3 +482,22 @@ def test_eval_qa_command_and_its_bad_input(tmp_path, capsys):
         assert code == 1 and msg in err and "Traceback" not in err, (args, err)
     code, out, err = run_cli(["search", "x", "--collection", "none", "--rerank", "magic"], capsys)
     assert code == 1 and "unknown --rerank" in err
+
+
+def test_sources_fill_the_context_budget_and_a_too_long_question_is_refused():
+    from lmforge.rag.ask import build_messages
+    from lmforge.rag.collection import Hit
+
+    class ByteTokenizer:  # one token per UTF-8 byte, no chat template (a base model's plain prompt)
+        chat_template = None
+
+        def encode(self, text, check=True):
+            return list(text.encode("utf-8"))
+
+    lm = type("TinyLM", (), {"hard_context": 900, "tokenizer": ByteTokenizer()})()
+    hits = [Hit(i, 1.0, f"s{i}", "", "word " * 60, 0, 300) for i in range(5)]
+    msgs, used = build_messages(lm, "What is a word?", hits, max_new_tokens=100)
+    assert 1 <= len(used) < 5 and used == hits[:len(used)]  # best first, as many as fit
+    assert len(ByteTokenizer().encode("\n\n".join(m["content"] for m in msgs))) <= 900 - 100
+    with pytest.raises(LMForgeError, match="question is too long"):
+        build_messages(lm, "why " * 300, hits, max_new_tokens=100)
