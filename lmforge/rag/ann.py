@@ -54,8 +54,11 @@ def build(ids: np.ndarray, vectors: np.ndarray, threads: int | None = None) -> A
 
 def save(index: AnnIndex, path: Path) -> None:
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    index.index.save(str(tmp))  # whole file first, then renamed into place
-    os.replace(tmp, path)
+    try:
+        index.index.save(str(tmp))  # whole file first, then renamed into place
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path) -> AnnIndex | None:

@@ -326,7 +326,10 @@ class Collection:
             lex = LexicalIndex.load(path, stamp)
             if lex is None:
                 lex = LexicalIndex.build(self.db, stamp)
-                lex.save(path)
+                try:
+                    lex.save(path)
+                except OSError:  # a read-only collection folder: use it from memory only
+                    pass
         finally:
             self.db.rollback()
         self._lex = lex
@@ -343,10 +346,13 @@ class Collection:
             if index is None:
                 ids, mat = self._vectors()
                 index = ann.build(ids, mat)
-                ann.save(index, path)
-                for old in self.folder.glob("vectors-*.usearch"):
-                    if old != path:
-                        old.unlink(missing_ok=True)
+                try:
+                    ann.save(index, path)
+                    for old in self.folder.glob("vectors-*.usearch"):
+                        if old != path:
+                            old.unlink(missing_ok=True)
+                except OSError:  # a read-only collection folder: use it from memory only
+                    pass
             self._ann = (stamp, index)
         return self._ann[1]
 

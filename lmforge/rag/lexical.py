@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class QueryTokenizer:
     inserted and rolled back), so that query terms are stemmed exactly as the index was."""
 
     def __init__(self):
+        self.lock = threading.Lock()  # one connection, possibly shared by a server's threads
         self.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self.db.execute(f"CREATE VIRTUAL TABLE w USING fts5(x, tokenize='{TOKENIZE}')")
         self.db.execute("CREATE VIRTUAL TABLE wv USING fts5vocab(w, instance)")
@@ -59,13 +61,14 @@ class QueryTokenizer:
     def terms(self, words: list[str]) -> list[list[str]]:
         """The FTS5 terms of each word (usually exactly one)."""
         out: list[list[str]] = [[] for _ in words]
-        self.db.execute("BEGIN")
-        try:
-            self.db.executemany("INSERT INTO w(rowid, x) VALUES (?, ?)", enumerate(words))
-            for doc, term in self.db.execute("SELECT doc, term FROM wv ORDER BY doc, offset"):
-                out[doc].append(term)
-        finally:
-            self.db.execute("ROLLBACK")
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("INSERT INTO w(rowid, x) VALUES (?, ?)", enumerate(words))
+                for doc, term in self.db.execute("SELECT doc, term FROM wv ORDER BY doc, offset"):
+                    out[doc].append(term)
+            finally:
+                self.db.execute("ROLLBACK")
         return out
 
 
@@ -121,10 +124,13 @@ class LexicalIndex:
     # ------------------------------------------------------------------ files
     def save(self, path: Path) -> None:
         tmp = Path(f"{path}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:  # written whole, then renamed over the old one
-            np.savez(f, stamp=np.array(self.stamp), terms=np.frombuffer("\0".join(self.terms).encode(), np.uint8),
-                     indptr=self.indptr, rows=self.rows, weights=self.weights, chunk_ids=self.chunk_ids)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:  # written whole, then renamed over the old one
+                np.savez(f, stamp=np.array(self.stamp), terms=np.frombuffer("\0".join(self.terms).encode(), np.uint8),
+                         indptr=self.indptr, rows=self.rows, weights=self.weights, chunk_ids=self.chunk_ids)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: Path, stamp: str) -> "LexicalIndex | None":
