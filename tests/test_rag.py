@@ -3,6 +3,7 @@ BM25 search, and clean errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 
 import pytest
@@ -245,6 +246,10 @@ def test_retrieval_metrics_and_a_tiny_beir_folder(tmp_path, tiny_encoder):
     assert r["bm25"]["recall@1"] == 1.0 and r["bm25"]["ndcg@10"] == 1.0  # each query names its document
     assert set(r) == {"bm25", "dense", "hybrid", "_"} and 0 <= r["dense"]["ndcg@10"] <= 1
     assert r["hybrid"]["recall@10"] == 1.0
+    if importlib.util.find_spec("usearch") is not None:  # the large-collection paths, forced, score the same
+        big = evaluate_beir(tmp_path, encoder=tiny_encoder, log=lambda m: None, large_paths=True)
+        assert big["bm25 (index)"]["ndcg@10"] == pytest.approx(big["bm25"]["ndcg@10"])
+        assert big["dense (HNSW)"]["recall@10"] == pytest.approx(big["dense"]["recall@10"])
     with pytest.raises(LMForgeError, match="not a BEIR folder"):
         load_beir(tmp_path, split="dev")
 
