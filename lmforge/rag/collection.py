@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, pdf_support, read_document
@@ -301,7 +302,7 @@ class Collection:
         if self._matrix is None or self._matrix[0] != stamp:
             rows = self.db.execute("SELECT chunk_id, vec FROM vectors ORDER BY chunk_id").fetchall()
             ids = np.array([r[0] for r in rows], dtype=np.int64)
-            mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1) \
+            mat = np.frombuffer(bytearray(b"".join(r[1] for r in rows)), dtype=np.float32).reshape(len(rows), -1) \
                 if rows else np.zeros((0, 1), dtype=np.float32)
             self._matrix = (stamp, ids, mat)
         return self._matrix[1], self._matrix[2]
@@ -406,7 +407,9 @@ class Collection:
         ids, mat = self._vectors()
         if not len(ids):
             return []
-        sims = mat @ q  # (n,)
+        # torch, not numpy: numpy's BLAS threads and torch's (the encoder just ran) spin against
+        # each other on a small machine, costing milliseconds per query
+        sims = torch.mv(torch.from_numpy(mat), torch.from_numpy(q)).numpy()  # (n,)
         top = np.argpartition(-sims, min(k, len(ids)) - 1)[:k]
         top = top[np.argsort(-sims[top])]
         return [(int(ids[i]), float(sims[i])) for i in top]
