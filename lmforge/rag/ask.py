@@ -74,13 +74,14 @@ def build_messages(lm, question: str, hits: list[Hit], max_new_tokens: int, per_
                    instruction: str = INSTRUCTION) -> tuple[list[dict], list[Hit]]:
     """The chat messages with as many sources (best first) as the context leaves room for."""
     budget = (lm.hard_context or 1 << 30) - max_new_tokens - 8
+    plain = not lm.tokenizer.chat_template
     used: list[Hit] = []
     for h in hits:
         trial = used + [h]
-        if _n_tokens(lm, _messages(question, trial, per_source_chars, instruction)) > budget:
+        if _n_tokens(lm, _messages(question, trial, per_source_chars, instruction, plain)) > budget:
             break
         used = trial
-    msgs = _messages(question, used, per_source_chars, instruction)
+    msgs = _messages(question, used, per_source_chars, instruction, plain)
     if _n_tokens(lm, msgs) > budget:
         raise LMForgeError("the question is too long for the model's context; shorten it")
     return msgs, used
@@ -98,14 +99,18 @@ def _n_tokens(lm, messages: list[dict]) -> int:
     return len(lm.tokenizer.encode(render(lm, messages), check=False))
 
 
-def _messages(question: str, hits: list[Hit], per_source_chars: int, instruction: str = INSTRUCTION) -> list[dict]:
+def _messages(question: str, hits: list[Hit], per_source_chars: int, instruction: str = INSTRUCTION,
+              plain: bool = False) -> list[dict]:
+    """System and user messages. plain (a base model): the instruction goes before the question,
+    so that the document ends "Question: ...\nAnswer:" and the model continues with the answer."""
     blocks = []
     for i, h in enumerate(hits, 1):
         where = h.source + (f" > {h.heading}" if h.heading else "")
         blocks.append(f"[{i}] ({where})\n{' '.join(h.text.split())[:per_source_chars]}")
     sources = "\n\n".join(blocks)
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Sources:\n\n{sources}\n\nQuestion: {question}\n{instruction}"}]
+            {"role": "user", "content": f"Sources:\n\n{sources}\n\n{instruction}\n\nQuestion: {question}" if plain
+             else f"Sources:\n\n{sources}\n\nQuestion: {question}\n{instruction}"}]
 
 
 def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybrid", max_new_tokens: int = 200,
@@ -113,7 +118,7 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
         instruction: str = INSTRUCTION, rerank: str = "none", dense_weight: float = 1.0) -> Answer:
     """Answer from the collection. on_text receives the answer a sentence at a time, with its
     citations, as it is generated. Chat models get their chat template; base models a plain
-    prompt ending in "Answer:", and their answer ends at a blank line. rerank ("encoder" or
+    prompt ending in "Answer:", and their answer ends with its first line. rerank ("encoder" or
     "llm") reorders the top max(3k, 10) retrieved chunks before the best k are kept."""
     if not question.strip():
         raise LMForgeError("the question is empty")
@@ -153,7 +158,7 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
     if lm.tokenizer.chat_template:
         pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=STOP)
     else:
-        pieces = lm.stream(render(lm, msgs), max_new_tokens, temperature=0, stop=STOP + ("\n\n",))  # a penalty (1.05-1.1) made
+        pieces = lm.stream(render(lm, msgs), max_new_tokens, temperature=0, stop=STOP + ("\n",))  # one line  # a penalty (1.05-1.1) made
     # SmolLM2's answers wander into code; stopping at a repeated sentence ends its loops instead
     for piece in pieces:
         pending += piece
