@@ -667,10 +667,20 @@ def ask(
     if rerank not in RERANKERS:
         raise LMForgeError(f"unknown --rerank {rerank!r}: use {', '.join(RERANKERS)}")
     lm = LM.load(model)
+    held = []  # separators after a sentence wait for the next one: no blank lines at the end
+
+    def show(text: str) -> None:
+        body = text.rstrip()
+        if body:
+            sys.stdout.write("".join(held) + body)
+            sys.stdout.flush()
+            held.clear()
+        held.append(text[len(body):])
+
     with _open_for_search(collection, mode != "bm25" or rerank == "encoder") as col:
         answer = ask_fn(question, col, lm, k=k, mode=mode, max_new_tokens=max_tokens, rerank=rerank,
                         dense_weight=dense_weight,
-                        on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                        on_text=show)
     sys.stdout.write("\n")
     if answer.removed:
         print(f"(removed citations of sources that were not given: {', '.join(f'[{n}]' for n in answer.removed)})")
