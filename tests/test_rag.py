@@ -60,6 +60,10 @@ def test_collection_ingest_change_detection_remove_and_bm25(tmp_path):
         r = col.add_paths([docs])
         assert (r.added, r.unchanged, r.chunks) == (2, 0, 2)
         assert [s.rsplit("/", 1)[-1] for s, _, _ in col.documents()] == ["a.md", "b.txt"]
+        import hashlib
+
+        for text, sha, start, end in col.db.execute('SELECT text, sha256, start, "end" FROM chunks'):
+            assert sha == hashlib.sha256(text.encode()).hexdigest() and end - start == len(text)
         hits = col.search_bm25("what do compilers translate?")
         assert hits[0].source.endswith("b.txt") and hits[0].score > 0
         assert col.search_bm25("purring cats")[0].source.endswith("a.md")  # stemmed: purring ~ purr

@@ -1,17 +1,23 @@
-"""A collection of documents for retrieval: one folder, one SQLite database.
+"""A collection of documents for retrieval: one folder, one SQLite database, and the derived
+search indexes that large collections use.
 
-    collections/NAME/collection.db   documents, chunks and their FTS5 full-text index (BM25)
+    collections/NAME/collection.db        documents, chunks (source, position, sha256), FTS5, vectors
+    collections/NAME/bm25.npz             in-memory BM25 index (10,000+ chunks; lexical.py)
+    collections/NAME/vectors-STAMP.usearch HNSW graph over the vectors (50,000+; ann.py, optional)
 
 SQLite runs in WAL mode and every file is ingested in its own transaction, so a crash mid-ingest
 leaves the collection as it was after the last whole file. A document is keyed by its path (or
 `pydoc:TOPIC` for the built-in Python docs) and remembered with its content's sha256: adding an
-unchanged file again does nothing, a changed one has its chunks replaced.
+unchanged file again does nothing, a changed one has its chunks replaced. Every write bumps a
+change count; the derived files are stamped with it (and the collection's uid), so a stale or
+damaged one is rebuilt from the database, never trusted, and each is written whole and renamed.
 
-BM25 is FTS5's own (k1 = 1.2, b = 0.75) over Porter-stemmed, Unicode-folded tokens. With an
-embedding model (a sentence encoder such as minilm-l6, fixed per collection at its first
-embedded ingest), every chunk also gets a unit-length vector, stored beside it in the same
-transaction; dense search is exact (one matrix product), and hybrid search fuses the BM25 and
-dense rankings by reciprocal rank (score = sum of 1 / (rrf_k + rank)).
+BM25 is FTS5's own (k1 = 1.2, b = 0.75) over Porter-stemmed, Unicode-folded tokens, CJK as
+bigrams. With an embedding model (a sentence encoder such as minilm-l6, fixed per collection at
+its first embedded ingest), every chunk also gets a unit-length vector, stored beside it in the
+same transaction; dense search is exact (one matrix product) until the HNSW graph takes over,
+and hybrid search fuses the BM25 and dense rankings by reciprocal rank
+(score = 1 / (rrf_k + BM25 rank) + dense_weight / (rrf_k + dense rank)).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ CREATE TABLE IF NOT EXISTS documents (
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, heading TEXT NOT NULL,
-    text TEXT NOT NULL);
+    text TEXT NOT NULL, sha256 TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_sha ON chunks(sha256);
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id, seq);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(heading, text, tokenize='%s');
 CREATE TABLE IF NOT EXISTS vectors (
@@ -228,8 +235,10 @@ class Collection:
             cur = self.db.execute("INSERT INTO documents (source, sha256, chars, added) VALUES (?, ?, ?, ?)",
                                   (source, sha, len(text), time.time()))
             doc_id = cur.lastrowid
-            self.db.executemany('INSERT INTO chunks (doc_id, seq, start, "end", heading, text) VALUES (?, ?, ?, ?, ?, ?)',
-                                [(doc_id, i, c.start, c.end, c.heading, c.text) for i, c in enumerate(chunks)])
+            self.db.executemany('INSERT INTO chunks (doc_id, seq, start, "end", heading, text, sha256) '
+                                'VALUES (?, ?, ?, ?, ?, ?, ?)',
+                                [(doc_id, i, c.start, c.end, c.heading, c.text,
+                                  hashlib.sha256(c.text.encode("utf-8")).hexdigest()) for i, c in enumerate(chunks)])
             ids = [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id = ? ORDER BY seq", (doc_id,))]
             self.db.executemany("INSERT INTO chunks_fts (rowid, heading, text) VALUES (?, ?, ?)",
                                 [(i, fts_text(c.heading), fts_text(c.text)) for i, c in zip(ids, chunks)])
