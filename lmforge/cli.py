@@ -551,9 +551,20 @@ def _refresh(col) -> None:
 def _open_for_search(collection: str, use_vectors: bool = True):
     """The collection with its own encoder loaded; the default collection (Python's docs) is
     built on first use, so `lmforge ask` works on a fresh install."""
-    from lmforge.rag.collection import DEFAULT_COLLECTION, Collection, collections_root
+    import shutil
 
-    if collection == DEFAULT_COLLECTION and not (collections_root() / collection / "collection.db").is_file():
+    from lmforge.rag.collection import DEFAULT_COLLECTION, Collection, OldSchema, collections_root, only_pydoc
+
+    folder = collections_root() / collection
+    if collection == DEFAULT_COLLECTION and (folder / "collection.db").is_file():
+        try:
+            Collection.open(collection).close()
+        except OldSchema:  # built by an older lmforge from Python's docs alone: rebuild it
+            if not only_pydoc(folder):
+                raise
+            _console(stderr=True).print("the default collection was built by an older lmforge; rebuilding it")
+            shutil.rmtree(folder)
+    if collection == DEFAULT_COLLECTION and not (folder / "collection.db").is_file():
         _console(stderr=True).print("building the default collection from Python's documentation (once)")
         _index(collection, None)
     with Collection.open(collection) as col:

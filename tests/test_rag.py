@@ -510,3 +510,24 @@ def test_sources_fill_the_context_budget_and_a_too_long_question_is_refused():
     assert len(ByteTokenizer().encode("\n\n".join(m["content"] for m in msgs))) <= 900 - 100
     with pytest.raises(LMForgeError, match="question is too long"):
         build_messages(lm, "why " * 300, hits, max_new_tokens=100)
+
+
+def test_collections_from_an_older_layout(tmp_path, monkeypatch, capsys):
+    """The default collection, built from Python's docs alone, is rebuilt when lmforge's storage
+    layout changes; any other collection gets a clear error (its files may be gone)."""
+    from test_cli import run_cli
+
+    from lmforge.rag.collection import collections_root
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    for name in ("pydoc", "notes"):
+        with Collection.open(name, create=True) as col:
+            col.add_text("pydoc:with" if name == "pydoc" else "n.txt", "The with statement wraps a block.")
+            col.db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+            col.db.commit()
+    code, out, err = run_cli(["search", "with statement", "--mode", "bm25", "-k", "1"], capsys)
+    assert code == 0 and "older lmforge; rebuilding" in err and "[1] " in out and "pydoc:" in out
+    with Collection.open("pydoc") as col:
+        assert len(col.documents()) > 50  # all of Python's docs, not the one planted document
+    code, out, err = run_cli(["search", "with", "--collection", "notes"], capsys)
+    assert code == 1 and "has schema 1" in err and str(collections_root() / "notes") in err

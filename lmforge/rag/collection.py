@@ -38,7 +38,7 @@ from lmforge.errors import LMForgeError
 from lmforge.rag.chunking import TEXT_SUFFIXES, chunk_text, pdf_support, read_document
 from lmforge.rag.lexical import TOKENIZE, LexicalIndex, QueryTokenizer, fts_text, query_words
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_COLLECTION = "pydoc"
 LEXICAL_FROM = 10_000  # chunks: from here BM25 runs on the in-memory index (FTS5 scores every match)
 ANN_FROM = 50_000  # vectors: from here dense search uses an HNSW index (exact search passes ~10 ms)
@@ -61,6 +61,20 @@ CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     DELETE FROM chunks_fts WHERE rowid = old.id;
 END;
 """ % TOKENIZE
+
+
+class OldSchema(LMForgeError):
+    """A collection written by another version of lmforge's storage layout."""
+
+
+def only_pydoc(folder: Path) -> bool:
+    """Whether a collection (of any schema version) holds nothing but Python's own docs, so
+    that it can be rebuilt from them without asking."""
+    try:
+        with sqlite3.connect(str(Path(folder) / "collection.db")) as db:
+            return db.execute("SELECT COUNT(*) FROM documents WHERE source NOT LIKE 'pydoc:%'").fetchone()[0] == 0
+    except sqlite3.DatabaseError:
+        return False
 
 
 @dataclass
@@ -124,15 +138,17 @@ class Collection:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against crashes, no fsync per commit
             self.db.execute("PRAGMA foreign_keys=ON")
+            has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone()
+            version = self._meta("schema") if has_meta else None
+            if version is not None and int(version) != SCHEMA_VERSION:  # checked before touching tables
+                self.db.close()
+                raise OldSchema(f"collection {self.name!r} has schema {version}; this lmforge reads "
+                                f"{SCHEMA_VERSION}: delete {self.folder} and index again")
             self.db.executescript(_SCHEMA)
-            version = self._meta("schema")
             if version is None:
                 with self.db:  # uid + generation stamp the derived index files (bm25.npz, vectors-*.usearch)
                     self.db.executemany("INSERT INTO meta VALUES (?, ?)", [
                         ("schema", str(SCHEMA_VERSION)), ("uid", secrets.token_hex(6)), ("generation", "0")])
-            elif int(version) != SCHEMA_VERSION:
-                raise LMForgeError(f"collection {self.name!r} has schema {version}; this lmforge reads "
-                                   f"{SCHEMA_VERSION}: delete {self.folder} and index again")
         except sqlite3.DatabaseError as e:
             raise LMForgeError(f"{db} is not a usable collection database ({e}); delete the folder and "
                                f"index again") from None
