@@ -623,7 +623,7 @@ def search(
     dense_weight: Annotated[float, typer.Option(help="Hybrid fusion: the dense ranking's weight against BM25's 1 "
                                                      "(lower it for text the encoder does not know).")] = 1.0,
     rerank: Annotated[str, typer.Option(help="Rerank the retrieved chunks: none, encoder (best sentence) "
-                                             "or llm (the chat model judges each).")] = "none",
+                                             "or llm (how likely the model finds the question after each).")] = "none",
     model: Annotated[str, typer.Option(help="Model for --rerank llm.")] = "smollm2-135m-instruct",
 ):
     """Search a collection and print the best chunks with their scores and sources."""
@@ -662,7 +662,7 @@ def ask(
     dense_weight: Annotated[float, typer.Option(help="Hybrid fusion: the dense ranking's weight against BM25's 1 "
                                                      "(lower it for text the encoder does not know).")] = 1.0,
     rerank: Annotated[str, typer.Option(help="Rerank the retrieved chunks: none, encoder (best sentence) "
-                                             "or llm (the chat model judges each).")] = "none",
+                                             "or llm (how likely the model finds the question after each).")] = "none",
 ):
     """Answer a question from a collection, citing its sources by number.
 
@@ -758,6 +758,8 @@ def eval_qa(
         raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
     if not squad.is_file():
         raise LMForgeError(f"no such file: {squad}")
+    if max_answers < 0:
+        raise LMForgeError("--max-answers must be 0 (all) or more")
     encoder = lm = None
     if embed != "none":
         from lmforge.encoders import Encoder
@@ -771,11 +773,11 @@ def eval_qa(
     r = evaluate_squad(squad, lm, encoder, k=k, mode=mode, max_answers=max_answers or None, max_new_tokens=max_tokens,
                        dense_weight=dense_weight,
                        log=err.print, on_answer=lambda q, a, g: err.print(f"[dim]{q}[/dim] -> {a[:80]!r} (gold {g[0]!r})"))
-    table = Table(title=f"{squad.name}: {r['contexts']:,} contexts, {r['questions']:,} questions, {mode} retrieval")
+    table = Table(title=f"{squad.name}: {r['contexts']:,} contexts, {r['questions']:,} questions, {r['mode']} retrieval")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, v in r.items():
-        if key not in ("contexts", "questions"):
+        if key not in ("contexts", "questions", "mode"):
             table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
     _console().print(table)
 

@@ -133,3 +133,6 @@ def test_eval_qa_answers_and_llm_reranking(tmp_path):
     hits = [Hit(i, 0.0, f"p{i}", "", t, 0, 0) for i, t in enumerate(passages)]
     for question, best in (("Can penguins fly?", "p1"), ("When was the Eiffel Tower finished?", "p0")):
         assert rerank(question, hits, "llm", lm=lm)[0].source == best
+    if store.find("gemma3-270m") is not None:  # a base model whose tokenizer adds BOS
+        gemma = LM.load("gemma3-270m")
+        assert rerank("Can penguins fly?", hits, "llm", lm=gemma)[0].source == "p1"

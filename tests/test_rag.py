@@ -69,6 +69,8 @@ def test_collection_ingest_change_detection_remove_and_bm25(tmp_path):
         assert col.search_bm25("purring cats")[0].source.endswith("a.md")  # stemmed: purring ~ purr
         assert col.search_bm25('"); DROP TABLE chunks; --') == []  # syntax is just text
         assert col.add_paths([docs]).unchanged == 2
+        assert col.add_paths([docs, docs / "a.md"]).unchanged == 2 and len(col.documents()) == 2  # read once
+        assert len(col.add_documents([("x", "one text"), ("x", "one text")])) == 2 and col.remove(["x"]) == 1
         (docs / "a.md").write_text("# Dogs\n\nDogs bark at the postman.", encoding="utf-8")
         r = col.add_paths([docs])
         assert (r.updated, r.unchanged) == (1, 1)
@@ -328,7 +330,14 @@ def test_in_memory_bm25_index_gives_fts5_scores(tmp_path):
     assert saved.is_file()
     again = Collection.open("p", root=tmp_path)
     again.lexical_from = 0
-    assert again._lexical().stamp == col.stamp  # loaded, not rebuilt
+    from lmforge.rag.lexical import LexicalIndex
+
+    real_build = LexicalIndex.build
+    LexicalIndex.build = classmethod(lambda *a, **k: pytest.fail("rebuilt a fresh index"))
+    try:
+        assert again._lexical().stamp == col.stamp  # loaded from bm25.npz, not rebuilt
+    finally:
+        LexicalIndex.build = real_build
     again.add_text("extra", "Quokkas are small marsupials found on Rottnest Island.")
     assert again.search_bm25("quokka marsupials")[0].source == "extra"  # stale index rebuilt
     saved.write_bytes(b"garbage")
@@ -531,3 +540,14 @@ def test_collections_from_an_older_layout(tmp_path, monkeypatch, capsys):
         assert len(col.documents()) > 50  # all of Python's docs, not the one planted document
     code, out, err = run_cli(["search", "with", "--collection", "notes"], capsys)
     assert code == 1 and "has schema 1" in err and str(collections_root() / "notes") in err
+
+
+def test_a_file_named_beside_its_folder_is_indexed_once(tmp_path, monkeypatch, capsys):
+    from test_cli import run_cli
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("Kettles boil water.", encoding="utf-8")
+    code, out, err = run_cli(["index", "add", d, d / "a.txt", "--collection", "n", "--embed", "none"], capsys)
+    assert code == 0 and "1 added" in out and "Traceback" not in err, err

@@ -23,6 +23,7 @@ and hybrid search fuses the BM25 and dense rankings by reciprocal rank
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import sqlite3
@@ -70,8 +71,10 @@ class OldSchema(LMForgeError):
 def only_pydoc(folder: Path) -> bool:
     """Whether a collection (of any schema version) holds nothing but Python's own docs, so
     that it can be rebuilt from them without asking."""
+    import contextlib
+
     try:
-        with sqlite3.connect(str(Path(folder) / "collection.db")) as db:
+        with contextlib.closing(sqlite3.connect(str(Path(folder) / "collection.db"))) as db:
             return db.execute("SELECT COUNT(*) FROM documents WHERE source NOT LIKE 'pydoc:%'").fetchone()[0] == 0
     except sqlite3.DatabaseError:
         return False
@@ -182,6 +185,10 @@ class Collection:
                     self._bump()
 
     def close(self) -> None:
+        self._ann = self._lex = self._matrix = None  # the graph is memory-mapped: let the file go
+        if self._tokenizer is not None:
+            self._tokenizer.db.close()
+            self._tokenizer = None
         self.db.close()
 
     def __enter__(self):
@@ -228,7 +235,14 @@ class Collection:
                     progress(source)
             pending.clear()
 
+        seen: set[str] = set()
         for source, text in docs:
+            if source in seen:  # named twice in one call (a folder and a file in it): once is enough
+                statuses.append("unchanged")
+                if progress:
+                    progress(source)
+                continue
+            seen.add(source)
             sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
             row = self.db.execute("SELECT id, sha256 FROM documents WHERE source = ?", (source,)).fetchone()
             if row is not None and row[1] == sha:
@@ -245,6 +259,8 @@ class Collection:
 
     def _write(self, source: str, text: str, sha: str, row: tuple | None, chunks: list, vecs: np.ndarray | None) -> None:
         with self.db:  # one transaction: the old chunks go only if the new ones arrive
+            # looked up again inside it: another process may have added this source meanwhile
+            row = self.db.execute("SELECT id, sha256 FROM documents WHERE source = ?", (source,)).fetchone()
             if row is not None:
                 self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
                 self.db.execute("DELETE FROM documents WHERE id = ?", (row[0],))
@@ -295,7 +311,7 @@ class Collection:
                 key = s if s.startswith("pydoc:") or not Path(s).exists() else str(Path(s).resolve())
                 ids = [r[0] for r in self.db.execute(
                     "SELECT id FROM documents WHERE source = ? OR source LIKE ? ESCAPE '\\'",
-                    (key, _like_prefix(key.rstrip("/") + "/")))]
+                    (key, _like_prefix(key.rstrip("/" + os.sep) + os.sep)))]
                 for i in ids:
                     self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (i,))
                     self.db.execute("DELETE FROM documents WHERE id = ?", (i,))
@@ -370,7 +386,13 @@ class Collection:
             path = self.folder / f"vectors-{stamp}.usearch"
             index = ann.load(path)
             if index is None:
-                ids, mat = self._vectors()
+                self.db.execute("BEGIN")  # one read snapshot: the stamp names exactly these vectors
+                try:
+                    stamp = self.stamp
+                    path = self.folder / f"vectors-{stamp}.usearch"
+                    ids, mat = self._vectors()
+                finally:
+                    self.db.rollback()
                 index = ann.build(ids, mat)
                 try:
                     ann.save(index, path)
@@ -416,9 +438,8 @@ class Collection:
             phrases = self._tokenizer.terms(words)
             if all(len(p) == 1 for p in phrases):  # else a multi-token phrase: FTS5 matches it as one
                 return self._lexical().search(phrases, k)
-        q = " OR ".join(f'"{w}"' for w in words)
         return self.db.execute("SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? "
-                               "ORDER BY bm25(chunks_fts) LIMIT ?", (q, k)).fetchall()
+                               "ORDER BY bm25(chunks_fts) LIMIT ?", (fts_query(query), k)).fetchall()
 
     def _dense(self, query: str, k: int) -> list[tuple[int, float]]:
         """(chunk id, cosine) of the k nearest chunks: exact, or HNSW on large collections."""
@@ -478,7 +499,8 @@ def _like_prefix(prefix: str) -> str:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    return list(_expand(paths))
+    """The files to read, each once (a file named beside its folder is not read twice)."""
+    return list({f.resolve(): f for f in _expand(paths)}.values())
 
 
 def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:

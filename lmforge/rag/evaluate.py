@@ -92,7 +92,10 @@ def evaluate_beir(folder: Path, split: str = "test", encoder=None, modes: tuple[
             col.lexical_from, col.ann_from = (0, 0) if large else (LEXICAL_FROM, ANN_FROM)
             name = mode
             if large:
-                name = {"bm25": "bm25 (index)", "dense": "dense (HNSW)", "hybrid": "hybrid (index+HNSW)"}[mode]
+                from lmforge.rag import ann
+
+                graph = "HNSW" if ann.available() else "exact, no usearch"
+                name = {"bm25": "bm25 (index)", "dense": f"dense ({graph})", "hybrid": f"hybrid (index+{graph})"}[mode]
                 col.refresh()  # built before the clock starts, as index add does
             t = time.perf_counter()
             for q in qids:
@@ -197,7 +200,7 @@ def evaluate_squad(path: Path, lm=None, encoder=None, k: int = 3, mode: str = "h
     contexts, qas = load_squad(path)
     if encoder is None and mode != "bm25":
         mode = "bm25"
-    out: dict[str, float] = {"contexts": len(contexts), "questions": len(qas)}
+    out: dict[str, float] = {"contexts": len(contexts), "questions": len(qas), "mode": mode}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         col = Collection(Path(tmp) / "squad", create=True, encoder=encoder)
@@ -217,7 +220,7 @@ def evaluate_squad(path: Path, lm=None, encoder=None, k: int = 3, mode: str = "h
             for question, _, golds in chosen:
                 a = ask(question, col, lm, k=k, mode=mode, max_new_tokens=max_new_tokens, instruction=SHORT,
                         dense_weight=dense_weight)
-                text = re.sub(r"\s*\[\d+\]", "", a.text).strip()
+                text = re.sub(r"\s*\[\d+\]", "", a.text).strip() if a.found else ""  # a refusal scores 0
                 declined += not a.found
                 em += exact_match(text, golds)
                 f1 += f1_score(text, golds)

@@ -53,7 +53,7 @@ class QueryTokenizer:
     inserted and rolled back), so that query terms are stemmed exactly as the index was."""
 
     def __init__(self):
-        self.lock = threading.Lock()  # one connection, possibly shared by a server's threads
+        self.lock = threading.Lock()  # its BEGIN/ROLLBACK must not interleave between threads
         self.db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self.db.execute(f"CREATE VIRTUAL TABLE w USING fts5(x, tokenize='{TOKENIZE}')")
         self.db.execute("CREATE VIRTUAL TABLE wv USING fts5vocab(w, instance)")

@@ -70,10 +70,15 @@ def llm_scores(query: str, texts: list[str], lm, batch: int = 4, max_chars: int 
     question = tok.encode(" " + " ".join(query.split()), check=False)
     if not question:
         raise LMForgeError("the query has no tokens to score")
-    room = (lm.hard_context or 1 << 30) - len(question) - 1
+    cfg = lm.config
+    limit = lm.hard_context or (cfg.block_size if cfg.family == "gpt" and cfg.pos == "learned" else None)
+    bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []  # as the model was trained
+    room = (limit or 1 << 30) - len(question) - len(bos)
+    if room < 8:
+        raise LMForgeError("the query is too long for the model's context to score passages with it")
     pairs = []
     for t in texts:
         prompt = (f"Passage: {' '.join(t.split())[:max_chars]}\n"
                   f"Please write a question based on this passage.\nQuestion:")
-        pairs.append((tok.encode(prompt, check=False)[-room:], question))
+        pairs.append((bos + tok.encode(prompt, check=False)[-room:], question))
     return lm.engine.continuation_logprobs(pairs, batch)
