@@ -67,6 +67,7 @@ def test_collection_ingest_change_detection_remove_and_bm25(tmp_path):
         hits = col.search_bm25("what do compilers translate?")
         assert hits[0].source.endswith("b.txt") and hits[0].score > 0
         assert col.search_bm25("purring cats")[0].source.endswith("a.md")  # stemmed: purring ~ purr
+        assert col.search_bm25("CÄTS")[0].source.endswith("a.md")  # case and diacritics folded
         assert col.search_bm25('"); DROP TABLE chunks; --') == []  # syntax is just text
         assert col.add_paths([docs]).unchanged == 2
         assert col.add_paths([docs, docs / "a.md"]).unchanged == 2 and len(col.documents()) == 2  # read once

@@ -29,7 +29,9 @@ K1, B = 1.2, 0.75
 TOKENIZE = "porter unicode61 remove_diacritics 2"
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
-_WORD = re.compile(r"[^\W_]+")  # unicode61's token characters: letters and digits, '_' separates
+# unicode61's token characters: letters, digits and combining marks ("İ".lower() is "i" + U+0307);
+# '_' separates
+_WORD = re.compile(r"(?:[^\W_]|[\u0300-\u036f])+")
 
 
 def _bigrams(m: re.Match) -> str:
