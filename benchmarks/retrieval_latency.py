@@ -56,7 +56,7 @@ def main() -> None:
             chunks = [Chunk(" ".join(rng.choice(vocab, 60, p=p)), 0, 0) for _ in range(per_doc)]
             vecs = rng.standard_normal((per_doc, enc.dim)).astype(np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            col._write(f"doc{d}", "", "", None, chunks, vecs)
+            col._write(f"doc{d}", "", "", chunks, vecs)
         print(f"built a {col.size():,}-chunk collection in {time.perf_counter() - t:.1f} s")
         col.close()
         col = Collection(Path(tmp) / "big", encoder=enc)

@@ -548,6 +548,18 @@ def _refresh(col) -> None:
         _console(stderr=True).print(f"built {' and '.join(built)} index for {col.size():,} chunks")
 
 
+def _check_retrieval(k: int, mode: str, rerank: str = "none") -> None:
+    """The options search, ask and eval qa share, checked before anything is loaded."""
+    from lmforge.rag.rerank import RERANKERS
+
+    if k < 1:
+        raise LMForgeError("-k must be at least 1")
+    if mode not in ("bm25", "dense", "hybrid"):
+        raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
+    if rerank not in RERANKERS:
+        raise LMForgeError(f"unknown --rerank {rerank!r}: use {', '.join(RERANKERS)}")
+
+
 def _open_for_search(collection: str, use_vectors: bool = True):
     """The collection with its own encoder loaded; the default collection (Python's docs) is
     built on first use, so `lmforge ask` works on a fresh install."""
@@ -627,21 +639,16 @@ def search(
     model: Annotated[str, typer.Option(help="Model for --rerank llm.")] = "smollm2-135m-instruct",
 ):
     """Search a collection and print the best chunks with their scores and sources."""
-    if k < 1:
-        raise LMForgeError("-k must be at least 1")
-    if mode not in ("bm25", "dense", "hybrid"):
-        raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
-    from lmforge.rag.rerank import RERANKERS, rerank as rerank_hits
+    from lmforge.rag.rerank import pool_size, rerank as rerank_hits
 
-    if rerank not in RERANKERS:
-        raise LMForgeError(f"unknown --rerank {rerank!r}: use {', '.join(RERANKERS)}")
+    _check_retrieval(k, mode, rerank)
     lm = None
     if rerank == "llm":
         from lmforge.api import LM
 
         lm = LM.load(model)
     with _open_for_search(collection, mode != "bm25" or rerank == "encoder") as col:
-        hits = col.search(query, k if rerank == "none" else max(3 * k, 10), mode, dense_weight=dense_weight)
+        hits = col.search(query, pool_size(k, rerank), mode, dense_weight=dense_weight)
         hits = rerank_hits(query, hits, rerank, col.encoder, lm)[:k]
     if not hits:
         print("no matches")
@@ -671,12 +678,7 @@ def ask(
     from lmforge.api import LM
     from lmforge.rag.ask import ask as ask_fn
 
-    from lmforge.rag.rerank import RERANKERS
-
-    if k < 1:
-        raise LMForgeError("-k must be at least 1")
-    if rerank not in RERANKERS:
-        raise LMForgeError(f"unknown --rerank {rerank!r}: use {', '.join(RERANKERS)}")
+    _check_retrieval(k, mode, rerank)
     lm = LM.load(model)
     held = []  # separators after a sentence wait for the next one: no blank lines at the end
 
@@ -752,10 +754,7 @@ def eval_qa(
 
     from lmforge.rag.evaluate import evaluate_squad
 
-    if k < 1:
-        raise LMForgeError("-k must be at least 1")
-    if mode not in ("bm25", "dense", "hybrid"):
-        raise LMForgeError(f"unknown --mode {mode!r}: use bm25, dense or hybrid")
+    _check_retrieval(k, mode)
     if not squad.is_file():
         raise LMForgeError(f"no such file: {squad}")
     if max_answers < 0:

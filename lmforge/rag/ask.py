@@ -124,9 +124,9 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
         raise LMForgeError("the question is empty")
     if collection.count_chunks() == 0:
         raise LMForgeError(f"collection {collection.name!r} is empty; add documents with lmforge index add")
-    from lmforge.rag.rerank import rerank as rerank_hits
+    from lmforge.rag.rerank import pool_size, rerank as rerank_hits
 
-    hits = collection.search(question, k if rerank == "none" else max(3 * k, 10), mode, dense_weight=dense_weight)
+    hits = collection.search(question, pool_size(k, rerank), mode, dense_weight=dense_weight)
     hits = rerank_hits(question, hits, rerank, collection.encoder, lm)[:k]
     if collection.encoder is not None:
         best = collection.search_dense(question, 1)
@@ -155,11 +155,12 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
             on_text(text + sep)
 
     seen: set[str] = set()
+    # no repetition penalty: at 1.05-1.1 SmolLM2's answers wandered into code; stopping at a
+    # repeated sentence ends its loops instead
     if lm.tokenizer.chat_template:
         pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=STOP)
     else:
-        pieces = lm.stream(render(lm, msgs), max_new_tokens, temperature=0, stop=STOP + ("\n",))  # one line  # a penalty (1.05-1.1) made
-    # SmolLM2's answers wander into code; stopping at a repeated sentence ends its loops instead
+        pieces = lm.stream(render(lm, msgs), max_new_tokens, temperature=0, stop=STOP + ("\n",))  # one line
     for piece in pieces:
         pending += piece
         while (m := _SENTENCE.search(pending)) is not None:

@@ -130,6 +130,7 @@ class Collection:
         self._lex: LexicalIndex | None = None
         self._ann: tuple[str, object] | None = None
         self._tokenizer: QueryTokenizer | None = None
+        self._last_query: tuple[str, np.ndarray] | None = None  # (text, unit vector)
         db = self.folder / "collection.db"
         if not db.is_file() and not create:
             how = "lmforge index add" if self.name == DEFAULT_COLLECTION else \
@@ -222,14 +223,14 @@ class Collection:
         time (one encoder call: length-bucketed batches across documents, not a call per
         document); each document is then written in its own transaction, vectors included."""
         statuses: list[str] = []
-        pending: list[tuple[str, str, str, tuple | None, list]] = []
+        pending: list[tuple[str, str, str, list]] = []  # (source, text, sha256, chunks)
 
         def flush() -> None:
             texts = [c.text for *_, chunks in pending for c in chunks]
             vecs = self._embed(texts) if self.encoder is not None else None
             at = 0
-            for source, text, sha, row, chunks in pending:
-                self._write(source, text, sha, row, chunks, None if vecs is None else vecs[at:at + len(chunks)])
+            for source, text, sha, chunks in pending:
+                self._write(source, text, sha, chunks, None if vecs is None else vecs[at:at + len(chunks)])
                 at += len(chunks)
                 if progress:
                     progress(source)
@@ -251,15 +252,15 @@ class Collection:
                     progress(source)
                 continue
             statuses.append("added" if row is None else "updated")
-            pending.append((source, text, sha, row, chunk_text(text, target, overlap)))
+            pending.append((source, text, sha, chunk_text(text, target, overlap)))
             if len(pending) >= batch:
                 flush()
         flush()
         return statuses
 
-    def _write(self, source: str, text: str, sha: str, row: tuple | None, chunks: list, vecs: np.ndarray | None) -> None:
+    def _write(self, source: str, text: str, sha: str, chunks: list, vecs: np.ndarray | None) -> None:
         with self.db:  # one transaction: the old chunks go only if the new ones arrive
-            # looked up again inside it: another process may have added this source meanwhile
+            # looked up inside it: another process may have added this source since add_documents looked
             row = self.db.execute("SELECT id, sha256 FROM documents WHERE source = ?", (source,)).fetchone()
             if row is not None:
                 self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
@@ -447,7 +448,9 @@ class Collection:
             raise LMForgeError("dense search needs an embedding model (minilm-l6, say)")
         if self.size() == 0 or k <= 0:
             return []
-        q = self._embed([query])[0]  # (d,)
+        if self._last_query is None or self._last_query[0] != query:  # ask() searches twice per question
+            self._last_query = (query, self._embed([query])[0])
+        q = self._last_query[1]  # (d,)
         if self.uses_ann():
             return self._ann_index().search(q, k)
         ids, mat = self._vectors()

@@ -22,6 +22,11 @@ RERANKERS = ("none", "encoder", "llm")
 _SPLIT = re.compile(r"(?<=[.!?。！？])\s+|\n+")
 
 
+def pool_size(k: int, how: str) -> int:
+    """How many chunks to retrieve so that a reranker has room to reorder the best k."""
+    return k if how == "none" else max(3 * k, 10)
+
+
 def rerank(query: str, hits: list[Hit], how: str, encoder=None, lm=None) -> list[Hit]:
     """The hits reordered (scores replaced by the reranker's), best first."""
     if how == "none" or not hits:
@@ -51,13 +56,9 @@ def encoder_scores(query: str, texts: list[str], encoder, max_sentences: int = 2
     v = np.asarray(encoder.embed(pieces), dtype=np.float32)
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     sims = v[1:] @ v[0]  # (pieces - 1,)
-    owner_arr = np.array(owner[1:])
     chunk = sims[:len(texts)]
     best = chunk.copy()
-    for i in range(len(texts)):
-        own = sims[len(texts):][owner_arr[len(texts):] == i]
-        if len(own):
-            best[i] = max(best[i], own.max())
+    np.maximum.at(best, np.array(owner[1 + len(texts):], dtype=np.int64), sims[len(texts):])  # best sentence
     return list(0.5 * chunk + 0.5 * best)
 
 
