@@ -1,16 +1,15 @@
 """Weight-only quantized layers for inference.
 
 - Int8Linear: int8 weights per output channel with one bf16 scale each (symmetric, absmax/127).
-  On CPU the matmul runs in PyTorch's `_weight_int8pack_mm` with bf16 activations, reading a
-  quarter of the bytes of a float32 matmul (decoding one token is memory-bound).
+  On CPU a few rows (decoding) run in lmforge's C kernel (kernels.py) with float32 activations,
+  or in PyTorch's `_weight_int8pack_mm` with bf16 ones, reading a quarter of the bytes of a
+  float32 matmul (decoding one token is memory-bound).
 - Int4Linear: 4-bit weights in groups of 32 along the input, each group with a bf16 scale and
   zero (w = (q - 8) * scale + zero), run by `_weight_int4pack_mm_for_cpu`. GGUF's 4-bit blocks
   (Q4_0, Q4_1, Q4_K) are exactly this shape, so their values carry over without re-rounding.
-- Int8Table: the token table at Q8_0 precision (int8 in groups of 32, a scale each), held as
-  two 4-bit halves (q = 16 * hi + lo) in the int4 kernel's layout. A tied output projection
-  is two int4 matmuls in one call over the same bytes -- faster on CPU than one int8 matmul
-  and exact to the group scales -- and lookups unpack just the rows they need, so the
-  largest matrix of a small model is held once, in a byte per weight.
+- Int8Table: the token table at Q8_0 precision (int8 in groups of 32, an fp16 scale each): the
+  input embedding and, tied, the output projection (the C kernel again), so the largest
+  matrix of a small model is held once, in a byte per weight.
 The weight-only kernels are built for one row (decoding). A batch of INT_MM_ROWS+ rows (a
 prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations and
 Int4Linear.keep_batch_copy. Activations between layers stay in the model's dtype.
@@ -22,6 +21,8 @@ import functools
 
 import torch
 import torch.nn as nn
+
+from lmforge.models import kernels
 
 GROUP = 32  # int4 group size: GGUF's 4-bit formats use blocks (or sub-blocks) of 32
 
@@ -67,6 +68,9 @@ def int4_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # which are built for one row: at 200 rows a dense bf16 matmul over weights widened on the fly is
 # 3x faster, and the int8 x int8 matmul (VNNI) faster still.
 INT_MM_ROWS = 16
+# Up to this many rows an Int8Linear runs in the C kernel (float32 activations); beyond, its
+# activations (8 rows x a 2048-wide input) outgrow the L1 cache and PyTorch's kernel is faster.
+KERNEL_ROWS = 4
 ACTIVATIONS = ("bf16", "int8", "int8x2")
 
 
@@ -99,6 +103,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+        self._scales32: torch.Tensor | None = None  # float32 copy of the scales for the C kernel
+        self._scales_of: torch.Tensor | None = None
 
     @classmethod
     @torch.no_grad()
@@ -118,6 +124,8 @@ class Int8Linear(nn.Module):
                 y = torch.mm(x2.to(torch.bfloat16), self.weight.to(torch.bfloat16).t()) * self.scales
             else:
                 y = _int8_activations_mm(x2.float(), self.weight, self.scales, self.activations == "int8x2")
+        elif x.device.type == "cpu" and x2.size(0) <= KERNEL_ROWS and (lib := kernels.library()) is not None:
+            y = kernels.q8_matmul(x2, self.weight, None, self._float_scales(), lib=lib)  # (N, out), float32 x
         elif x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)  # (N, out)
         else:
@@ -126,6 +134,11 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _float_scales(self) -> torch.Tensor:
+        if self._scales_of is not self.scales:  # (re)made when the buffer is replaced, e.g. by loading
+            self._scales32, self._scales_of = self.scales.float().contiguous(), self.scales
+        return self._scales32
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -205,43 +218,29 @@ def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, b: int, k: int) -> to
 
 
 class Int8Table(nn.Module):
-    """A token table (V, C) at Q8_0 precision that is both the input embedding and, tied, the
-    output projection. Stored as the int4 kernel's packed (2V', C / 2) bytes -- rows [0, V')
-    the high halves, [V', 2V') the low halves, V' = V rounded up to the packing block -- and
-    its (C / 32, 2V', 2) scales and zeros."""
+    """A token table (V, C) at Q8_0 precision -- int8 values with one fp16 scale per group of 32
+    -- that is both the input embedding and, tied, the output projection, so the largest
+    matrix of a small model is held once, in a byte per weight. Lookups dequantize just the
+    rows they need. The projection runs in the C kernel (kernels.q8_matmul: float32
+    activations, one pass over the bytes); without it, in PyTorch's int4 kernel over a copy
+    held as two 4-bit halves (q = 16 * hi + lo: two int4 matmuls in one call, exact to the
+    group scales, at the cost of that extra copy)."""
 
     def __init__(self, num: int, dim: int, device=None):
         super().__init__()
         if dim % GROUP:
             raise ValueError(f"the int8 table needs a width divisible by {GROUP}, got {dim}")
         self.num_embeddings, self.embedding_dim = num, dim
-        self.padded = -(-num // 64) * 64  # a multiple of every packing block
-        self._block = int4_block()  # looked up once here, not inside a forward torch.compile traces
-        self.register_buffer("weight", torch.empty(2 * self.padded, dim // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_zeros", torch.empty(dim // GROUP, 2 * self.padded, 2, dtype=torch.bfloat16,
-                                                         device=device))
+        self.register_buffer("weight", torch.empty(num, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num, dim // GROUP, dtype=torch.float16, device=device))
+        self._halves: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the fallback's copy
 
     @classmethod
     @torch.no_grad()
     def from_int8(cls, q: torch.Tensor, d: torch.Tensor) -> "Int8Table":
-        """q: (V, C) int8 values; d: (V, C / 32) float scales; w = q * d groupwise."""
-        V, C = q.shape
-        t = cls(V, C, device=q.device)
-        pad = t.padded - V
-        if pad:
-            q, d = torch.cat([q, q.new_zeros(pad, C)]), torch.cat([d, d.new_zeros(pad, d.size(1))])
-        halves: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"hi": [], "lo": []}
-        # packed in slices of rows (a multiple of every packing block, so the slices' packed
-        # bytes simply concatenate): a 262k-row table as int32 would need gigabytes at once
-        for i in range(0, t.padded, 8192):
-            qi, di = q[i:i + 8192].to(torch.int32), d[i:i + 8192].float()
-            # q = 16 * (hi - 8) + lo with both halves in 0..15; the kernel computes
-            # (u - 8) * scale + zero, so hi gets scale 16d, zero 0 and lo scale d, zero 8d
-            halves["hi"].append(int4_pack((qi >> 4) + 8, 16 * di, -128 * di))
-            halves["lo"].append(int4_pack(qi & 15, di, torch.zeros_like(di)))
-        parts = halves["hi"] + halves["lo"]
-        t.weight = torch.cat([w for w, _ in parts])
-        t.scales_zeros = torch.cat([sz for _, sz in parts], dim=1)
+        """q: (V, C) int8 values; d: (V, C / 32) scales; w = q * d groupwise."""
+        t = cls(*q.shape, device=q.device)
+        t.weight, t.scales = q.contiguous(), d.to(torch.float16).contiguous()
         return t
 
     @classmethod
@@ -250,25 +249,55 @@ class Int8Table(nn.Module):
         return cls.from_int8(*int8_groups_of(w.detach()))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Embedding lookup: only the requested rows are unpacked. (..., ) -> (..., C)."""
+        """Embedding lookup: only the requested rows are dequantized. (..., ) -> (..., C)."""
         flat = idx.reshape(-1)
-        b, C = self._block, self.embedding_dim
-        hi = _unpack_rows(self.weight, flat, b, C).to(torch.int32) - 8  # (n, C)
-        lo = _unpack_rows(self.weight, flat + self.padded, b, C).to(torch.int32)
-        d = self.scales_zeros[:, flat + self.padded, 0].t().float()  # (n, C/32): the low half's scale is d
-        w = (16 * hi + lo).float().view(-1, C // GROUP, GROUP) * d[..., None]  # (n, C/32, 32)
+        C = self.embedding_dim
+        w = self.weight[flat].float().view(-1, C // GROUP, GROUP) * self.scales[flat].float()[..., None]  # (n, G, 32)
         return w.view(*idx.shape, C)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ table.T: both halves in one int4 call, then summed. (..., C) -> (..., V)."""
+        """x @ table.T. (..., C) -> (..., V)."""
         shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.embedding_dim).to(torch.bfloat16), self.weight,
-                                              GROUP, self.scales_zeros)  # (N, 2V')
-        y = y[:, :self.num_embeddings].float() + y[:, self.padded:self.padded + self.num_embeddings].float()
+        x2 = x.reshape(-1, self.embedding_dim)  # (N, C)
+        lib = kernels.library() if x.device.type == "cpu" else None
+        if lib is not None:
+            y = kernels.q8_matmul(x2, self.weight, self.scales, lib=lib)  # (N, V)
+        elif x.device.type == "cpu":
+            packed, sz, padded = self._int4_halves()
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, GROUP, sz)  # (N, 2V')
+            y = y[:, :self.num_embeddings].float() + y[:, padded:padded + self.num_embeddings].float()
+        else:
+            y = torch.cat([x2 @ self.forward(torch.arange(i, min(i + 16384, self.num_embeddings), device=x.device)).t()
+                           for i in range(0, self.num_embeddings, 16384)], dim=1)  # (N, V), a slice at a time
         return y.to(x.dtype).reshape(*shape[:-1], self.num_embeddings)
 
+    @torch.no_grad()
+    def _int4_halves(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The table as the int4 kernel's packed (2V', C / 2) bytes -- rows [0, V') the high
+        halves, [V', 2V') the low ones, V' = V rounded up to the packing block -- with its
+        (C / 32, 2V', 2) scales and zeros. Built on first use (the no-compiler fallback)."""
+        if self._halves is None:
+            V, C = self.weight.shape
+            padded = -(-V // 64) * 64  # a multiple of every packing block
+            parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"hi": [], "lo": []}
+            # packed in slices of rows (a multiple of every packing block, so the slices' packed
+            # bytes simply concatenate): a 262k-row table as int32 would need gigabytes at once
+            for i in range(0, padded, 8192):
+                qi = self.weight[i:i + 8192].to(torch.int32)
+                di = self.scales[i:i + 8192].float()
+                if qi.size(0) < min(8192, padded - i):  # the last slice: pad with zero rows
+                    pad = min(8192, padded - i) - qi.size(0)
+                    qi, di = torch.cat([qi, qi.new_zeros(pad, C)]), torch.cat([di, di.new_zeros(pad, di.size(1))])
+                # q = 16 * (hi - 8) + lo with both halves in 0..15; the kernel computes
+                # (u - 8) * scale + zero, so hi gets scale 16d, zero 0 and lo scale d, zero 8d
+                parts["hi"].append(int4_pack((qi >> 4) + 8, 16 * di, -128 * di))
+                parts["lo"].append(int4_pack(qi & 15, di, torch.zeros_like(di)))
+            both = parts["hi"] + parts["lo"]
+            self._halves = (torch.cat([w for w, _ in both]), torch.cat([sz for _, sz in both], dim=1), padded)
+        return self._halves
+
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 as 2x int4 g{GROUP}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 g{GROUP}"
 
 
 class TiedHead(nn.Module):

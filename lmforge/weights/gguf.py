@@ -248,7 +248,7 @@ def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
     for t, name, slot in _mapped(g, table):
         if name == "embed.weight":
             tokens = Int8Table.from_int8(*int8_groups(t))
-            state["embed.weight"], state["embed.scales_zeros"] = tokens.weight, tokens.scales_zeros
+            state["embed.weight"], state["embed.scales"] = tokens.weight, tokens.scales
             layout["embed"] = "table"
         elif len(t.shape) == 1:
             state[name] = torch.from_numpy(dequantize(t))

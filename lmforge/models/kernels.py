@@ -1,0 +1,118 @@
+"""The C kernels of cpu_kernels.c: built once per machine with the system's C compiler, loaded
+with ctypes (no PyTorch headers, so a build takes about a second).
+
+The shared library is cached under $LMFORGE_HOME/kernels, keyed by the source, the compiler and
+the CPU, and written to a temporary name first, so concurrent processes never load half a file.
+Without a compiler (or with LMFORGE_KERNELS=0) `library()` is None and the quantized layers keep
+to PyTorch's own kernels: slower for decoding, same results to rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_c_ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LMFORGE_HOME")
+    if env:
+        return Path(env).expanduser() / "kernels"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lmforge")) / "kernels"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build(out: Path, generic: bool = False, compiler: str | None = None) -> Path:
+    """Compile cpu_kernels.c into the shared library `out` (raises OSError or CalledProcessError).
+    generic: leave out the AVX-512 path (the tests check both)."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise OSError("no C compiler found (install gcc or clang)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    base = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", tmp] + (["-DLMF_GENERIC"] if generic else [])
+    # the best first; without -march=native (some compilers lack it) or OpenMP (Apple's clang) next
+    tries = [base + ["-march=native", "-fopenmp"], base + ["-fopenmp"], base + ["-march=native"], base]
+    try:
+        for i, cmd in enumerate(tries):
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return out
+            if i == len(tries) - 1:
+                raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.lmf_q8_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
+    lib.lmf_q8_matmul.restype = ctypes.c_int
+    lib.lmf_q8_avx512.restype = ctypes.c_int
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (disabled, no compiler, or the build failed: warned once)."""
+    if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang") or ""
+    key = hashlib.sha256(SOURCE.read_bytes() + cc.encode() + _cpu_id().encode()).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_kernels-{key}{'.dll' if os.name == 'nt' else '.so'}"
+    try:
+        if not path.is_file():
+            build(path)
+        return load(path)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"lmforge: the C decoding kernels could not be built ({detail.strip()[:300]}); "
+                      "decoding falls back to PyTorch's kernels (slower)", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def q8_matmul(x: torch.Tensor, w: torch.Tensor, group_scales: torch.Tensor | None = None,
+              row_scales: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) @ W.T as float32 (M, N), W = int8 w (N, K) times its fp16 group scales (N, K / 32)
+    and/or float32 row scales (N,). Needs `library()` (or an explicit lib)."""
+    lib = lib or library()
+    if w.dtype != torch.int8 or not w.is_contiguous():
+        raise ValueError("q8_matmul needs contiguous int8 weights")
+    if (group_scales is not None and (group_scales.dtype != torch.float16 or not group_scales.is_contiguous())) or \
+            (row_scales is not None and row_scales.dtype != torch.float32):
+        raise ValueError("q8_matmul needs float16 group scales and float32 row scales")
+    x = x.float().contiguous()
+    M, K = x.shape
+    N = w.size(0)
+    y = torch.empty(M, N, dtype=torch.float32)
+    gs = group_scales.data_ptr() if group_scales is not None else None
+    rs = row_scales.data_ptr() if row_scales is not None else None
+    if lib.lmf_q8_matmul(x.data_ptr(), M, K, w.data_ptr(), gs, rs, N, y.data_ptr()):
+        raise ValueError(f"q8_matmul needs K divisible by 32, got {K}")
+    return y
