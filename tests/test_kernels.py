@@ -66,3 +66,51 @@ def test_library_is_cached_and_falls_back_without_a_compiler(tmp_path, monkeypat
         assert any("could not be built" in str(w.message) for w in caught)
     finally:
         kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("shape", [(1, 640), (5, 3, 256), (70, 96)])  # 70 rows: the threaded branch
+def test_rms_norm_matches_pytorch(lib, shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x, w = torch.randn(*shape, generator=g) * 4, torch.randn(shape[-1], generator=g)
+    y = kernels.rms_norm(x, w, 1e-6, lib)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_model_norm_takes_the_kernel_only_without_gradients():
+    from lmforge.models.gpt import RMSNorm
+
+    norm = RMSNorm(64, 1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = norm(x)  # training: PyTorch's op, so the gradient flows
+    y.sum().backward()
+    assert x.grad is not None and y.grad_fn is not None
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), y.detach(), rtol=1e-5, atol=1e-5)
+        if kernels.library() is not None:
+            called = []
+            original = kernels.rms_norm
+            kernels.rms_norm = lambda *a: called.append(1) or original(*a)
+            try:
+                norm(x)
+            finally:
+                kernels.rms_norm = original
+            assert called
+
+
+@pytest.mark.parametrize("pad,start,end", [(None, 0, 17), (None, 5, 17), ([0, 3, 9], 0, 17), ([0, 3, 9], 6, 17),
+                                           ([0, 0, 1], 0, 1500)])  # over 1024 keys: scores on the heap
+def test_decode_attention_matches_sdpa(lib, pad, start, end):
+    """One query per row, grouped heads (4 over 2), against the cache up to `end`, skipping keys
+    before the window start and each row's left padding."""
+    g = torch.Generator().manual_seed(start)
+    B, nh, nkv, max_len, hd = 3, 4, 2, end + 7, 64
+    q = torch.randn(B, nh, 1, hd, generator=g)
+    k, v = torch.randn(B, nkv, max_len, hd, generator=g), torch.randn(B, nkv, max_len, hd, generator=g)
+    pad_t = torch.tensor(pad) if pad is not None else None
+    out = kernels.attn_decode(q, k, v, start, end, pad_t, hd ** -0.5, lib)
+    keys = torch.arange(end)
+    visible = (keys >= start)[None].expand(B, end) if pad is None else (keys[None] >= start) & (keys[None] >= pad_t[:, None])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :end], v[:, :, :end], attn_mask=visible[:, None, None], enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -65,3 +65,13 @@ def test_repetition_penalty_pushes_seen_tokens_down():
     out = repetition_penalty(logits, [0, 1, 1], 2.0)
     assert out.tolist() == [[1.0, -2.0, 3.0]]
     assert repetition_penalty(logits, [0], 1.0) is logits
+
+
+def test_greedy_matches_torch_argmax_with_ties():
+    from lmforge.engine.sampling import greedy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 5, (4, 1000), generator=g).float()  # many ties: the first maximum wins
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    assert greedy(logits).dtype == torch.int64 and greedy(logits[:1]).shape == (1,)
+    assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(-1))  # non-float32: torch's own

@@ -13,8 +13,14 @@ from lmforge.config import ModelConfig
 
 
 class LayerKV:
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, owner: "KVCache"):
         self.k, self.v = k, v  # (B, nkv, max_len, hd)
+        self._owner = owner
+
+    @property
+    def pad(self) -> torch.Tensor | None:
+        """(B,) left padding per row of the whole cache (None when no row is padded)."""
+        return self._owner.pad
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, nkv, T, hd) new keys/values at [pos, pos + T); return views of [0, pos + T)."""
@@ -31,7 +37,7 @@ class KVCache:
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self._layers = [LayerKV(self.k[i], self.v[i]) for i in range(cfg.n_layer)]
+        self._layers = [LayerKV(self.k[i], self.v[i], self) for i in range(cfg.n_layer)]
         self.pos = 0
         self.pad: torch.Tensor | None = None  # (B,) left padding per row, for batches of unequal prompts
 

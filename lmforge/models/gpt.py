@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.models import kernels
 
 
 class RMSNorm(nn.Module):
@@ -31,8 +32,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one op instead of six, and no conversions when already in fp32: decoding pays for
-        # every op (a Gemma layer has six norms, run once per token)
+        # every op (a Gemma layer has six norms, run once per token). When nothing needs a
+        # gradient, one C call on CPU: PyTorch's own rms_norm still runs several small ops
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if not torch.is_grad_enabled() and x.device.type == "cpu" and x.is_contiguous() \
+                    and (lib := kernels.library()) is not None:
+                return kernels.rms_norm(x, self.weight, self.eps, lib)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # normalise in fp32 for stability under autocast, return in the input dtype
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
@@ -101,6 +106,14 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if T == 1 and layer_cache is not None and not torch.is_grad_enabled() and x.device.type == "cpu" \
+                and q.dtype == layer_cache.k.dtype == torch.float32 and (lib := kernels.library()) is not None:
+            # a decoding step: the C kernel reads the cache in place, from the row's first visible
+            # key (window start or its left padding; that is all the mask would say for one query)
+            layer_cache.update(k, v, pos)
+            y = kernels.attn_decode(q, layer_cache.k, layer_cache.v, kv_start, pos + 1, layer_cache.pad,
+                                    self.head_dim ** -0.5, lib)  # (B, nh, 1, hd)
+            return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))  # (B, 1, C): heads side by side
         if layer_cache is not None:
             k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
         if kv_start:

@@ -53,7 +53,7 @@ def build(out: Path, generic: bool = False, compiler: str | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
-    base = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", tmp] + (["-DLMF_GENERIC"] if generic else [])
+    base = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"] + (["-DLMF_GENERIC"] if generic else [])
     # the best first; without -march=native (some compilers lack it) or OpenMP (Apple's clang) next
     tries = [base + ["-march=native", "-fopenmp"], base + ["-fopenmp"], base + ["-march=native"], base]
     try:
@@ -75,6 +75,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_q8_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
     lib.lmf_q8_matmul.restype = ctypes.c_int
     lib.lmf_q8_avx512.restype = ctypes.c_int
+    lib.lmf_rms_norm.argtypes = [_c_ptr, _i64, _i64, _c_ptr, ctypes.c_float, _c_ptr]
+    lib.lmf_rms_norm.restype = None
+    lib.lmf_attn_decode.argtypes = [_c_ptr, _c_ptr, _c_ptr] + [_i64] * 7 + [_c_ptr, ctypes.c_float, _c_ptr]
+    lib.lmf_attn_decode.restype = None
     return lib
 
 
@@ -116,3 +120,28 @@ def q8_matmul(x: torch.Tensor, w: torch.Tensor, group_scales: torch.Tensor | Non
     if lib.lmf_q8_matmul(x.data_ptr(), M, K, w.data_ptr(), gs, rs, N, y.data_ptr()):
         raise ValueError(f"q8_matmul needs K divisible by 32, got {K}")
     return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """RMSNorm over the last dim of a contiguous float32 CPU tensor, with a float32 weight."""
+    y = torch.empty_like(x)
+    dim = x.size(-1)
+    lib.lmf_rms_norm(x.data_ptr(), x.numel() // dim, dim, weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int,
+                pad: torch.Tensor | None, scale: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """One query per row against a float32 KV cache: q (B, nh, 1, hd), k/v the whole cache
+    (B, nkv, max_len, hd), contiguous; keys [max(start, pad[b]), end) are seen. -> (B, nh, 1, hd)."""
+    B, nh, _, hd = q.shape
+    nkv, max_len = k.size(1), k.size(2)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    pad_ptr = None
+    if pad is not None:
+        pad = pad.to(torch.int64).contiguous()
+        pad_ptr = pad.data_ptr()
+    lib.lmf_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, nh, nkv, max_len, hd, start, end, pad_ptr,
+                        scale, out.data_ptr())
+    return out
