@@ -62,10 +62,6 @@ class LM:
             scheme = "int8" if quantize == "auto" else quantize
             quantize_model(lm.model, scheme)
             lm.quantized = scheme
-        if lm.quantized and dev.type == "cpu":
-            from lmforge.models.quant import keep_batch_copies
-
-            keep_batch_copies(lm.model)
         if compile:
             lm.engine = Engine(lm.model, compile=True)
         return lm

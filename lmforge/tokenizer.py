@@ -10,6 +10,8 @@ Both are `tokenizers.Tokenizer` objects saved as a standard tokenizer.json:
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,17 @@ from lmforge.errors import LMForgeError
 UNK = "<unk>"
 EOT = "<|endoftext|>"
 KINDS = ("char", "bpe")
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc). Parsing a large tokenizer.json (Gemma 3's:
+    262k tokens, 515k merges) leaves ~190 MB of freed small allocations in the process, which
+    the model's weights -- large tensors, mapped apart from the heap -- never reuse."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 class LMTokenizer:
@@ -211,6 +224,8 @@ class LMTokenizer:
             tk = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception on bad JSON
             raise LMForgeError(f"{path} is not a valid tokenizer.json ({e})") from None
+        if path.stat().st_size > 8 << 20:
+            _return_freed_memory()
         extra_path = path.parent / "tokenizer_extra.json"
         if extra_path.is_file():
             import json

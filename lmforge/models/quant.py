@@ -10,14 +10,13 @@
 - Int8Table: the token table at Q8_0 precision (int8 in groups of 32, an fp16 scale each): the
   input embedding and, tied, the output projection (the C kernel again), so the largest
   matrix of a small model is held once, in a byte per weight.
-The weight-only kernels are built for one row (decoding). A batch of INT_MM_ROWS+ rows (a
-prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations and
-Int4Linear.keep_batch_copy. Activations between layers stay in the model's dtype.
+The weight-only kernels are built for one row (decoding). An Int8Linear given INT_MM_ROWS+ rows
+(a prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations. (A
+mostly-int8 GGUF model therefore keeps its few 4-bit matrices as int8: see gguf.quantized_state.)
+Activations between layers stay in the model's dtype.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
@@ -155,7 +154,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_zeros", torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16,
                                                          device=device))
-        self._dense: torch.Tensor | None = None  # the optional batch copy (not saved)
 
     @classmethod
     @torch.no_grad()
@@ -164,57 +162,17 @@ class Int4Linear(nn.Module):
         q.weight, q.scales_zeros = int4_fit(lin.weight.detach())
         return q
 
-    @torch.no_grad()
-    def keep_batch_copy(self) -> bool:
-        """Also hold the weights dequantized to bf16 (two bytes per weight more): batches of
-        INT_MM_ROWS+ rows then run as a dense bf16 matmul, 2-3x faster at 200 rows than the int4
-        kernel (built for one row). Returns False (no copy) for a row count the packed layout
-        pads."""
-        O, I = self.out_features, self.in_features
-        if O % int4_block():
-            return False
-        q = _unpack_rows(self.weight, torch.arange(O, device=self.weight.device), int4_block(), I)  # (O, I) 0..15
-        sz = self.scales_zeros.float()  # (G, O, 2): w = (q - 8) * scale + zero, per group of 32
-        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # (O, G, 1)
-        w = (q.view(O, I // GROUP, GROUP).float() - 8) * scale + zero  # (O, G, 32)
-        self._dense = w.view(O, I).to(torch.bfloat16)
-        return True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             raise RuntimeError("int4 weights are packed for PyTorch's CPU kernel; load with quantize='none' "
                                "or 'int8' on this device")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
-        if x2.size(0) >= INT_MM_ROWS and self._dense is not None:
-            y = torch.mm(x2, self._dense.t())  # (N, out)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_zeros)  # (N, out)
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_zeros)  # (N, out)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
-
-
-@functools.lru_cache(maxsize=None)
-def int4_block() -> int:
-    """Rows per block in the CPU kernel's packed layout: (N / B, K, B / 2) bytes, byte j of a
-    block row holding rows j (low nibble) and j + B/2 (high). B follows the CPU's vector width
-    (64 with AVX-512, 32 with AVX2), so it is found by packing a probe rather than assumed."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=g, device="cpu")  # (even under a meta context)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-    for b in (64, 32, 16, 8):
-        if torch.equal(_unpack_rows(packed, torch.arange(128, device="cpu"), b, 64), q.to(torch.uint8)):
-            return b
-    raise RuntimeError("unrecognised int4 packing layout in this PyTorch build")
-
-
-def _unpack_rows(packed: torch.Tensor, rows: torch.Tensor, b: int, k: int) -> torch.Tensor:
-    """Rows of a CPU-packed int4 matrix as uint8 values 0..15: (len(rows), k)."""
-    blocks = packed.reshape(-1, k, b // 2)  # (N / b, K, b / 2)
-    byte = blocks[rows // b, :, rows % (b // 2)]  # (n, K)
-    return torch.where((rows % b >= b // 2)[:, None], byte >> 4, byte & 15)
 
 
 class Int8Table(nn.Module):
@@ -363,22 +321,6 @@ def build_quantized_skeleton(model_cls, cfg, layout: dict[str, str]) -> nn.Modul
                 new = Int8Linear(old.in_features, old.out_features, old.bias is not None)
             setattr(parent, attr, new)
     return model
-
-
-def keep_batch_copies(model: nn.Module, budget: float = 0.2) -> int:
-    """Give the model's Int4Linears their batch copies (see Int4Linear.keep_batch_copy) when all
-    of them together add at most `budget` of the model's weight bytes: a win for a model
-    with a few int4 matrices among int8 ones (Gemma 3's Q4_K_M), too much memory for one that
-    is int4 throughout (SmolLM2's Q4_1), whose batches stay on the int4 kernel. Returns the
-    number of bytes added."""
-    int4 = [m for m in model.modules() if isinstance(m, Int4Linear) and m.out_features % int4_block() == 0]
-    extra = 2 * sum(m.in_features * m.out_features for m in int4)  # bf16
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    if not int4 or extra > budget * total:
-        return 0
-    for m in int4:
-        m.keep_batch_copy()
-    return extra
 
 
 def retie(model: nn.Module) -> None:

@@ -260,10 +260,18 @@ def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
         if set(parts) != set(SLOTS):
             raise LMForgeError(f"{g.path}: {name} is missing part(s) {set(SLOTS) - set(parts)}")
         linears[name] = [parts[s] for s in SLOTS]
+    # A model that is 4-bit in the main (SmolLM2's Q4_1) keeps its 4-bit blocks as int4. One with
+    # a few 4-bit matrices among 5- to 8-bit ones (Gemma 3's Q4_K_M: a quarter of its weights)
+    # holds those as int8 too: its batches (a prefill) then run every linear as a dense bf16
+    # matmul over weights widened on the fly, where the int4 kernel, built for one row, would
+    # need a second, dense copy of them to keep up -- more memory than the int8 bytes cost.
+    four_bit = {n for n, parts in linears.items() if all(p.tensor_type.name in FOUR_BIT for p in parts)}
+    share = sum(int(np.prod(p.shape)) for n in four_bit for p in linears[n]) / \
+        max(1, sum(int(np.prod(p.shape)) for parts in linears.values() for p in parts))
     for name, parts in linears.items():
         module = name.rsplit(".", 1)[0]
         slots = SLOTS if len(parts) == 3 else (None,)
-        if all(p.tensor_type.name in FOUR_BIT for p in parts):
+        if name in four_bit and share >= 0.5:
             qs, scs, offs = [], [], []
             for p, slot in zip(parts, slots):
                 q, sc, off = unpack_4bit(p)
