@@ -32,11 +32,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one op instead of six, and no conversions when already in fp32: decoding pays for
-        # every op (a Gemma layer has six norms, run once per token). When nothing needs a
-        # gradient, one C call on CPU: PyTorch's own rms_norm still runs several small ops
+        # every op (a Gemma layer has six norms, run once per token). For a decoding step's few
+        # rows, with no gradient, one C call on CPU (PyTorch's rms_norm still runs several small
+        # ops); longer inputs keep PyTorch's, whose rounding the reference implementations share
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if not torch.is_grad_enabled() and x.device.type == "cpu" and x.is_contiguous() \
-                    and (lib := kernels.library()) is not None:
+            if not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= 32 * x.size(-1) \
+                    and x.is_contiguous() and (lib := kernels.library()) is not None:
                 return kernels.rms_norm(x, self.weight, self.eps, lib)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # normalise in fp32 for stability under autocast, return in the input dtype
