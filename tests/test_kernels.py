@@ -98,19 +98,56 @@ def test_model_norm_takes_the_kernel_only_without_gradients():
             assert called
 
 
-@pytest.mark.parametrize("pad,start,end", [(None, 0, 17), (None, 5, 17), ([0, 3, 9], 0, 17), ([0, 3, 9], 6, 17),
-                                           ([0, 0, 1], 0, 1500)])  # over 1024 keys: scores on the heap
-def test_decode_attention_matches_sdpa(lib, pad, start, end):
-    """One query per row, grouped heads (4 over 2), against the cache up to `end`, skipping keys
-    before the window start and each row's left padding."""
-    g = torch.Generator().manual_seed(start)
-    B, nh, nkv, max_len, hd = 3, 4, 2, end + 7, 64
-    q = torch.randn(B, nh, 1, hd, generator=g)
-    k, v = torch.randn(B, nkv, max_len, hd, generator=g), torch.randn(B, nkv, max_len, hd, generator=g)
+@pytest.mark.parametrize("pad,start,pos,batched_rope", [
+    (None, 0, 16, False), (None, 5, 16, True), ([0, 3, 9], 0, 16, True), ([0, 3, 9], 6, 16, False),
+    ([0, 0, 1], 0, 1500, True)])  # past 4096 floats of scratch: on the heap
+def test_decode_step_attention_matches_pytorch(lib, pad, start, pos, batched_rope):
+    """One new token per row, grouped heads (4 over 2): RoPE on q and the new key, the key and
+    value written into the cache at pos, attention over [max(start, pad), pos] -- against
+    apply_rope, a cache write and SDPA with the equivalent mask. q and k come in as views of
+    one fused projection, as in the model."""
+    from lmforge.models.gpt import apply_rope, rope_rotation, rope_tables
+
+    g = torch.Generator().manual_seed(start + pos)
+    B, nh, nkv, hd = 3, 4, 2, 64
+    max_len = pos + 7
+    qkv = torch.randn(B, 1, nh + 2 * nkv, hd, generator=g).transpose(1, 2)  # (B, heads, 1, hd) views
+    q, k_new, v_new = qkv.split([nh, nkv, nkv], dim=1)
+    cache_k, cache_v = torch.randn(B, nkv, max_len, hd, generator=g), torch.randn(B, nkv, max_len, hd, generator=g)
+    cos, sin = rope_tables(hd, max_len, 10000.0)
+    positions = torch.tensor([[pos - 2], [pos - 1], [pos]]) if batched_rope else torch.tensor([pos])
+    rope = rope_rotation(cos[positions], sin[positions])  # (B, 1, hd) or (1, hd)
+    if batched_rope:
+        rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, 1, hd)
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    ref_k[:, :, pos:pos + 1], ref_v[:, :, pos:pos + 1] = apply_rope(k_new, *rope), v_new
     pad_t = torch.tensor(pad) if pad is not None else None
-    out = kernels.attn_decode(q, k, v, start, end, pad_t, hd ** -0.5, lib)
-    keys = torch.arange(end)
-    visible = (keys >= start)[None].expand(B, end) if pad is None else (keys[None] >= start) & (keys[None] >= pad_t[:, None])
+    out = kernels.attn_decode(q, k_new, v_new, rope, cache_k, cache_v, pos, start, pad_t, hd ** -0.5, lib)
+    torch.testing.assert_close(cache_k, ref_k, rtol=1e-6, atol=1e-6)  # the rotated key, written in place
+    torch.testing.assert_close(cache_v, ref_v, rtol=0, atol=0)
+    keys = torch.arange(pos + 1)
+    visible = (keys[None] >= start) & (keys[None] >= (pad_t[:, None] if pad is not None else 0))  # (B, S)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k[:, :, :end], v[:, :, :end], attn_mask=visible[:, None, None], enable_gqa=True)
+        apply_rope(q, *rope), ref_k[:, :, :pos + 1], ref_v[:, :, :pos + 1], attn_mask=visible[:, None, None],
+        enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    no_rope = kernels.attn_decode(q, k_new, v_new, None, cache_k, cache_v, pos, start, pad_t, hd ** -0.5, lib)
+    assert torch.equal(cache_k[:, :, pos:pos + 1], k_new)  # without RoPE the key goes in as it is
+    assert no_rope.shape == (B, nh, 1, hd)
+
+
+def test_softmax_exponent_is_accurate(lib):
+    """The attention kernel's own e^x (a polynomial, so it vectorises): a one-key-per-score
+    check across the whole range it serves, through the kernel itself."""
+    hd, n = 32, 2000
+    scores = torch.linspace(-90, 0, n)  # wanted scores; e^-90 lies past the clamp
+    k = torch.zeros(1, 1, n, hd)
+    k[0, 0, :, 0] = scores  # q = e_0 with scale 1: key j scores exactly scores[j]
+    v = torch.zeros(1, 1, n, hd)
+    v[0, 0, :, 0] = torch.arange(float(n))  # output 0 = the attention-weighted mean key index
+    q = torch.zeros(1, 1, 1, hd)
+    q[..., 0] = 1
+    # the step's own key and value are the last slot's (score 0, index n - 1), written in place
+    out = kernels.attn_decode(q, k[:, :, -1:].clone(), v[:, :, -1:].clone(), None, k, v, n - 1, 0, None, 1.0, lib)
+    p = torch.softmax(scores.double(), 0)
+    torch.testing.assert_close(out[0, 0, 0, 0].double(), (p * torch.arange(float(n)).double()).sum(), rtol=1e-6, atol=0)

@@ -131,46 +131,121 @@ void lmf_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, flo
     }
 }
 
-/* Attention for one new query per row (a decoding step) over the KV cache, grouped-query.
-   q: (B, nh, hd); k, v: the cache (B, nkv, max_len, hd); keys [first, end) are visible, where
-   first is max(start, pad[b]) (the sliding window and the row's left padding); out: (B, nh, hd).
-   PyTorch's fused attention spends ~70 us a call on setup for this much work (4 heads x 300
-   keys); here it is a few microseconds. */
-void lmf_attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t nh, int64_t nkv,
-                     int64_t max_len, int64_t hd, int64_t start, int64_t end, const int64_t *pad, float scale,
-                     float *out) {
-    const int64_t group = nh / nkv;
-#pragma omp parallel for schedule(static) if (B * nh * (end - start) >= 4096)
-    for (int64_t bh = 0; bh < B * nh; bh++) {
-        const int64_t b = bh / nh, h = bh % nh, kvh = h / group;
-        const int64_t first = pad && pad[b] > start ? pad[b] : start;
-        const float *qh = q + bh * hd;
-        const float *kb = k + (b * nkv + kvh) * max_len * hd, *vb = v + (b * nkv + kvh) * max_len * hd;
-        float *o = out + bh * hd;
-        float stack_scores[1024];
-        float *sc = end - first <= 1024 ? stack_scores : (float *)malloc(sizeof(float) * (size_t)(end - first));
-        float mx = -INFINITY;
-        for (int64_t j = first; j < end; j++) {
-            const float *kj = kb + j * hd;
-            float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-            for (int64_t i = 0; i < hd; i++) d += qh[i] * kj[i];
-            d *= scale;
-            sc[j - first] = d;
-            mx = d > mx ? d : mx;
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < end - first; j++) {
-            sc[j] = expf(sc[j] - mx);
-            sum += sc[j];
-        }
-        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int64_t j = first; j < end; j++) {
-            const float p = sc[j - first] / sum, *vj = vb + j * hd;
+/* e^x for x <= 0 (softmax after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
+   with |r| <= ln2 / 2, e^r by its Taylor series to r^7, 2^n written into the exponent bits.
+   Plain arithmetic, so the compiler vectorises the loop that calls it (libm's expf is one
+   value per call: most of a decoding step's attention time at a few hundred keys). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x; /* e^-87 is about the smallest normal float */
+    const float n = __builtin_roundf(x * 1.44269504f);
+    const float r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln2 in two parts, for precision */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* x rotated by RoPE into y: pairs (x[i], x[i + hd/2]) turn by the position's angles; c and s are
+   full-width tables, s signed (-sin in the first half), as rope_rotation builds them in gpt.py */
+static inline void rotate(const float *x, const float *c, const float *s, int64_t hd, float *y) {
+    const int64_t h2 = hd / 2;
 #pragma omp simd
-            for (int64_t i = 0; i < hd; i++) o[i] += p * vj[i];
+    for (int64_t i = 0; i < h2; i++) {
+        y[i] = x[i] * c[i] + x[i + h2] * s[i];
+        y[i + h2] = x[i + h2] * c[i + h2] + x[i] * s[i + h2];
+    }
+}
+
+/* A decoding step's attention: one new token per row, grouped-query, over the KV cache.
+   q: B rows (at q + b * qs) of nh heads side by side; kn, vn: the new keys and values, B rows of
+   nkv heads (at kn + b * ks, vn + b * vs); cos, sin: RoPE tables of hd floats at cos + b * cs
+   (cs = 0: one for all rows), or NULL for no rotation. The rotated key and the value are written
+   into the cache k, v (B, nkv, max_len, hd) at slot pos; each row then attends to slots
+   [max(start, pad[b]), pos] (the sliding window and its left padding): out (B, nh, hd).
+   In PyTorch this is a dozen small operations and a fused attention call that spends ~70 us
+   on setup for this much work (4 heads x 300 keys). */
+void lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, const float *vn, int64_t vs,
+                     const float *cos, const float *sin, int64_t cs, float *k, float *v, int64_t B, int64_t nh,
+                     int64_t nkv, int64_t max_len, int64_t hd, int64_t start, int64_t pos, const int64_t *pad,
+                     float scale, float *out) {
+    const int64_t group = nh / nkv, end = pos + 1;
+    /* one task per key/value head: the query heads that share it go together, so each key and
+       value row is read once per step rather than once per head */
+#pragma omp parallel for schedule(static) if (B * nkv > 1 && B * nh * (end - start) >= 4096)
+    for (int64_t bk = 0; bk < B * nkv; bk++) {
+        const int64_t b = bk / nkv, kvh = bk % nkv;
+        const int64_t first = pad && pad[b] > start ? pad[b] : start, n = end - first;
+        const float *cb = cos ? cos + b * cs : 0, *sb = sin ? sin + b * cs : 0;
+        float *kb = k + bk * max_len * hd, *vb = v + bk * max_len * hd;
+        if (cos) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + pos * hd);
+        else memcpy(kb + pos * hd, kn + b * ks + kvh * hd, sizeof(float) * (size_t)hd);
+        memcpy(vb + pos * hd, vn + b * vs + kvh * hd, sizeof(float) * (size_t)hd);
+        float stack[4096];
+        const int64_t need = group * (hd + n + 1); /* rotated queries, scores (group, n), max per head */
+        float *qg = need <= 4096 ? stack : (float *)malloc(sizeof(float) * (size_t)need);
+        float *sc = qg + group * hd, *mx = sc + group * n;
+        for (int64_t g = 0; g < group; g++) {
+            const float *qh = q + b * qs + (kvh * group + g) * hd;
+            if (cos) rotate(qh, cb, sb, hd, qg + g * hd);
+            else memcpy(qg + g * hd, qh, sizeof(float) * (size_t)hd);
+            mx[g] = -INFINITY;
         }
-        if (sc != stack_scores) free(sc);
+        /* keys four at a time: four independent sums per loop (one would be a chain of
+           dependent multiply-adds, bound by their latency) */
+        for (int64_t j = 0; j < n; j += 4) {
+            const int64_t r = n - j < 4 ? n - j : 4;
+            const float *k0 = kb + (first + j) * hd, *k1 = k0 + (r > 1) * hd, *k2 = k0 + (r > 2) * 2 * hd,
+                        *k3 = k0 + (r > 3) * 3 * hd; /* past the end: repeat the first (unused) */
+            for (int64_t g = 0; g < group; g++) {
+                const float *qh = qg + g * hd;
+                float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+                for (int64_t i = 0; i < hd; i++) {
+                    d0 += qh[i] * k0[i];
+                    d1 += qh[i] * k1[i];
+                    d2 += qh[i] * k2[i];
+                    d3 += qh[i] * k3[i];
+                }
+                const float d[4] = {d0 * scale, d1 * scale, d2 * scale, d3 * scale};
+                for (int64_t t = 0; t < r; t++) {
+                    sc[g * n + j + t] = d[t];
+                    mx[g] = d[t] > mx[g] ? d[t] : mx[g];
+                }
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float *sg = sc + g * n, m = mx[g], t = 0.0f;
+#pragma omp simd reduction(+ : t)
+            for (int64_t j = 0; j < n; j++) {
+                sg[j] = exp_nonpositive(sg[j] - m);
+                t += sg[j];
+            }
+            const float inv = 1.0f / t;
+            for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+        }
+        float *og = out + (b * nh + kvh * group) * hd;
+        for (int64_t i = 0; i < group * hd; i++) og[i] = 0.0f;
+        for (int64_t j = 0; j < n; j += 4) { /* values four at a time too: a quarter of the stores */
+            const int64_t r = n - j < 4 ? n - j : 4;
+            const float *v0 = vb + (first + j) * hd, *v1 = v0 + (r > 1) * hd, *v2 = v0 + (r > 2) * 2 * hd,
+                        *v3 = v0 + (r > 3) * 3 * hd;
+            for (int64_t g = 0; g < group; g++) {
+                const float *pg = sc + g * n + j;
+                const float p0 = pg[0], p1 = r > 1 ? pg[1] : 0.0f, p2 = r > 2 ? pg[2] : 0.0f, p3 = r > 3 ? pg[3] : 0.0f;
+                float *o = og + g * hd;
+#pragma omp simd
+                for (int64_t i = 0; i < hd; i++) o[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+            }
+        }
+        if (qg != stack) free(qg);
     }
 }
 

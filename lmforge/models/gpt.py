@@ -105,16 +105,15 @@ class CausalSelfAttention(nn.Module):
         # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if T == 1 and layer_cache is not None and not torch.is_grad_enabled() and x.device.type == "cpu" \
                 and q.dtype == layer_cache.k.dtype == torch.float32 and (lib := kernels.library()) is not None:
-            # a decoding step: the C kernel reads the cache in place, from the row's first visible
-            # key (window start or its left padding; that is all the mask would say for one query)
-            layer_cache.update(k, v, pos)
-            y = kernels.attn_decode(q, layer_cache.k, layer_cache.v, kv_start, pos + 1, layer_cache.pad,
+            # a decoding step: RoPE, the cache write and attention in one C call, from the row's
+            # first visible key (window start or its left padding: all the mask would say here)
+            y = kernels.attn_decode(q, k, v, rope, layer_cache.k, layer_cache.v, pos, kv_start, layer_cache.pad,
                                     self.head_dim ** -0.5, lib)  # (B, nh, 1, hd)
             return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))  # (B, 1, C): heads side by side
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
         if kv_start:

@@ -77,7 +77,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_q8_avx512.restype = ctypes.c_int
     lib.lmf_rms_norm.argtypes = [_c_ptr, _i64, _i64, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_rms_norm.restype = None
-    lib.lmf_attn_decode.argtypes = [_c_ptr, _c_ptr, _c_ptr] + [_i64] * 7 + [_c_ptr, ctypes.c_float, _c_ptr]
+    lib.lmf_attn_decode.argtypes = [_c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _c_ptr, _i64, _c_ptr, _c_ptr] \
+        + [_i64] * 7 + [_c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_attn_decode.restype = None
     return lib
 
@@ -130,18 +131,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL
     return y
 
 
-def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int,
-                pad: torch.Tensor | None, scale: float, lib: ctypes.CDLL) -> torch.Tensor:
-    """One query per row against a float32 KV cache: q (B, nh, 1, hd), k/v the whole cache
-    (B, nkv, max_len, hd), contiguous; keys [max(start, pad[b]), end) are seen. -> (B, nh, 1, hd)."""
+def _rows(t: torch.Tensor, heads: int, hd: int) -> tuple[torch.Tensor, int]:
+    """(B, heads, 1, hd) -> a tensor whose rows hold the heads side by side, and its row stride."""
+    if t.stride(-1) != 1 or (heads > 1 and t.stride(1) != hd):
+        t = t.contiguous()
+    return t, t.stride(0)
+
+
+def attn_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                pos: int, start: int, pad: torch.Tensor | None, scale: float, lib: ctypes.CDLL) -> torch.Tensor:
+    """A decoding step's attention (see lmf_attn_decode): q (B, nh, 1, hd) and the step's new
+    k_new/v_new (B, nkv, 1, hd), before RoPE; rope: full-width (cos, signed sin) tables, (1, hd)
+    for every row or (B, 1, 1, hd) for each; cache_k/v (B, nkv, max_len, hd) contiguous float32,
+    written at slot pos. Keys [max(start, pad[b]), pos] are attended. -> (B, nh, 1, hd)."""
     B, nh, _, hd = q.shape
-    nkv, max_len = k.size(1), k.size(2)
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    nkv, max_len = cache_k.size(1), cache_k.size(2)
+    (q, qs), (k_new, ks), (v_new, vs) = _rows(q, nh, hd), _rows(k_new, nkv, hd), _rows(v_new, nkv, hd)
+    cos_p = sin_p = None
+    cs = 0
+    if rope is not None:
+        cos, sin = (r.reshape(-1, hd).contiguous() for r in rope)  # (1 or B, hd)
+        cs = hd if cos.size(0) > 1 else 0
+        cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
+    out = torch.empty(B, nh, 1, hd)
     pad_ptr = None
     if pad is not None:
         pad = pad.to(torch.int64).contiguous()
         pad_ptr = pad.data_ptr()
-    lib.lmf_attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, nh, nkv, max_len, hd, start, end, pad_ptr,
+    lib.lmf_attn_decode(q.data_ptr(), qs, k_new.data_ptr(), ks, v_new.data_ptr(), vs, cos_p, sin_p, cs,
+                        cache_k.data_ptr(), cache_v.data_ptr(), B, nh, nkv, max_len, hd, start, pos, pad_ptr,
                         scale, out.data_ptr())
     return out
