@@ -158,7 +158,7 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
-    quantize: Annotated[str, typer.Option(help="auto (pretrained models quantized on CPU: GGUF 4-bit blocks as int4, the rest int8), none, int8 or int4.")] = "auto",
+    quantize: Annotated[str, typer.Option(help="auto (pretrained models quantized on CPU: a mostly 4-bit GGUF's 4-bit blocks as int4, the rest int8), none, int8 or int4.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model for faster decoding (the first reply waits a minute or more for the compiler).")] = False,
 ):

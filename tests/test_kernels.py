@@ -54,6 +54,13 @@ def test_library_is_cached_and_falls_back_without_a_compiler(tmp_path, monkeypat
         assert kernels.library() is not None
         assert len(list((tmp_path / "kernels").glob("cpu_kernels-*.so"))) == 1  # built once, under the home
         assert not list((tmp_path / "kernels").glob(".*tmp"))  # no temporary left behind
+        built = next((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+        built.write_bytes(b"not a shared library")  # damaged: built again, not a crash
+        kernels.library.cache_clear()
+        assert kernels.library() is not None and built.stat().st_size > 1000
+        monkeypatch.setenv("LMFORGE_KERNELS", "off")
+        kernels.library.cache_clear()
+        assert kernels.library() is None
         kernels.library.cache_clear()
         monkeypatch.setenv("LMFORGE_KERNELS", "0")
         assert kernels.library() is None
@@ -151,3 +158,59 @@ def test_softmax_exponent_is_accurate(lib):
     out = kernels.attn_decode(q, k[:, :, -1:].clone(), v[:, :, -1:].clone(), None, k, v, n - 1, 0, None, 1.0, lib)
     p = torch.softmax(scores.double(), 0)
     torch.testing.assert_close(out[0, 0, 0, 0].double(), (p * torch.arange(float(n)).double()).sum(), rtol=1e-6, atol=0)
+
+
+def test_kernel_wrappers_reject_what_would_read_or_write_out_of_bounds(lib):
+    w = torch.zeros(3, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="weights of shape"):
+        kernels.q8_matmul(torch.randn(1, 32), w, lib=lib)  # K does not match the weights
+    with pytest.raises(ValueError, match="row scales"):
+        kernels.q8_matmul(torch.randn(1, 64), w, None, torch.ones(6)[::2], lib=lib)  # strided
+    with pytest.raises(ValueError, match="group scales"):
+        kernels.q8_matmul(torch.randn(1, 64), w, torch.ones(3, 1, dtype=torch.float16), lib=lib)
+    q, kv = torch.randn(1, 2, 1, 16), torch.randn(1, 1, 1, 16)
+    ck, cv = torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="slots"):
+        kernels.attn_decode(q, kv, kv, None, ck, cv, 8, 0, None, 0.25, lib)  # pos past the cache
+    with pytest.raises(ValueError, match="caches"):
+        kernels.attn_decode(q, kv, kv, None, ck.double(), cv, 3, 0, None, 0.25, lib)
+    with pytest.raises(ValueError, match="padding"):
+        kernels.attn_decode(q, kv, kv, None, ck, cv, 3, 0, torch.tensor([0, 0]), 0.25, lib)
+    half_rope = (torch.ones(1, 16, dtype=torch.float16), torch.zeros(1, 16, dtype=torch.float16))
+    kernels.attn_decode(q, kv, kv, half_rope, ck, cv, 3, 0, None, 0.25, lib)  # tables promoted to float32
+    torch.testing.assert_close(ck[0, 0, 3], kv[0, 0, 0])  # cos 1, sin 0: the key as it is
+    torch.set_default_dtype(torch.float64)
+    try:  # outputs are float32 whatever the default
+        assert kernels.q8_matmul(torch.randn(1, 64), w, lib=lib).dtype == torch.float32
+        assert kernels.attn_decode(q, kv, kv, None, ck, cv, 4, 0, None, 0.25, lib).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_int8_linear_follows_its_scales_after_load_state_dict():
+    from lmforge.models.quant import Int8Linear
+
+    a = Int8Linear.from_linear(torch.nn.Linear(64, 8, bias=False))
+    b = Int8Linear.from_linear(torch.nn.Linear(64, 8, bias=False))
+    x = torch.randn(1, 64)
+    a(x)  # caches float32 scales
+    a.load_state_dict(b.state_dict())  # copied in place: same tensor, new values
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_kv_cache_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    from lmforge.config import ModelConfig
+    from lmforge.engine.cache import KVCache
+
+    gc.disable()
+    try:
+        cache = KVCache(ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=10, block_size=16), 1, 16, "cpu")
+        gone = weakref.ref(cache.k)
+        assert cache.layer(0).pad is None
+        del cache
+        assert gone() is None
+    finally:
+        gc.enable()

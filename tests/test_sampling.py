@@ -75,3 +75,4 @@ def test_greedy_matches_torch_argmax_with_ties():
     assert torch.equal(greedy(logits), logits.argmax(-1))
     assert greedy(logits).dtype == torch.int64 and greedy(logits[:1]).shape == (1,)
     assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(-1))  # non-float32: torch's own
+    assert greedy(logits[0]).item() == logits[0].argmax().item()  # 1-D logits too

@@ -7,6 +7,8 @@ RecurrentState: the hidden state of an RNN/GRU/LSTM, the recurrent analogue of a
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lmforge.config import ModelConfig
@@ -15,12 +17,13 @@ from lmforge.config import ModelConfig
 class LayerKV:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, owner: "KVCache"):
         self.k, self.v = k, v  # (B, nkv, max_len, hd)
-        self._owner = owner
+        self._owner = weakref.ref(owner)  # (a strong one would make a cycle: freed only by the gc)
 
     @property
     def pad(self) -> torch.Tensor | None:
         """(B,) left padding per row of the whole cache (None when no row is padded)."""
-        return self._owner.pad
+        owner = self._owner()
+        return owner.pad if owner is not None else None
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, nkv, T, hd) new keys/values at [pos, pos + T); return views of [0, pos + T)."""

@@ -131,7 +131,8 @@ void lmf_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, flo
     }
 }
 
-/* e^x for x <= 0 (softmax after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
+/* e^x for x <= 0 (softmax after subtracting the maximum), to about 2e-7 relative down to -87
+   (below, e^-87: nothing a softmax sum notices): x = n ln2 + r
    with |r| <= ln2 / 2, e^r by its Taylor series to r^7, 2^n written into the exponent bits.
    Plain arithmetic, so the compiler vectorises the loop that calls it (libm's expf is one
    value per call: most of a decoding step's attention time at a few hundred keys). */
@@ -171,18 +172,21 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
    into the cache k, v (B, nkv, max_len, hd) at slot pos; each row then attends to slots
    [max(start, pad[b]), pos] (the sliding window and its left padding): out (B, nh, hd).
    In PyTorch this is a dozen small operations and a fused attention call that spends ~70 us
-   on setup for this much work (4 heads x 300 keys). */
-void lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, const float *vn, int64_t vs,
+   on setup for this much work (4 heads x 300 keys). Returns 0, or -1 when out of memory. */
+int lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, const float *vn, int64_t vs,
                      const float *cos, const float *sin, int64_t cs, float *k, float *v, int64_t B, int64_t nh,
                      int64_t nkv, int64_t max_len, int64_t hd, int64_t start, int64_t pos, const int64_t *pad,
                      float scale, float *out) {
     const int64_t group = nh / nkv, end = pos + 1;
+    int failed = 0;
     /* one task per key/value head: the query heads that share it go together, so each key and
        value row is read once per step rather than once per head */
 #pragma omp parallel for schedule(static) if (B * nkv > 1 && B * nh * (end - start) >= 4096)
     for (int64_t bk = 0; bk < B * nkv; bk++) {
         const int64_t b = bk / nkv, kvh = bk % nkv;
-        const int64_t first = pad && pad[b] > start ? pad[b] : start, n = end - first;
+        int64_t first = pad && pad[b] > start ? pad[b] : start;
+        first = first > pos ? pos : first; /* a row all padding still sees its own token */
+        const int64_t n = end - first;
         const float *cb = cos ? cos + b * cs : 0, *sb = sin ? sin + b * cs : 0;
         float *kb = k + bk * max_len * hd, *vb = v + bk * max_len * hd;
         if (cos) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + pos * hd);
@@ -191,6 +195,11 @@ void lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, co
         float stack[4096];
         const int64_t need = group * (hd + n + 1); /* rotated queries, scores (group, n), max per head */
         float *qg = need <= 4096 ? stack : (float *)malloc(sizeof(float) * (size_t)need);
+        if (!qg) {
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         float *sc = qg + group * hd, *mx = sc + group * n;
         for (int64_t g = 0; g < group; g++) {
             const float *qh = q + b * qs + (kvh * group + g) * hd;
@@ -247,6 +256,7 @@ void lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, co
         }
         if (qg != stack) free(qg);
     }
+    return failed ? -1 : 0;
 }
 
 /* 1 when built with the AVX-512 path (reported by `lmforge` diagnostics and the tests) */

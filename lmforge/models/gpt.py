@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
         # ops); longer inputs keep PyTorch's, whose rounding the reference implementations share
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             if not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= 32 * x.size(-1) \
-                    and x.is_contiguous() and (lib := kernels.library()) is not None:
+                    and x.is_contiguous() and not torch.compiler.is_compiling() \
+                    and (lib := kernels.library()) is not None:
                 return kernels.rms_norm(x, self.weight, self.eps, lib)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # normalise in fp32 for stability under autocast, return in the input dtype
@@ -106,7 +107,8 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if T == 1 and layer_cache is not None and not torch.is_grad_enabled() and x.device.type == "cpu" \
-                and q.dtype == layer_cache.k.dtype == torch.float32 and (lib := kernels.library()) is not None:
+                and q.dtype == layer_cache.k.dtype == torch.float32 and not (self.training and self.dropout) \
+                and not torch.compiler.is_compiling() and (lib := kernels.library()) is not None:
             # a decoding step: RoPE, the cache write and attention in one C call, from the row's
             # first visible key (window start or its left padding: all the mask would say here)
             y = kernels.attn_decode(q, k, v, rope, layer_cache.k, layer_cache.v, pos, kv_start, layer_cache.pad,

@@ -35,11 +35,13 @@ def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_groups_of(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) float -> int8 values (rows, cols) and one float scale per 32 (rows, cols // 32),
-    symmetric absmax: Q8_0's own scheme."""
+    """(rows, cols) float -> int8 values (rows, cols) and one scale per 32 (rows, cols // 32),
+    symmetric absmax: Q8_0's scheme. The scales are kept in fp16, so the values are rounded
+    against the fp16 scale itself (a group of tiny weights, whose scale fp16 can only hold
+    coarsely, stays accurate to its rounding)."""
     rows, cols = w.shape
     g = w.float().reshape(rows, cols // GROUP, GROUP)  # (rows, G, 32)
-    d = (g.abs().amax(-1) / 127).clamp(min=1e-10)  # (rows, G)
+    d = (g.abs().amax(-1) / 127).clamp(min=2 ** -24).half().float()  # (rows, G): exact in fp16
     return torch.round(g / d[..., None]).clamp(-127, 127).to(torch.int8).reshape(rows, cols), d
 
 
@@ -67,8 +69,8 @@ def int4_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # which are built for one row: at 200 rows a dense bf16 matmul over weights widened on the fly is
 # 3x faster, and the int8 x int8 matmul (VNNI) faster still.
 INT_MM_ROWS = 16
-# Up to this many rows an Int8Linear runs in the C kernel (float32 activations); beyond, its
-# activations (8 rows x a 2048-wide input) outgrow the L1 cache and PyTorch's kernel is faster.
+# Up to this many rows an Int8Linear runs in the C kernel (float32 activations). At 8 rows a
+# 2048-wide input (64 KB of activations) outgrows the L1 cache and PyTorch's kernel is faster.
 KERNEL_ROWS = 4
 ACTIVATIONS = ("bf16", "int8", "int8x2")
 
@@ -103,7 +105,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
         self._scales32: torch.Tensor | None = None  # float32 copy of the scales for the C kernel
-        self._scales_of: torch.Tensor | None = None
+        self._scales_of: tuple[torch.Tensor, int] | None = None
 
     @classmethod
     @torch.no_grad()
@@ -135,8 +137,9 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def _float_scales(self) -> torch.Tensor:
-        if self._scales_of is not self.scales:  # (re)made when the buffer is replaced, e.g. by loading
-            self._scales32, self._scales_of = self.scales.float().contiguous(), self.scales
+        key = (self.scales, self.scales._version)  # (re)made when the buffer is replaced or written
+        if self._scales_of is None or self._scales_of[0] is not key[0] or self._scales_of[1] != key[1]:
+            self._scales32, self._scales_of = self.scales.float().contiguous(), key
         return self._scales32
 
     def extra_repr(self) -> str:
@@ -225,7 +228,8 @@ class Int8Table(nn.Module):
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, GROUP, sz)  # (N, 2V')
             y = y[:, :self.num_embeddings].float() + y[:, padded:padded + self.num_embeddings].float()
         else:
-            y = torch.cat([x2 @ self.forward(torch.arange(i, min(i + 16384, self.num_embeddings), device=x.device)).t()
+            y = torch.cat([x2 @ self.forward(torch.arange(i, min(i + 16384, self.num_embeddings),
+                                                         device=x.device)).to(x2.dtype).t()
                            for i in range(0, self.num_embeddings, 16384)], dim=1)  # (N, V), a slice at a time
         return y.to(x.dtype).reshape(*shape[:-1], self.num_embeddings)
 
