@@ -3,6 +3,7 @@ AVX-512 build and the plain C one, and the fallback when they cannot be built.""
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -55,7 +56,8 @@ def test_library_is_cached_and_falls_back_without_a_compiler(tmp_path, monkeypat
         assert len(list((tmp_path / "kernels").glob("cpu_kernels-*.so"))) == 1  # built once, under the home
         assert not list((tmp_path / "kernels").glob(".*tmp"))  # no temporary left behind
         built = next((tmp_path / "kernels").glob("cpu_kernels-*.so"))
-        built.write_bytes(b"not a shared library")  # damaged: built again, not a crash
+        (tmp_path / "junk").write_bytes(b"not a shared library")
+        os.replace(tmp_path / "junk", built)  # damaged (a new file: the loaded one stays mapped): built again
         kernels.library.cache_clear()
         assert kernels.library() is not None and built.stat().st_size > 1000
         monkeypatch.setenv("LMFORGE_KERNELS", "off")
