@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -57,9 +59,11 @@ def test_library_is_cached_and_falls_back_without_a_compiler(tmp_path, monkeypat
         assert not list((tmp_path / "kernels").glob(".*tmp"))  # no temporary left behind
         built = next((tmp_path / "kernels").glob("cpu_kernels-*.so"))
         (tmp_path / "junk").write_bytes(b"not a shared library")
-        os.replace(tmp_path / "junk", built)  # damaged (a new file: the loaded one stays mapped): built again
-        kernels.library.cache_clear()
-        assert kernels.library() is not None and built.stat().st_size > 1000
+        os.replace(tmp_path / "junk", built)  # damaged (a new file: the loaded one stays mapped)
+        # a fresh process (this one has the library loaded under that name) builds it again
+        code = "from lmforge.models import kernels; assert kernels.library() is not None"
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "LMFORGE_HOME": str(tmp_path)})
+        assert built.stat().st_size > 1000
         monkeypatch.setenv("LMFORGE_KERNELS", "off")
         kernels.library.cache_clear()
         assert kernels.library() is None
