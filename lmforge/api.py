@@ -45,8 +45,8 @@ class LM:
         "int4" (4-bit groups of 32 for the linears, CPU only); or "auto": on CPU, pretrained
         models (GGUF, Hugging Face) are quantized, since decoding is memory-bound there -- a
         GGUF's 4-bit blocks become int4 unchanged (int8 when they are a minority) and its
-        other tensors int8 -- and everything else stays float. compile: generation runs through torch.compile (see
-        Engine; the first generation waits for the compiler)."""
+        other tensors int8 -- and everything else stays float. compile: generation runs
+        through torch.compile (see Engine; the first generation waits for the compiler)."""
         if quantize not in QUANTIZE:
             raise LMForgeError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         dev = pick_device(device)

@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LMForgeError
+
+
+def home() -> Path:
+    """lmforge's folder for pulled models, collections and built kernels: $LMFORGE_HOME, or the
+    user's cache folder."""
+    env = os.environ.get("LMFORGE_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lmforge"))
 
 FAMILIES = ("rnn", "gru", "lstm", "gpt")
 RECURRENT_FAMILIES = ("rnn", "gru", "lstm")

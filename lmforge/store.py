@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.common import atomic_write_text
+from lmforge.config import home
 from lmforge.errors import LMForgeError
 
 
@@ -80,15 +81,6 @@ REGISTRY: dict[str, ModelSource] = {
         notes="all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide); safetensors",
     ),
 }
-
-
-def home() -> Path:
-    env = os.environ.get("LMFORGE_HOME")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("lmforge"))
 
 
 def models_dir() -> Path:

@@ -245,13 +245,11 @@ def test_int4_and_int8_table_kernels_match_a_float_reference():
         torch.testing.assert_close(t.project(x), ref, atol=2e-3, rtol=1e-3)
     tiny = Int8Table.from_float(table * 1e-6)  # scales under fp16's range: off by its rounding, not 100%
     torch.testing.assert_close(tiny(idx), table[idx] * 1e-6, rtol=0, atol=3.1e-8)  # half the smallest fp16 step
-    import lmforge.models.quant as quant
-
     original = kernels.library
     try:  # without a compiler: PyTorch's int4 kernel over the table's two 4-bit halves
         kernels.library = lambda: None
         torch.testing.assert_close(t.project(x), ref, atol=0.1, rtol=0.02)  # bf16 activations
-        assert t._halves is not None and quant.kernels.library() is None
+        assert t._halves is not None  # the fallback's copy was built
         torch.testing.assert_close(q8(x[:2]), x[:2] @ w8r.t(), atol=0.05, rtol=0.02)  # int8pack_mm, bf16
     finally:
         kernels.library = original

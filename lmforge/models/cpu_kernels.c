@@ -5,8 +5,8 @@
    int8). Activations stay float32: nothing is rounded but the weights themselves.
 
    Decoding one token is a pass over every weight byte, so the loop reads each weight row once
-   and uses it for up to MT rows of x at a time (a batch of sequences). Work is split over output columns with
-   OpenMP; linked against the libgomp that PyTorch has already loaded (same soname), it shares
+   and uses it for up to MT rows of x at a time (a batch of sequences). Work is split over
+   output columns with OpenMP; linked against the libgomp that PyTorch has already loaded (same soname), it shares
    PyTorch's thread pool and thread count.
 
    Built by lmforge/models/kernels.py with -O3 -march=native. An AVX-512 path and a plain C path
@@ -259,7 +259,7 @@ int lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, con
     return failed ? -1 : 0;
 }
 
-/* 1 when built with the AVX-512 path (reported by `lmforge` diagnostics and the tests) */
+/* 1 when built with the AVX-512 path (the tests check which build they have) */
 int lmf_q8_avx512(void) {
 #ifdef LMF_AVX512
     return 1;

@@ -24,17 +24,10 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import home
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _c_ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
-
-
-def _cache_dir() -> Path:
-    env = os.environ.get("LMFORGE_HOME")
-    if env:
-        return Path(env).expanduser() / "kernels"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("lmforge")) / "kernels"
 
 
 def _cpu_id() -> str:
@@ -72,18 +65,16 @@ def build(out: Path, generic: bool = False, compiler: str | None = None) -> Path
     # the best first; without -march=native (some compilers lack it) or OpenMP (Apple's clang) next
     tries = [base + ["-march=native", "-fopenmp"], base + ["-fopenmp"], base + ["-march=native"], base]
     try:
-        for i, cmd in enumerate(tries):
+        for cmd in tries:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if r.returncode == 0:
                 os.chmod(tmp, 0o755)  # (mkstemp made it private; a shared store serves other users too)
                 os.replace(tmp, out)
                 return out
-            if i == len(tries) - 1:
-                raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
+        raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)  # the last try's error
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -107,7 +98,7 @@ def library() -> ctypes.CDLL | None:
     try:
         cc = _compiler()
         key = hashlib.sha256(SOURCE.read_bytes() + _compiler_id(cc).encode() + _cpu_id().encode()).hexdigest()[:16]
-        path = _cache_dir() / f"cpu_kernels-{key}{'.dll' if os.name == 'nt' else '.so'}"
+        path = home() / "kernels" / f"cpu_kernels-{key}{'.dll' if os.name == 'nt' else '.so'}"
         if path.is_file():
             try:
                 return load(path)

@@ -234,8 +234,9 @@ def int8_groups(t, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
 def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The model's weights, quantized straight from the file one tensor at a time (the float
     model is never built): 4-bit blocks become int4 groups unchanged (when 4-bit is the
-    model's main format), other linears int8 rows, the token table an Int8Table, norms float32. Returns (state, layout); the layout names each
-    quantized module's kind, for `build_quantized_skeleton`."""
+    model's main format), other linears int8 rows, the token table an Int8Table, norms
+    float32. Returns (state, layout); the layout names each quantized module's kind, for
+    `build_quantized_skeleton`."""
     from lmforge.models.quant import Int8Table, int4_pack, int8_rows
 
     names, interleaved = ARCH_TABLES[g.arch]
