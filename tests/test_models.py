@@ -118,7 +118,7 @@ def test_chunked_prefill_matches_full_forward(variant):
 @pytest.mark.parametrize("variant", ["gpt2-style", "llama-style"])
 def test_last_only_equals_the_full_forwards_last_position(variant):
     """last_only stops the final block at the last position: same logits as the full forward,
-    with and without a cache, after earlier chunks, with left padding and a sliding window."""
+    with and without a cache, after earlier chunks, and with a sliding window."""
     cfg = tiny("gpt", **GPT_VARIANTS[variant], sliding_window=6 if variant == "llama-style" else None)
     model = _trained_ish(cfg)
     idx = torch.randint(0, 40, (2, 20))
@@ -129,11 +129,34 @@ def test_last_only_equals_the_full_forwards_last_position(variant):
         model(idx[:, :12], cache=cache)
         torch.testing.assert_close(model(idx[:, 12:], cache=cache, last_only=True)[0], full[:, -1:],
                                    atol=1e-5, rtol=1e-5)
-        cache = make_cache(cfg, 2, 20, "cpu")
-        cache.pad = torch.tensor([0, 5])  # row 1: 5 pads, then its own 15 tokens
-        padded = torch.cat([idx[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), idx[1:, :15]], 1)])
-        out = model(padded, cache=cache, last_only=True)[0]
-        torch.testing.assert_close(out[1:], model(idx[1:, :15])[0][:, -1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["gpt2-style", "llama-style"])
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_a_decoding_step_over_rows_at_their_own_positions(variant, kernels_on, monkeypatch):
+    """One token per row, each row at its own length in its own (non-adjacent) cache slot, as
+    continuous batching runs them: every row's logits are its own full forward's last
+    position, through the C kernel and through PyTorch's path."""
+    from lmforge.engine import KVCache
+    from lmforge.models import kernels
+
+    if not kernels_on:
+        monkeypatch.setenv("LMFORGE_KERNELS", "0")
+    elif kernels.library() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built here")
+    cfg = tiny("gpt", **GPT_VARIANTS[variant], sliding_window=6 if variant == "llama-style" else None)
+    model = _trained_ish(cfg)
+    seqs = [torch.randint(0, 40, (n,)) for n in (9, 3, 14)]
+    cache = KVCache(cfg, 5, 20, "cpu")
+    slots = [4, 0, 2]
+    with torch.no_grad():
+        for s, seq in zip(slots, seqs):  # prefill each row alone, all but its last token
+            model(seq[None, :-1], cache=cache.view([s]))
+        step = torch.stack([seq[-1:] for seq in seqs])  # (3, 1)
+        out = model(step, cache=cache.view(slots))[0]  # (3, 1, V)
+        for b, seq in enumerate(seqs):
+            torch.testing.assert_close(out[b], model(seq[None])[0][0, -1:], atol=1e-5, rtol=1e-5)
+    assert [cache.lengths[s] for s in slots] == [9, 3, 14]
 
 
 @pytest.mark.parametrize("family", ["rnn", "gru", "lstm"])
@@ -172,8 +195,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(variant):
 
 
 @pytest.mark.parametrize("family", ["gru", "gpt"])
-def test_batched_generation_falls_back_when_it_must(family):
-    """Recurrent models, and learned positions past their window, generate row by row."""
+def test_batched_generation_of_recurrent_models_and_full_windows(family):
+    """Recurrent models (a state per slot), and learned positions past their window (re-encoded
+    row by row), still give what one prompt at a time gives."""
     model = _trained_ish(tiny(family))
     prompts = [[1, 2, 3], [4, 5]]
     greedy = SamplingParams(temperature=0)

@@ -1,88 +1,414 @@
-"""Generation on token ids: prefill once, then decode one token at a time against the cache.
+"""Generation on token ids for many sequences at once.
 
-The engine never sees text. `generate_naive` is the reference path (re-run the whole window
-every step, no cache) that the cached path is tested against.
+The engine takes `Request`s (prompt ids or prompt embeddings, sampling parameters, stops,
+limits, per-request logits processors) and advances every active one by a token per forward
+pass (continuous batching): requests join between steps, a long prompt is prefilled in chunks
+between the running sequences' decode steps, and a request leaves when it finishes or is
+cancelled, freeing its cache slot. A new request whose prompt starts with what a free slot
+already holds reuses those keys and values (prefix reuse). Every step yields structured
+`Event`s: the token, its text (through the request's own streaming decoder, so a character is
+never split), its log-probability and top alternatives when asked, and at the end the finish
+reason and token usage.
+
+The engine never sees a tokenizer: text comes from the decoder object a request carries.
+`generate_naive` is the reference path (re-run the whole window every step, no cache) that the
+cached path is tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-from lmforge.engine.cache import make_cache
+from lmforge.engine.cache import KVCache, RecurrentSlots
 from lmforge.engine.sampling import SamplingParams, repetition_penalty, sample_next
-
-# A logits processor sees the ids so far and the next-token logits (B, V) and returns new logits:
-# banned tokens, repetition penalties and grammar constraints all plug in here.
-LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
-
-
-def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor],
-             params: SamplingParams) -> torch.Tensor:
-    for proc in processors:
-        logits = proc(ids, logits)
-    return repetition_penalty(logits, ids, params.repetition_penalty)
 from lmforge.errors import LMForgeError
 
+# A logits processor sees one request's ids so far (prompt and output) and its next-token
+# logits (1, V) and returns new logits: banned tokens, penalties and grammar constraints plug in
+# here. One that keeps state may also have `accept(token_id)` (told every token the request
+# takes) and `finished` (True once the output is complete: the request then stops).
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+FINISH_REASONS = ("stop", "length", "stop_string", "cancelled")
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+class TextDecoder(Protocol):
+    """What a request needs to turn its tokens into text: push(id) -> newly completed text;
+    flush() -> whatever is left (tokenizer.StreamDecoder is one)."""
+
+    def push(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@dataclass
+class Request:
+    prompt: Sequence[int] | None = None
+    """Prompt token ids."""
+    max_new_tokens: int = 128
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: Iterable[int] = ()
+    """Token ids that end the request (the stop token is reported, with no text)."""
+    stop_strings: Sequence[str] = ()
+    """Text that ends the request; the text is cut before it (needs a decoder)."""
+    decoder: TextDecoder | None = None
+    """Turns tokens into text deltas; without one, events carry no text."""
+    logprobs: bool = False
+    """Report each token's log-probability under the model (before processors)."""
+    top_logprobs: int = 0
+    """Also report this many most likely alternatives per step."""
+    processors: Sequence[LogitsProcessor] = ()
+    embeds: torch.Tensor | None = None
+    """(T, C) prompt embeddings in the token table's space, instead of (or beside: same length,
+    used for penalties only) the prompt ids: e.g. image features spliced between text tokens."""
+    id: int = -1
+    """Set by the engine when the request is submitted."""
+
+    def __post_init__(self):
+        if self.prompt is None and self.embeds is None:
+            raise LMForgeError("a request needs prompt ids or prompt embeddings")
+        n = len(self.prompt) if self.prompt is not None else int(self.embeds.shape[0])
+        if n == 0:
+            raise LMForgeError("the prompt is empty: give at least one token")
+        if self.embeds is not None and (self.embeds.dim() != 2 or
+                                        (self.prompt is not None and len(self.prompt) != self.embeds.size(0))):
+            raise LMForgeError("prompt embeddings must be (T, C), one row per prompt id when ids are given too")
+        if self.max_new_tokens <= 0:
+            raise LMForgeError("max new tokens must be positive")
+        if self.top_logprobs < 0:
+            raise LMForgeError("top logprobs must be >= 0")
+        if self.stop_strings and self.decoder is None:
+            raise LMForgeError("stop strings need a decoder (the engine sees token ids only)")
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt) if self.prompt is not None else int(self.embeds.shape[0])
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values were reused from the slot (not computed again)."""
+
+
+@dataclass
+class Event:
+    request_id: int
+    token: int | None = None
+    """The new token (None on an event that only ends the request)."""
+    text: str = ""
+    """Newly completed text (held back while a stop string may be arriving)."""
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    """On the last event: "stop", "length", "stop_string" or "cancelled"."""
+    usage: Usage | None = None
+    """On the last event."""
+
+
+class _Seq:
+    """An admitted request: its slot, its tokens and what it still has to do."""
+
+    def __init__(self, req: Request, slot: int, reused: int, device):
+        self.req, self.slot, self.reused = req, slot, reused
+        self.ids: list[int] = list(req.prompt) if req.prompt is not None else []
+        self.fed = reused  # prompt positions already in the cache
+        self.out: list[int] = []
+        self.logits: torch.Tensor | None = None  # (1, V) next-token logits, once the prompt is in
+        self.next: int | None = None  # a sampled token waiting to be fed
+        self.stop = set(req.stop_ids)
+        self.pending = ""  # decoded text not yet emitted (a stop string may be arriving)
+        self.hold = max((len(s) for s in req.stop_strings if s), default=1) - 1
+        p = req.params
+        self.gen = torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < self.req.prompt_len
 
 
 class Engine:
-    def __init__(self, model: nn.Module, compile: bool = False):
+    def __init__(self, model: nn.Module, compile: bool = False, max_slots: int = 16, prefill_chunk: int = 256):
         """compile: run the model's forward through torch.compile (dynamic shapes, so the
-        growing cache needs no recompiles). Elementwise work between the matmuls is fused; the
-        first call compiles for a minute or more on CPU (inductor caches it on disk after)."""
+        growing cache needs no recompiles); the first call compiles for a minute or more on CPU.
+        max_slots: sequences decoded together (more wait for a free slot). prefill_chunk:
+        prompt tokens per prefill forward, between the running sequences' decode steps."""
+        if max_slots < 1 or prefill_chunk < 1:
+            raise LMForgeError("max_slots and prefill_chunk must be positive")
         self.model = model.eval()
         self.cfg = model.config
-        self.device = _device_of(model)
+        self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else \
+            next(model.buffers()).device
         self.compiled = compile
         self._forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
+        self.max_slots, self.prefill_chunk = max_slots, prefill_chunk
+        self.cache: KVCache | RecurrentSlots | None = None
+        self._slot_tokens: list[list[int] | None] = []  # what each slot's cache holds (for prefix reuse)
+        self._free: list[int] = []
+        self._waiting: deque[Request] = deque()
+        self._active: dict[int, _Seq] = {}  # request id -> sequence, in admission order
+        self._cancel: set[int] = set()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, req: Request) -> int:
+        """Queue a request; it joins at the next step with a free slot. Returns its id."""
+        with self._lock:
+            req.id = next(self._ids)
+            self._waiting.append(req)
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """End a request at the next step (finish reason "cancelled"), freeing its slot."""
+        with self._lock:
+            self._cancel.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Event]:
+        """Submit the requests, then step until they have all finished, yielding their events
+        as they happen (other requests in the engine advance too)."""
+        mine = {self.submit(r) for r in requests}
+        while mine:
+            for ev in self.step():
+                if ev.request_id in mine:
+                    yield ev
+                    if ev.finish_reason is not None:
+                        mine.discard(ev.request_id)
 
     @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One engine step: cancel, admit, sample every sequence whose logits are ready, one
+        decode forward for all of them, one prefill chunk. Returns the step's events."""
+        events: list[Event] = []
+        with self._lock:
+            cancelled, self._cancel = self._cancel, set()
+        for rid in cancelled:
+            if rid in self._active:
+                events.append(self._finish(self._active[rid], "cancelled"))
+            else:
+                for r in list(self._waiting):
+                    if r.id == rid:
+                        self._waiting.remove(r)
+                        events.append(Event(rid, finish_reason="cancelled", usage=Usage(r.prompt_len, 0)))
+        self._admit()
+        for seq in [s for s in self._active.values() if s.logits is not None and s.next is None]:
+            events.extend(self._sample(seq))
+        decoding = [s for s in self._active.values() if s.next is not None]
+        if decoding:
+            self._decode(decoding)
+        prefilling = next((s for s in self._active.values() if s.prefilling), None)
+        if prefilling is not None:
+            self._prefill_chunk(prefilling)
+        self.steps += 1
+        return events
+
+    # ---- slots ----------------------------------------------------------------------------
+    def _ensure_cache(self, n_slots: int, length: int) -> None:
+        if self.cache is None:
+            self.cache = RecurrentSlots(0) if self.cfg.recurrent else \
+                KVCache(self.cfg, 0, max(256, length), self.device)
+        old = self.cache.n_slots
+        if n_slots > old or (not self.cfg.recurrent and length > self.cache.max_len):
+            grow_to = length if self.cfg.recurrent or length <= self.cache.max_len else \
+                max(length, 2 * self.cache.max_len)  # doubling: few copies for a long generation
+            self.cache.grow(max(n_slots, old), grow_to)
+            self._slot_tokens += [None] * (self.cache.n_slots - old)
+            self._free += list(range(old, self.cache.n_slots))
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.max_slots:
+            with self._lock:
+                req = self._waiting.popleft()
+            self._ensure_cache(len(self._active) + 1, req.prompt_len + 1)
+            slot, reused = self._pick_slot(req)
+            self._free.remove(slot)
+            if self.cfg.recurrent:
+                self.cache.clear(slot)
+            else:
+                self.cache.lengths[slot] = reused
+            self._slot_tokens[slot] = list(req.prompt[:reused]) if reused else []
+            self._active[req.id] = _Seq(req, slot, reused, self.device)
+
+    def _pick_slot(self, req: Request) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with the prompt, and how
+        many tokens to reuse (never the whole prompt: its last token must run to give logits)."""
+        ctx = self.model.max_context
+        if req.embeds is not None or self.cfg.recurrent or (ctx is not None and req.prompt_len > ctx):
+            return self._free[0], 0
+        best, best_n = self._free[0], 0
+        prompt = req.prompt
+        for slot in self._free:
+            held = self._slot_tokens[slot] or []
+            n = 0
+            for a, b in zip(held, prompt):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = slot, n
+        return best, min(best_n, len(prompt) - 1)
+
+    def _release(self, seq: _Seq) -> None:
+        del self._active[seq.req.id]
+        self._free.append(seq.slot)
+        if self.cfg.recurrent:
+            self.cache.clear(seq.slot)
+
+    # ---- forwards -------------------------------------------------------------------------
+    def _prefill_chunk(self, seq: _Seq) -> None:
+        req = seq.req
+        end = min(req.prompt_len, seq.fed + self.prefill_chunk)
+        ctx = self.model.max_context
+        if ctx is not None and req.prompt_len > ctx:  # a learned-position model sees its last ctx tokens only
+            seq.fed = max(seq.fed, req.prompt_len - ctx)
+            end = min(req.prompt_len, seq.fed + self.prefill_chunk)
+        self._ensure_cache(len(self._active), end - seq.fed + self._length(seq.slot))
+        if req.embeds is not None:
+            kw = {"input_embeds": req.embeds[seq.fed:end][None].to(self.device)}  # (1, T, C)
+        else:
+            kw = {"idx": torch.tensor([list(req.prompt[seq.fed:end])], dtype=torch.long, device=self.device)}  # (1, T)
+        logits = self._run([seq.slot], kw, end - seq.fed)
+        if req.prompt is not None and req.embeds is None:
+            self._slot_tokens[seq.slot].extend(req.prompt[seq.fed:end])
+        else:
+            self._slot_tokens[seq.slot] = None  # embeddings: nothing a later prompt can match
+        seq.fed = end
+        if not seq.prefilling:
+            seq.logits = logits[0]  # (1, V)
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        ctx = self.model.max_context
+        full = [s for s in seqs if ctx is not None and self._length(s.slot) >= ctx]
+        rest = [s for s in seqs if s not in full]
+        for s in full:  # the window is full: slide it by re-encoding the most recent ctx tokens
+            self._set_length(s.slot, 0)
+            window = s.ids[-ctx:]
+            logits = self._run([s.slot], {"idx": torch.tensor([window], device=self.device)}, ctx)
+            self._slot_tokens[s.slot] = list(window)
+            s.logits, s.next = logits[0], None
+        if rest:
+            self._ensure_cache(len(self._active), max(self._length(s.slot) for s in rest) + 1)
+            x = torch.tensor([[s.next] for s in rest], dtype=torch.long, device=self.device)  # (B, 1)
+            logits = self._run([s.slot for s in rest], {"idx": x}, 1)  # (B, 1, V)
+            for b, s in enumerate(rest):
+                if self._slot_tokens[s.slot] is not None:
+                    self._slot_tokens[s.slot].append(s.next)
+                s.logits, s.next = logits[b], None
+
+    def _run(self, slots: list[int], inputs: dict, T: int) -> torch.Tensor:
+        if self.cfg.recurrent:
+            state = self.cache.view(slots)
+            logits = self._forward(cache=state, last_only=True, **inputs)[0]
+            self.cache.store(slots, state, T)
+            return logits
+        return self._forward(cache=self.cache.view(slots), last_only=True, **inputs)[0]  # (B, 1, V)
+
+    def _length(self, slot: int) -> int:
+        return self.cache.lengths[slot]
+
+    def _set_length(self, slot: int, n: int) -> None:
+        self.cache.lengths[slot] = n
+
+    # ---- sampling and events --------------------------------------------------------------
+    def _sample(self, seq: _Seq) -> list[Event]:
+        req, raw = seq.req, seq.logits  # (1, V)
+        logits = raw
+        for proc in req.processors:
+            logits = proc(seq.ids, logits)
+        logits = repetition_penalty(logits, seq.ids, req.params.repetition_penalty)
+        tok = int(sample_next(logits, req.params, seq.gen)[0])
+        ev = Event(req.id, tok)
+        if req.logprobs or req.top_logprobs:
+            lp = raw[0].float().log_softmax(-1)
+            ev.logprob = float(lp[tok])
+            if req.top_logprobs:
+                top = torch.topk(lp, min(req.top_logprobs, lp.numel()))
+                ev.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        for proc in req.processors:
+            if hasattr(proc, "accept"):
+                proc.accept(tok)
+        seq.out.append(tok)
+        seq.ids.append(tok)
+        seq.logits = None
+        if tok in seq.stop:
+            return [self._finish(seq, "stop", ev)]
+        if req.decoder is not None:
+            seq.pending += req.decoder.push(tok)
+            if req.stop_strings:
+                cut = _find_stop(seq.pending, req.stop_strings)
+                if cut >= 0:
+                    ev.text, seq.pending = seq.pending[:cut], ""
+                    return [self._finish(seq, "stop_string", ev, flush=False)]
+            if len(seq.pending) > seq.hold:
+                n = len(seq.pending) - seq.hold
+                ev.text, seq.pending = seq.pending[:n], seq.pending[n:]
+        if any(getattr(p, "finished", False) for p in req.processors):
+            return [self._finish(seq, "stop", ev)]
+        if len(seq.out) >= req.max_new_tokens:
+            return [self._finish(seq, "length", ev)]
+        seq.next = tok
+        return [ev]
+
+    def _finish(self, seq: _Seq, reason: str, ev: Event | None = None, flush: bool = True) -> Event:
+        req = seq.req
+        ev = ev or Event(req.id)
+        if flush and req.decoder is not None and reason != "cancelled":
+            rest = seq.pending + req.decoder.flush()
+            if req.stop_strings:
+                cut = _find_stop(rest, req.stop_strings)
+                if cut >= 0:
+                    rest, reason = rest[:cut], "stop_string"
+            ev.text += rest
+        ev.finish_reason = reason
+        ev.usage = Usage(req.prompt_len, len(seq.out), seq.reused)
+        self._release(seq)
+        return ev
+
+    # ---- convenience layers -----------------------------------------------------------------
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, params: SamplingParams | None = None,
                  stop_ids: Sequence[int] = (), processors: Sequence[LogitsProcessor] = (),
                  logprobs: bool = False) -> Iterator[int] | Iterator[tuple[int, float]]:
-        """Yield up to max_new_tokens new ids (with logprobs=True: (id, log-probability under the
-        model's unmodified distribution) pairs); stops after yielding a stop id."""
-        params = params or SamplingParams()
-        if not prompt_ids:
-            raise LMForgeError("the prompt is empty: give at least one token")
-        ctx = self.model.max_context
-        ids = list(prompt_ids)
-        cache_len = len(ids) + max_new_tokens if ctx is None else min(ctx, len(ids) + max_new_tokens)
-        cache = make_cache(self.cfg, 1, cache_len, self.device)
-        gen = _generator(params.seed, self.device)
-        stop = set(stop_ids)
+        """Yield up to max_new_tokens new ids (with logprobs=True: (id, log-probability) pairs);
+        stops after yielding a stop id."""
+        req = Request(list(prompt_ids), max_new_tokens, params or SamplingParams(), stop_ids,
+                      processors=processors, logprobs=logprobs)
+        for ev in self.run([req]):
+            if ev.token is not None:
+                yield (ev.token, ev.logprob) if logprobs else ev.token
 
-        def prefill(window: list[int]) -> torch.Tensor:
-            cache.reset()
-            x = torch.tensor([window], dtype=torch.long, device=self.device)  # (1, T)
-            return self._forward(x, cache=cache, last_only=True)[0][:, -1]  # (1, V)
-
-        logits = prefill(ids[-ctx:] if ctx else ids)
-        for _ in range(max_new_tokens):
-            nxt = int(sample_next(_process(logits, ids, processors, params), params, gen)[0])
-            yield (nxt, float(logits[0].float().log_softmax(-1)[nxt])) if logprobs else nxt
-            ids.append(nxt)
-            if nxt in stop:
-                return
-            if ctx is not None and cache.pos >= ctx:
-                # the window is full: slide it by re-encoding the most recent ctx tokens
-                logits = prefill(ids[-ctx:])
-            else:
-                x = torch.tensor([[nxt]], dtype=torch.long, device=self.device)  # (1, 1)
-                logits = self._forward(x, cache=cache, last_only=True)[0][:, -1]
-
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
+                       processors: Sequence[LogitsProcessor] = ()) -> list[list[int]]:
+        """Generate for several prompts at once (one decode forward per step for all of them);
+        each row stops on its own (the stop id is included)."""
+        if not prompts:
+            raise LMForgeError("every prompt needs at least one token")
+        reqs = [Request(list(p), max_new_tokens, params or SamplingParams(), stop_ids, processors=processors)
+                for p in prompts]
+        outs: dict[int, list[int]] = {}
+        for ev in self.run(reqs):
+            if ev.token is not None:
+                outs.setdefault(ev.request_id, []).append(ev.token)
+        return [outs.get(r.id, []) for r in reqs]
 
     @torch.inference_mode()
     def continuation_logprobs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -105,44 +431,16 @@ class Engine:
                 out.append(float(logp.gather(1, torch.tensor(c, device=self.device)[:, None]).sum()))
         return out
 
-    @torch.inference_mode()
-    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
-                       processors: Sequence[LogitsProcessor] = ()) -> list[list[int]]:
-        """Generate for several prompts at once: one forward per step for the whole batch.
-        Prompts are left-padded to one length; each row keeps its own positions and never
-        attends to padding. Rows stop independently (the stop id is included)."""
-        params = params or SamplingParams()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise LMForgeError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        ctx = self.model.max_context
-        if self.cfg.recurrent or (ctx is not None and longest + max_new_tokens > ctx):
-            # recurrent state would absorb the padding; a full learned-position window must slide
-            return [list(self.generate(p, max_new_tokens, params, stop_ids, processors)) for p in prompts]
-        B = len(prompts)
-        cache = make_cache(self.cfg, B, longest + max_new_tokens, self.device)
-        cache.pad = torch.tensor([longest - len(p) for p in prompts], device=self.device)
-        x = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=self.device)  # (B, L)
-        logits = self._forward(x, cache=cache, last_only=True)[0][:, -1]  # (B, V)
-        gen = _generator(params.seed, self.device)
-        stop = set(stop_ids)
-        seqs = [list(p) for p in prompts]
-        outs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * B
-        for _ in range(max_new_tokens):
-            rows = [_process(logits[b:b + 1], seqs[b], processors, params) for b in range(B)]
-            nxt = sample_next(torch.cat(rows), params, gen).tolist()  # (B,)
-            for b, t in enumerate(nxt):
-                if not done[b]:
-                    outs[b].append(t)
-                    seqs[b].append(t)
-                    done[b] = t in stop
-            if all(done):
-                break
-            step = torch.tensor([[t] for t in nxt], device=self.device)  # (B, 1)
-            logits = self._forward(step, cache=cache, last_only=True)[0][:, -1]
-        return outs
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+
+
+def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor],
+             params: SamplingParams) -> torch.Tensor:
+    for proc in processors:
+        logits = proc(ids, logits)
+    return repetition_penalty(logits, ids, params.repetition_penalty)
 
 
 @torch.inference_mode()
@@ -152,16 +450,23 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     """Reference decoding: full forward over the (cropped) sequence for every new token."""
     params = params or SamplingParams()
     model.eval()
-    device = _device_of(model)
-    gen = _generator(params.seed, device)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     ctx = model.max_context
     ids, out = list(prompt_ids), []
     for _ in range(max_new_tokens):
         window = ids[-ctx:] if ctx else ids
         logits = model(torch.tensor([window], dtype=torch.long, device=device), last_only=True)[0][:, -1]
         nxt = int(sample_next(_process(logits, ids, processors, params), params, gen)[0])
+        for proc in processors:
+            if hasattr(proc, "accept"):
+                proc.accept(nxt)
         out.append(nxt)
         ids.append(nxt)
         if nxt in stop_ids:
             break
     return out
+
+
+__all__ = ["Engine", "Event", "FINISH_REASONS", "LogitsProcessor", "Request", "TextDecoder", "Usage",
+           "generate_naive"]

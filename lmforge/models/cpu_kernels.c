@@ -1,33 +1,44 @@
-/* Weight-only int8 matrix products for CPU decoding, called from Python through ctypes.
+/* Weight-only quantized matrix products and a decoding step's attention for CPU inference,
+   called from Python through ctypes.
 
    y (M, N) = x (M, K) @ W^T, where W (N, K) is int8 with an optional fp16 scale per group of 32
    along K (Q8_0's layout: GGUF token tables) and an optional float scale per row (per-channel
-   int8). Activations stay float32: nothing is rounded but the weights themselves.
+   int8), or 4-bit with an fp16 scale and offset per group of 32 (w = q * scale + offset: GGUF's
+   Q4_0/Q4_1/Q4_K values without re-rounding). Activations stay float32: nothing is rounded but
+   the weights themselves, and every output is one row's own sum in a fixed order, so a row's
+   result does not depend on how many other rows share the call (batch invariance).
 
    Decoding one token is a pass over every weight byte, so the loop reads each weight row once
    and uses it for up to MT rows of x at a time (a batch of sequences). Work is split over
-   output columns with OpenMP; linked against the libgomp that PyTorch has already loaded (same soname), it shares
-   PyTorch's thread pool and thread count.
+   output columns with OpenMP; linked against the libgomp that PyTorch has already loaded (same
+   soname), it shares PyTorch's thread pool and thread count.
 
-   Built by lmforge/models/kernels.py with -O3 -march=native. An AVX-512 path and a plain C path
-   (for every other CPU, vectorised by the compiler) compute the same sums; the tests build and
-   check both. */
+   Three builds of the same source, chosen by kernels.py from the CPU's features: AVX-512
+   (-march=native on a CPU that has it), AVX2 + FMA + F16C (-march=x86-64-v3: most laptops and
+   many cloud VMs; also forced on an AVX-512 host to test it), and plain C (-DLMF_GENERIC,
+   vectorised by the compiler through the `omp simd` hints). The tests build and check all three
+   where the CPU can run them. */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__F16C__) && !defined(LMF_GENERIC)
+#if !defined(LMF_GENERIC) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #include <immintrin.h>
-#define LMF_AVX512 1
+#define LMF_ISA 2
+#elif !defined(LMF_GENERIC) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LMF_ISA 1
+#else
+#define LMF_ISA 0
 #endif
 
 #define GROUP 32
 #define MT 8 /* rows of x per pass over a weight row */
 
 static inline float half_to_float(uint16_t h) {
-#ifdef LMF_AVX512
+#if LMF_ISA > 0
     return _cvtsh_ss(h);
 #else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
@@ -48,41 +59,122 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-#ifdef LMF_AVX512
-/* mt rows of x against one weight row; mt is a literal at every call, so the loop over rows
-   unrolls and the accumulators stay in registers. (Several weight rows per pass were tried:
-   slower, the compiler spills.) */
-static inline __attribute__((always_inline)) void tile(const float *x, int64_t K, const int8_t *w,
-                                                       const uint16_t *gs, const float *rs, float *y,
-                                                       int64_t ldy, const int mt) {
-    __m512 acc[MT];
-    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
-    const int64_t G = K / GROUP;
-    for (int64_t g = 0; g < G; g++) {
-        __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP))));
-        __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP + 16))));
-        if (gs) { /* the group's scale goes on the weights once, shared by every row of x */
-            __m512 s = _mm512_set1_ps(_cvtsh_ss(gs[g]));
-            w0 = _mm512_mul_ps(w0, s);
-            w1 = _mm512_mul_ps(w1, s);
-        }
-        for (int m = 0; m < mt; m++) {
-            acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + g * GROUP), acc[m]);
-            acc[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + g * GROUP + 16), acc[m]);
-        }
-    }
-    for (int m = 0; m < mt; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) * (rs ? *rs : 1.0f);
+#if LMF_ISA == 1
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
 }
+#endif
 
-static void rows(const float *x, int64_t mt, int64_t K, const int8_t *w, const uint16_t *gs, const float *rs,
-                 float *y, int64_t ldy) {
-#define CASE(M_) case M_: tile(x, K, w, gs, rs, y, ldy, M_); break;
-    switch (mt) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
-#undef CASE
-}
+/* One weight row's group g as 32 floats (times its scale, plus its offset), in vector registers:
+   the int8 and 4-bit tiles below differ only in this step. The loops over rows of x unroll (mt
+   is a literal at every call), so the accumulators stay in registers. (Several weight rows per
+   pass were tried: slower, the compiler spills.) */
+#if LMF_ISA == 2
+#define LMF_TILE(NAME, ...)                                                                                      \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const void *wv,          \
+                                                           const uint16_t *gs, const uint16_t *go,              \
+                                                           const float *rs, float *y, int64_t ldy, const int mt) { \
+        __m512 acc[MT];                                                                                          \
+        for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();                                              \
+        const int64_t G = K / GROUP;                                                                             \
+        for (int64_t g = 0; g < G; g++) {                                                                        \
+            __m512 w0, w1;                                                                                       \
+            __VA_ARGS__                                                                                          \
+            for (int m = 0; m < mt; m++) {                                                                       \
+                acc[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + g * GROUP), acc[m]);                    \
+                acc[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + g * GROUP + 16), acc[m]);               \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int m = 0; m < mt; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) * (rs ? *rs : 1.0f);             \
+    }
+LMF_TILE(tile_q8, {
+    const int8_t *w = (const int8_t *)wv + g * GROUP;
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 16))));
+    if (gs) { /* the group's scale goes on the weights once, shared by every row of x */
+        __m512 s = _mm512_set1_ps(_cvtsh_ss(gs[g]));
+        w0 = _mm512_mul_ps(w0, s);
+        w1 = _mm512_mul_ps(w1, s);
+    }
+})
+LMF_TILE(tile_q4, {
+    const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16));
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    const __m512 s = _mm512_set1_ps(_cvtsh_ss(gs[g])), o = _mm512_set1_ps(_cvtsh_ss(go[g]));
+    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, o);
+    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o);
+})
+#elif LMF_ISA == 1
+#define LMF_TILE(NAME, ...)                                                                                      \
+    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const void *wv,          \
+                                                           const uint16_t *gs, const uint16_t *go,              \
+                                                           const float *rs, float *y, int64_t ldy, const int mt) { \
+        __m256 acc[MT];                                                                                          \
+        for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps();                                              \
+        const int64_t G = K / GROUP;                                                                             \
+        for (int64_t g = 0; g < G; g++) {                                                                        \
+            __m256 w0, w1, w2, w3;                                                                               \
+            __VA_ARGS__                                                                                          \
+            for (int m = 0; m < mt; m++) {                                                                       \
+                const float *xm = x + m * K + g * GROUP;                                                         \
+                acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m]);                                       \
+                acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m]);                                   \
+                acc[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), acc[m]);                                  \
+                acc[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), acc[m]);                                  \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int m = 0; m < mt; m++) y[m * ldy] = hsum256(acc[m]) * (rs ? *rs : 1.0f);                         \
+    }
+LMF_TILE(tile_q8, {
+    const int8_t *w = (const int8_t *)wv + g * GROUP;
+    const __m256i a = _mm256_loadu_si256((const __m256i *)w);
+    const __m128i a0 = _mm256_castsi256_si128(a), a1 = _mm256_extracti128_si256(a, 1);
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a0));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a0, 8)));
+    w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a1));
+    w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a1, 8)));
+    if (gs) {
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(gs[g]));
+        w0 = _mm256_mul_ps(w0, s), w1 = _mm256_mul_ps(w1, s), w2 = _mm256_mul_ps(w2, s), w3 = _mm256_mul_ps(w3, s);
+    }
+})
+LMF_TILE(tile_q4, {
+    const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16));
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(gs[g])), o = _mm256_set1_ps(_cvtsh_ss(go[g]));
+    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, o);
+    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, o);
+    w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, o);
+    w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, o);
+})
+#endif
+
+#if LMF_ISA > 0
+#define LMF_ROWS(NAME, TILE)                                                                                     \
+    static void NAME(const float *x, int64_t mt, int64_t K, const void *w, const uint16_t *gs, const uint16_t *go, \
+                     const float *rs, float *y, int64_t ldy) {                                                   \
+        switch (mt) {                                                                                            \
+        case 1: TILE(x, K, w, gs, go, rs, y, ldy, 1); break;                                                     \
+        case 2: TILE(x, K, w, gs, go, rs, y, ldy, 2); break;                                                     \
+        case 3: TILE(x, K, w, gs, go, rs, y, ldy, 3); break;                                                     \
+        case 4: TILE(x, K, w, gs, go, rs, y, ldy, 4); break;                                                     \
+        case 5: TILE(x, K, w, gs, go, rs, y, ldy, 5); break;                                                     \
+        case 6: TILE(x, K, w, gs, go, rs, y, ldy, 6); break;                                                     \
+        case 7: TILE(x, K, w, gs, go, rs, y, ldy, 7); break;                                                     \
+        default: TILE(x, K, w, gs, go, rs, y, ldy, 8); break;                                                    \
+        }                                                                                                        \
+    }
+LMF_ROWS(rows_q8, tile_q8)
+LMF_ROWS(rows_q4, tile_q4)
 #else
-static void rows(const float *x, int64_t mt, int64_t K, const int8_t *w, const uint16_t *gs, const float *rs,
-                 float *y, int64_t ldy) {
+/* plain C: each group's 32 products summed as a vector (omp simd), then scaled */
+static void rows_q8(const float *x, int64_t mt, int64_t K, const void *wv, const uint16_t *gs, const uint16_t *go,
+                    const float *rs, float *y, int64_t ldy) {
+    (void)go;
+    const int8_t *w = (const int8_t *)wv;
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < mt; m++) {
         const float *xm = x + m * K;
@@ -96,6 +188,28 @@ static void rows(const float *x, int64_t mt, int64_t K, const int8_t *w, const u
         y[m * ldy] = acc * (rs ? *rs : 1.0f);
     }
 }
+
+static void rows_q4(const float *x, int64_t mt, int64_t K, const void *wv, const uint16_t *gs, const uint16_t *go,
+                    const float *rs, float *y, int64_t ldy) {
+    const uint8_t *w = (const uint8_t *)wv;
+    const int64_t G = K / GROUP;
+    for (int64_t m = 0; m < mt; m++) {
+        const float *xm = x + m * K;
+        float acc = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = w + g * 16;
+            const float *xg = xm + g * GROUP;
+            float t = 0.0f, sx = 0.0f;
+#pragma omp simd reduction(+ : t, sx)
+            for (int k = 0; k < 16; k++) {
+                t += xg[k] * (float)(b[k] & 15) + xg[k + 16] * (float)(b[k] >> 4);
+                sx += xg[k] + xg[k + 16];
+            }
+            acc += t * half_to_float(gs[g]) + sx * half_to_float(go[g]);
+        }
+        y[m * ldy] = acc * (rs ? *rs : 1.0f);
+    }
+}
 #endif
 
 /* x: (M, K) float32; w: (N, K) int8; gs: (N, K / 32) fp16 bits or NULL; rs: (N,) float32 or NULL;
@@ -104,11 +218,28 @@ int lmf_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const u
                   int64_t N, float *y) {
     if (K % GROUP) return -1;
     const int64_t G = K / GROUP;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K >= 65536)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += MT) {
             int64_t mt = M - m < MT ? M - m : MT;
-            rows(x + m * K, mt, K, w + n * K, gs ? gs + n * G : 0, rs ? rs + n : 0, y + m * N + n, N);
+            rows_q8(x + m * K, mt, K, w + n * K, gs ? gs + n * G : 0, 0, rs ? rs + n : 0, y + m * N + n, N);
+        }
+    }
+    return 0;
+}
+
+/* The same with 4-bit weights: w (N, K / 2) bytes, group g of row n in bytes [16 g, 16 g + 16)
+   holding its values 0..15 in the low nibbles and 16..31 in the high ones; gs, go: (N, K / 32)
+   fp16 scales and offsets (w = q * scale + offset). */
+int lmf_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *gs, const uint16_t *go,
+                  int64_t N, float *y) {
+    if (K % GROUP) return -1;
+    const int64_t G = K / GROUP;
+#pragma omp parallel for schedule(static) if (N * K >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += MT) {
+            int64_t mt = M - m < MT ? M - m : MT;
+            rows_q4(x + m * K, mt, K, w + n * (K / 2), gs + n * G, go + n * G, 0, y + m * N + n, N);
         }
     }
     return 0;
@@ -168,30 +299,32 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
 /* A decoding step's attention: one new token per row, grouped-query, over the KV cache.
    q: B rows (at q + b * qs) of nh heads side by side; kn, vn: the new keys and values, B rows of
    nkv heads (at kn + b * ks, vn + b * vs); cos, sin: RoPE tables of hd floats at cos + b * cs
-   (cs = 0: one for all rows), or NULL for no rotation. The rotated key and the value are written
-   into the cache k, v (B, nkv, max_len, hd) at slot pos; each row then attends to slots
-   [max(start, pad[b]), pos] (the sliding window and its left padding): out (B, nh, hd).
+   (cs = 0: one for all rows), or NULL for no rotation. Row b's sequence lives in cache slot
+   slot[b] of k, v (S, nkv, max_len, hd) and has pos[b] tokens before this one: the rotated key
+   and the value are written at position pos[b], then the row attends to positions
+   [max(0, pos[b] - window + 1), pos[b]] (window 0: from the start): out (B, nh, hd).
    In PyTorch this is a dozen small operations and a fused attention call that spends ~70 us
    on setup for this much work (4 heads x 300 keys). Returns 0, or -1 when out of memory. */
 int lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, const float *vn, int64_t vs,
                      const float *cos, const float *sin, int64_t cs, float *k, float *v, int64_t B, int64_t nh,
-                     int64_t nkv, int64_t max_len, int64_t hd, int64_t start, int64_t pos, const int64_t *pad,
-                     float scale, float *out) {
-    const int64_t group = nh / nkv, end = pos + 1;
+                     int64_t nkv, int64_t max_len, int64_t hd, int64_t window, const int64_t *slot,
+                     const int64_t *pos, float scale, float *out) {
+    const int64_t group = nh / nkv;
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += pos[b] + 1;
     int failed = 0;
     /* one task per key/value head: the query heads that share it go together, so each key and
        value row is read once per step rather than once per head */
-#pragma omp parallel for schedule(static) if (B * nkv > 1 && B * nh * (end - start) >= 4096)
+#pragma omp parallel for schedule(static) if (B * nkv > 1 && nh * work >= 4096)
     for (int64_t bk = 0; bk < B * nkv; bk++) {
-        const int64_t b = bk / nkv, kvh = bk % nkv;
-        int64_t first = pad && pad[b] > start ? pad[b] : start;
-        first = first > pos ? pos : first; /* a row all padding still sees its own token */
+        const int64_t b = bk / nkv, kvh = bk % nkv, p = pos[b], end = p + 1;
+        const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
         const int64_t n = end - first;
         const float *cb = cos ? cos + b * cs : 0, *sb = sin ? sin + b * cs : 0;
-        float *kb = k + bk * max_len * hd, *vb = v + bk * max_len * hd;
-        if (cos) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + pos * hd);
-        else memcpy(kb + pos * hd, kn + b * ks + kvh * hd, sizeof(float) * (size_t)hd);
-        memcpy(vb + pos * hd, vn + b * vs + kvh * hd, sizeof(float) * (size_t)hd);
+        float *kb = k + (slot[b] * nkv + kvh) * max_len * hd, *vb = v + (slot[b] * nkv + kvh) * max_len * hd;
+        if (cos) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + p * hd);
+        else memcpy(kb + p * hd, kn + b * ks + kvh * hd, sizeof(float) * (size_t)hd);
+        memcpy(vb + p * hd, vn + b * vs + kvh * hd, sizeof(float) * (size_t)hd);
         float stack[4096];
         const int64_t need = group * (hd + n + 1); /* rotated queries, scores (group, n), max per head */
         float *qg = need <= 4096 ? stack : (float *)malloc(sizeof(float) * (size_t)need);
@@ -259,11 +392,5 @@ int lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, con
     return failed ? -1 : 0;
 }
 
-/* 1 when built with the AVX-512 path (the tests check which build they have) */
-int lmf_q8_avx512(void) {
-#ifdef LMF_AVX512
-    return 1;
-#else
-    return 0;
-#endif
-}
+/* Which build this is: 2 AVX-512, 1 AVX2 + FMA + F16C, 0 plain C (the tests check it) */
+int lmf_isa(void) { return LMF_ISA; }

@@ -32,14 +32,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one op instead of six, and no conversions when already in fp32: decoding pays for
-        # every op (a Gemma layer has six norms, run once per token). For a decoding step's few
-        # rows, with no gradient, one C call on CPU (PyTorch's rms_norm still runs several small
-        # ops); longer inputs keep PyTorch's, whose rounding the reference implementations share
+        # every op (a Gemma layer has six norms, run once per token). A decoding step's rows
+        # (one position per row: (B, 1, C) or (B, nh, 1, hd)) take one C call on CPU, whatever
+        # the batch (so a row's numbers do not depend on it); longer inputs keep PyTorch's,
+        # whose rounding the reference implementations share
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            if not torch.is_grad_enabled() and x.device.type == "cpu" and x.numel() <= 32 * x.size(-1) \
-                    and x.is_contiguous() and not torch.compiler.is_compiling() \
-                    and (lib := kernels.library()) is not None:
-                return kernels.rms_norm(x, self.weight, self.eps, lib)
+            if x.dim() >= 2 and x.size(-2) == 1 and (lib := kernels.usable(x)) is not None:
+                return kernels.rms_norm(x.contiguous(), self.weight, self.eps, lib)
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # normalise in fp32 for stability under autocast, return in the input dtype
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
@@ -95,42 +94,79 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, layer_cache, pos: int,
-                mask: torch.Tensor | None = None, causal: bool = True, kv_start: int = 0, last_only: bool = False):
+                mask: torch.Tensor | None = None, causal: bool = True, kv_start: int = 0, last_only: bool = False,
+                row_pos: torch.Tensor | None = None, window: int | None = None, probs: list | None = None):
         """mask/causal/kv_start come from GPT.forward, computed once per kind of layer; keys
         before kv_start are out of every query's sliding window and are skipped. With
         last_only, keys and values are made (and cached) for every position but only the last
-        position queries: (B, 1, C) out."""
+        position queries: (B, 1, C) out. row_pos: (B,) a decoding step (T == 1) whose rows
+        sit at their own positions of their own cache slots. probs: a list to append this
+        layer's attention probabilities to (B, nh, T, S), through the explicit reference path."""
         B, T, C = x.size()
         qkv = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, nh+2nkv, hd)
         q, k, v = qkv.transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         # q: (B, nh, T, hd); k, v: (B, nkv, T, hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if T == 1 and layer_cache is not None and not torch.is_grad_enabled() and x.device.type == "cpu" \
-                and q.dtype == layer_cache.k.dtype == torch.float32 and not (self.training and self.dropout) \
-                and not torch.compiler.is_compiling() and (lib := kernels.library()) is not None:
-            # a decoding step: RoPE, the cache write and attention in one C call, from the row's
-            # first visible key (window start or its left padding: all the mask would say here)
-            y = kernels.attn_decode(q, k, v, rope, layer_cache.k, layer_cache.v, pos, kv_start, layer_cache.pad,
-                                    self.head_dim ** -0.5, lib)  # (B, nh, 1, hd)
+        if row_pos is not None and probs is None and kernels.usable(q, self, layer_cache.k):
+            # a decoding step: RoPE, the cache write and attention in one C call, each row from
+            # its first visible key (its window's start) to its new one
+            y = kernels.attn_decode(q, k, v, rope, layer_cache.k, layer_cache.v, layer_cache.slots, row_pos,
+                                    window or 0, self.head_dim ** -0.5)  # (B, nh, 1, hd)
             return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))  # (B, 1, C): heads side by side
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if layer_cache is not None:
+        if row_pos is not None:
+            k, v = layer_cache.update_rows(k, v, row_pos)  # (B, nkv, S, hd), S = longest row + 1
+            keys = torch.arange(k.size(2), device=x.device)  # (S,)
+            back = row_pos.to(x.device)[:, None] - keys[None, :]  # (B, S) how far each key lies behind
+            mask = back >= 0
+            if window is not None:
+                mask = mask & (back < window)
+            mask, causal, kv_start = mask[:, None, None, :], False, 0  # (B, 1, 1, S)
+        elif layer_cache is not None:
             k, v = layer_cache.update(k, v, pos)  # (B, nkv, pos + T, hd): everything seen so far
-        if kv_start:
-            k, v = k[:, :, kv_start:], v[:, :, kv_start:]  # (B, nkv, S - kv_start, hd)
-        if last_only and T > 1:
-            q, T = q[:, :, -1:], 1  # (B, nh, 1, hd): the last query sees every key it may
-            mask = mask[..., -1:, :] if mask is not None else None
-            causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, nh, T, hd)
+        if probs is not None:  # the reference path: every key, probabilities kept
+            y, p = attention_reference(q, k, v, mask, kv_start)
+            probs.append(p)
+            if last_only and T > 1:
+                y, T = y[:, :, -1:], 1
+        else:
+            if kv_start:
+                k, v = k[:, :, kv_start:], v[:, :, kv_start:]  # (B, nkv, S - kv_start, hd)
+            if last_only and T > 1:
+                q, T = q[:, :, -1:], 1  # (B, nh, 1, hd): the last query sees every key it may
+                mask = mask[..., -1:, :] if mask is not None else None
+                causal = False
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o_proj(y)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        kv_start: int):
+    """softmax(q k^T / sqrt(hd)) v written out, returning the probabilities too: (B, nh, T, hd)
+    and (B, nh, T, S) over every key slot (those a query may not see get 0). q: (B, nh, T, hd);
+    k, v: (B, nkv, S, hd). mask: the boolean (.., T, S - kv_start) mask GPT.forward made, or None
+    for causal attention with the queries at the end (keys before kv_start out of sight)."""
+    B, nh, T, hd = q.shape
+    S = k.size(2)
+    if mask is None:  # causal: query i (at slot S - T + i) sees keys up to its own slot
+        full = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        full[:, :kv_start] = False
+    else:
+        full = torch.zeros(*mask.shape[:-1], S, dtype=torch.bool, device=q.device)
+        full[..., kv_start:] = mask
+    group = nh // k.size(1)
+    kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, S, hd)
+    scores = (q.float() @ kk.float().transpose(-1, -2)) * hd ** -0.5  # (B, nh, T, S)
+    scores = scores.masked_fill(~full, float("-inf"))
+    p = scores.softmax(-1)
+    return (p @ vv.float()).to(q.dtype), p
 
 
 class MLP(nn.Module):
@@ -164,10 +200,12 @@ class Block(nn.Module):
             self.mlp_out_norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True, kv_start=0, last_only=False):
+    def forward(self, x, rope, layer_cache, pos, mask=None, causal=True, kv_start=0, last_only=False,
+                row_pos=None, window=None, probs=None):
         """last_only: only the last position goes on past attention (the final block of a
         prefill, whose other positions' outputs nobody reads): (B, 1, C) out."""
-        a = self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal, kv_start, last_only)
+        a = self.attn(self.attn_norm(x), rope, layer_cache, pos, mask, causal, kv_start, last_only, row_pos, window,
+                      probs)
         if self.post_norms:
             a = self.attn_out_norm(a)
         if last_only:
@@ -271,77 +309,101 @@ class GPT(nn.Module):
         return rope
 
     @staticmethod
-    def _mask(pos: int, T: int, pad: torch.Tensor | None, window: int | None, cached: bool, device):
-        """(mask, is_causal, kv_start) for one kind of layer. Query slot s sees key slot k when
-        k <= s, s - k < window (if any), and k is not padding; keys before kv_start are invisible
-        to every query, so attention skips them."""
+    def _mask(pos: int, T: int, window: int | None, cached: bool, device):
+        """(mask, is_causal, kv_start) for one kind of layer over rows at one shared position.
+        Query slot s sees key slot k when k <= s and s - k < window (if any); keys before
+        kv_start are invisible to every query, so attention skips them."""
         S = pos + T
         windowed = window is not None and S > window  # some query has lost sight of an early key
-        if pad is None and not windowed:
+        if not windowed:
             if not cached or pos == 0:
                 return None, True, 0
             if T == 1:
                 return None, False, 0
             # a chunk after earlier tokens: query i sees keys 0 .. pos + i
             return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=pos), False, 0
-        start = max(0, pos - window + 1) if windowed else 0
-        if pad is None and T == 1:
+        start = max(0, pos - window + 1)
+        if T == 1:
             return None, False, start  # one query: every key from start on is in its window
         slots = torch.arange(pos, S, device=device)  # (T,)
         keys = torch.arange(start, S, device=device)  # (S',)
         back = slots[:, None] - keys[None, :]  # (T, S') how far each key lies behind each query
-        mask = back >= 0
-        if windowed:
-            mask = mask & (back < window)
-        if pad is not None:  # padded keys are invisible; padded queries see themselves (output unused)
-            mask = (mask[None] & (keys[None, None, :] >= pad[:, None, None])) | (back == 0)[None]  # (B, T, S')
-            mask = mask[:, None]  # (B, 1, T, S')
-        return mask, False, start
+        return (back >= 0) & (back < window), False, start
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, last_only: bool = False,
-                return_hidden: bool = False):
-        """idx: (B, T) token ids; targets: (B, T) next ids or -1 to ignore.
-        cache: a KVCache from the engine, or None. Returns logits (B, T, V) and the mean loss;
-        with last_only, logits (B, 1, V) for the last position only (generation needs no more,
-        and the output projection over a long prompt is the costliest matmul of a prefill).
-        With return_hidden, (final normed states (B, T, C), None) instead: for other heads."""
-        B, T = idx.size()
-        pos = cache.pos if cache is not None else 0
-        pad = getattr(cache, "pad", None)  # (B,) left-padding per row in a batched cache
-        if self.config.pos == "learned" and pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {self.config.block_size}")
-        slots = torch.arange(pos, pos + T, device=idx.device)  # (T,) cache slots of these tokens
-        # each row's own positions: a row padded on the left by p starts counting p slots later
-        positions = slots if pad is None else (slots[None, :] - pad[:, None]).clamp(min=0)  # (T,) or (B, T)
+    def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None, cache=None,
+                last_only: bool = False, return_hidden: bool = False, input_embeds: torch.Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False):
+        """idx: (B, T) token ids, or input_embeds: (B, T, C) vectors in the token table's space
+        (what `self.embed(idx)` gives; the embedding scale and positions are applied to both).
+        targets: (B, T) next ids or -1 to ignore. cache: a view of the engine's KVCache, or
+        None; a single-token step (T == 1) lets every row sit at its own position of its own
+        slot, longer inputs need the rows at one shared position. Returns logits (B, T, V) and
+        the mean loss; with last_only, logits (B, 1, V) for the last position only (generation
+        needs no more, and the output projection over a long prompt is the costliest matmul of
+        a prefill). With return_hidden, (final normed states (B, T, C), None) instead.
+        output_attentions / output_hidden_states: a third item, a dict with "attentions" (per
+        layer (B, nh, T, S) probabilities, from the explicit reference path) and/or
+        "hidden_states" (the residual stream entering each layer and the final normed one:
+        n_layer + 1 tensors (B, T, C)); the fast path is untouched when neither is asked."""
+        if (idx is None) == (input_embeds is None):
+            raise ValueError("give token ids or input embeddings, not both or neither")
         cfg = self.config
-        x = self.embed(idx)  # (B, T, C)
+        B, T = idx.size() if idx is not None else input_embeds.shape[:2]
+        device = idx.device if idx is not None else input_embeds.device
+        row_pos = None
+        if cache is not None and T == 1:
+            row_pos = cache.row_pos.to(device)  # (B,) each row's own position
+            pos = int(row_pos.max())
+        else:
+            pos = cache.pos if cache is not None else 0
+            if pos is None:
+                raise ValueError("a forward over several tokens needs its rows at one shared position")
+        if cfg.pos == "learned" and pos + T > cfg.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {cfg.block_size}")
+        if row_pos is not None:
+            positions = row_pos[:, None]  # (B, 1)
+        else:
+            positions = torch.arange(pos, pos + T, device=device)  # (T,)
+        x = self.embed(idx) if idx is not None else input_embeds.to(self.norm.weight.dtype)  # (B, T, C)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.n_embd)
         if cfg.pos == "learned":
-            x = x + self.pos_embed(positions)  # (T, C) broadcast or (B, T, C)
+            x = x + self.pos_embed(positions)  # (T, C) broadcast or (B, 1, C)
         # what each kind of layer needs: global layers (False) and sliding-window ones (True)
         ctx = {}
         for local in self._layer_kinds:
             rope = None
+            window = cfg.sliding_window if local else None
             if cfg.pos == "rope":
                 suffix = "_local" if local and self._local_rope else ""
-                rope = self._rope(suffix, positions, pos + T, pad is not None)
-            mask = self._mask(pos, T, pad, cfg.sliding_window if local else None, cache is not None, idx.device)
-            ctx[local] = (rope, *mask)
+                rope = self._rope(suffix, positions, pos + T, row_pos is not None)
+            mask = (None, False, 0) if row_pos is not None else \
+                self._mask(pos, T, window, cache is not None, device)
+            ctx[local] = (rope, *mask, window)
         x = self.drop(x)
+        extras: dict = {}
+        probs = [] if output_attentions else None
+        states = [] if output_hidden_states else None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx[block.local][0], cache.layer(i) if cache is not None else None, pos, *ctx[block.local][1:],
-                      last_only=last_only and i == last)
+            if states is not None:
+                states.append(x)
+            rope, mask, causal, kv_start, window = ctx[block.local]
+            x = block(x, rope, cache.layer(i) if cache is not None else None, pos, mask, causal, kv_start,
+                      last_only=last_only and i == last, row_pos=row_pos, window=window, probs=probs)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
+        if states is not None:
+            extras["hidden_states"] = states + [x]
+        if probs is not None:
+            extras["attentions"] = probs
         if return_hidden:
-            return x, None
+            return (x, None, extras) if extras else (x, None)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return (logits, loss, extras) if extras else (logits, loss)

@@ -1,11 +1,19 @@
 """The C kernels of cpu_kernels.c: built once per machine with the system's C compiler, loaded
 with ctypes (no PyTorch headers, so a build takes about a second).
 
-The shared library is cached under $LMFORGE_HOME/kernels, keyed by the source, the compiler and
-the CPU, and written to a temporary name first, so concurrent processes never load half a file.
-Without a compiler (or with LMFORGE_KERNELS=0) `library()` is None and the quantized layers keep
-to PyTorch's own kernels: slower for decoding, and their bf16 activations move logits by about
-1e-3 relative.
+Which build runs is decided here, in one place, from the CPU's features: AVX-512 where the CPU
+has it, else AVX2 + FMA + F16C, else plain C. LMFORGE_KERNELS forces one ("avx512", "avx2",
+"generic"; the tests use it to check every path the CPU can run) or turns them off ("0"). The
+same place (`usable`) decides whether a kernel may run at all for a given call: CPU tensors,
+float32, no gradient, not inside torch.compile, no training-mode dropout.
+
+The shared library is cached under $LMFORGE_HOME/kernels, keyed by the source, the build, the
+compiler and the CPU, written to a temporary name first (concurrent processes never load half a
+file) with its sha256 beside it, and checked against it before it is loaded: a truncated or
+damaged library is rebuilt, never mapped (that would end in SIGBUS or SIGSEGV). Without a
+compiler, or with the kernels off, `library()` is None and the quantized layers keep to
+PyTorch's own kernels, whose bf16 activations move logits by about 1e-3 relative (on AVX2 hosts
+PyTorch's int8 kernel can be faster than the plain-C build; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,6 +36,13 @@ from lmforge.config import home
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _c_ptr, _i64 = ctypes.c_void_p, ctypes.c_int64
+# build name -> (compiler flags, CPU flags it needs, lmf_isa() it reports)
+VARIANTS = {
+    "avx512": (["-march=native"], {"avx512f", "avx512bw", "f16c", "fma"}, 2),
+    "avx2": (["-march=x86-64-v3", "-mtune=generic"], {"avx2", "fma", "f16c"}, 1),
+    "generic": (["-DLMF_GENERIC", "-march=native"], set(), 0),
+}
+OFF = ("0", "false", "no", "off")
 
 
 def _cpu_id() -> str:
@@ -37,6 +52,41 @@ def _cpu_id() -> str:
         return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
     except OSError:
         return platform.processor() + platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (x86 /proc/cpuinfo names; empty where unknown)."""
+    for line in _cpu_id().splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def runnable(variant: str) -> bool:
+    """Whether this CPU can run the given build."""
+    if variant == "generic":
+        return True
+    return platform.machine().lower() in ("x86_64", "amd64") and VARIANTS[variant][1] <= cpu_flags()
+
+
+def variants() -> list[str]:
+    """The builds this CPU can run, best first."""
+    return [v for v in VARIANTS if runnable(v)]
+
+
+def chosen_variant() -> str | None:
+    """The build `library()` loads: LMFORGE_KERNELS when it names one this CPU runs, else the
+    best this CPU runs; None when the kernels are off."""
+    want = os.environ.get("LMFORGE_KERNELS", "").strip().lower()
+    if want in OFF:
+        return None
+    if want in VARIANTS:
+        if runnable(want):
+            return want
+        warnings.warn(f"lmforge: LMFORGE_KERNELS={want}, but this CPU cannot run that build; using "
+                      f"{variants()[0]}", RuntimeWarning, stacklevel=2)
+    return variants()[0]
 
 
 def _compiler() -> str:
@@ -52,65 +102,108 @@ def _compiler_id(cc: str) -> str:
         return cc
 
 
-def build(out: Path, generic: bool = False, compiler: str | None = None) -> Path:
-    """Compile cpu_kernels.c into the shared library `out` (raises OSError or CalledProcessError).
-    generic: leave out the AVX-512 path (the tests check both)."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(out: Path, variant: str = "avx512", compiler: str | None = None) -> Path:
+    """Compile cpu_kernels.c into the shared library `out`, with its sha256 written beside it
+    (raises OSError or CalledProcessError)."""
     cc = compiler or _compiler()
     if not cc:
         raise OSError("no C compiler found (install gcc or clang)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
-    base = [*shlex.split(cc), "-O3", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"] + (["-DLMF_GENERIC"] if generic else [])
-    # the best first; without -march=native (some compilers lack it) or OpenMP (Apple's clang) next
-    tries = [base + ["-march=native", "-fopenmp"], base + ["-fopenmp"], base + ["-march=native"], base]
+    flags = VARIANTS[variant][0]
+    base = [*shlex.split(cc), "-O3", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"]
+    # the best first; then without OpenMP threads (Apple's clang) but still vectorised by its
+    # simd hints; then without the architecture flags (compilers that lack them)
+    keep = ["-DLMF_GENERIC"] if variant == "generic" else []
+    tries = [base + flags + ["-fopenmp"], base + flags + ["-fopenmp-simd"], base + keep + ["-fopenmp"], base + keep]
     try:
         for cmd in tries:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if r.returncode == 0:
                 os.chmod(tmp, 0o755)  # (mkstemp made it private; a shared store serves other users too)
+                digest = _sha256(Path(tmp))
+                side = Path(tmp + ".sha256")
+                side.write_text(digest)
                 os.replace(tmp, out)
+                os.replace(side, Path(str(out) + ".sha256"))
                 return out
         raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)  # the last try's error
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp + ".sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.lmf_q8_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
     lib.lmf_q8_matmul.restype = ctypes.c_int
-    lib.lmf_q8_avx512.restype = ctypes.c_int
+    lib.lmf_q4_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
+    lib.lmf_q4_matmul.restype = ctypes.c_int
+    lib.lmf_isa.restype = ctypes.c_int
     lib.lmf_rms_norm.argtypes = [_c_ptr, _i64, _i64, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_rms_norm.restype = None
     lib.lmf_attn_decode.argtypes = [_c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _c_ptr, _i64, _c_ptr, _c_ptr] \
-        + [_i64] * 7 + [_c_ptr, ctypes.c_float, _c_ptr]
+        + [_i64] * 6 + [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_attn_decode.restype = ctypes.c_int
     return lib
 
 
-@functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL | None:
-    """The built kernels, or None (disabled, no compiler, or the build failed: warned once)."""
-    if os.environ.get("LMFORGE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
+def library_path(variant: str) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + variant.encode() + _compiler_id(_compiler()).encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    return home() / "kernels" / f"cpu_kernels-{variant}-{key}{'.dll' if os.name == 'nt' else '.so'}"
+
+
+def _verified(path: Path) -> bool:
+    """The cached library is whole: its bytes hash to the digest written when it was built."""
     try:
-        cc = _compiler()
-        key = hashlib.sha256(SOURCE.read_bytes() + _compiler_id(cc).encode() + _cpu_id().encode()).hexdigest()[:16]
-        path = home() / "kernels" / f"cpu_kernels-{key}{'.dll' if os.name == 'nt' else '.so'}"
-        if path.is_file():
+        return path.is_file() and Path(str(path) + ".sha256").read_text().strip() == _sha256(path)
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _library(variant: str) -> ctypes.CDLL | None:
+    try:
+        path = library_path(variant)
+        if _verified(path):
             try:
                 return load(path)
-            except OSError:  # damaged, or built against another runtime: built again below
+            except OSError:  # built against another runtime: built again below
                 pass
-        return load(build(path))
+        return load(build(path, variant))
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"lmforge: the C decoding kernels could not be built ({detail.strip()[:300]}); "
-                      "decoding falls back to PyTorch's kernels (slower; bf16 activations)", RuntimeWarning,
-                      stacklevel=2)
+                      "decoding falls back to PyTorch's kernels (bf16 activations)", RuntimeWarning, stacklevel=3)
         return None
+
+
+def library(variant: str | None = None) -> ctypes.CDLL | None:
+    """The built kernels (`variant`, or the chosen one), or None (off, no compiler, or the build
+    failed: warned once). Never raises."""
+    variant = variant or chosen_variant()
+    return _library(variant) if variant is not None else None
+
+
+def usable(x: torch.Tensor, module: torch.nn.Module | None = None, *others: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernels for this call, or None where PyTorch's path must run: a tensor off the CPU or
+    not float32, gradients on, inside torch.compile (a ctypes call breaks the graph), or a
+    module in training mode with dropout."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() \
+            or torch.compiler.is_compiling():
+        return None
+    if module is not None and module.training and getattr(module, "dropout", 0):
+        return None
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in others):
+        return None
+    return library()
 
 
 def q8_matmul(x: torch.Tensor, w: torch.Tensor, group_scales: torch.Tensor | None = None,
@@ -137,6 +230,24 @@ def q8_matmul(x: torch.Tensor, w: torch.Tensor, group_scales: torch.Tensor | Non
     return y
 
 
+def q4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) @ W.T as float32 (M, N), W 4-bit: w (N, K / 2) uint8 (see lmf_q4_matmul for the
+    nibble order) with fp16 scales and offsets (N, K / 32), w = q * scale + offset."""
+    lib = lib or library()
+    M, K = x.shape
+    N = w.size(0)
+    if w.dtype != torch.uint8 or not w.is_contiguous() or w.shape != (N, K // 2) or w.device.type != "cpu" or K % 32:
+        raise ValueError(f"q4_matmul needs contiguous uint8 CPU weights of shape ({N}, {K // 2}), K a multiple of 32")
+    for t in (scales, offsets):
+        if t.dtype != torch.float16 or not t.is_contiguous() or t.shape != (N, K // 32) or t.device.type != "cpu":
+            raise ValueError(f"q4_matmul needs contiguous float16 CPU scales and offsets of shape ({N}, {K // 32})")
+    x = x.to(device="cpu", dtype=torch.float32).contiguous()
+    y = torch.empty(M, N, dtype=torch.float32, device="cpu")
+    lib.lmf_q4_matmul(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, y.data_ptr())
+    return y
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
     """RMSNorm over the last dim of a contiguous float32 CPU tensor, with a float32 weight."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_contiguous() \
@@ -160,20 +271,26 @@ def _rows(t: torch.Tensor, heads: int, hd: int) -> tuple[torch.Tensor, int]:
 
 def attn_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor] | None, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                pos: int, start: int, pad: torch.Tensor | None, scale: float, lib: ctypes.CDLL) -> torch.Tensor:
+                slots: torch.Tensor, pos: torch.Tensor, window: int, scale: float,
+                lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """A decoding step's attention (see lmf_attn_decode): q (B, nh, 1, hd) and the step's new
     k_new/v_new (B, nkv, 1, hd), before RoPE; rope: full-width (cos, signed sin) tables, (1, hd)
-    for every row or (B, 1, 1, hd) for each; cache_k/v (B, nkv, max_len, hd) contiguous float32,
-    written at slot pos. Keys [max(start, pad[b]), pos] are attended. -> (B, nh, 1, hd)."""
+    for every row or (B, 1, 1, hd) for each; cache_k/v (S, nkv, max_len, hd) contiguous float32;
+    row b writes at position pos[b] of slot slots[b] and attends over its window (0: none)
+    ending there. -> (B, nh, 1, hd)."""
+    lib = lib or library()
     B, nh, _, hd = q.shape
-    nkv, max_len = cache_k.size(1), cache_k.size(2)
+    S, nkv, max_len = cache_k.size(0), cache_k.size(1), cache_k.size(2)
     for c in (cache_k, cache_v):  # the kernel writes into these: nothing may be off
         if c.dtype != torch.float32 or not c.is_contiguous() or c.device.type != "cpu" or \
-                c.shape != (B, nkv, max_len, hd):
-            raise ValueError(f"attn_decode needs contiguous float32 CPU caches of shape ({B}, {nkv}, {max_len}, {hd})")
-    if nkv == 0 or nh % nkv or not 0 <= start <= pos < max_len:
-        raise ValueError(f"attn_decode: bad heads ({nh} over {nkv}) or slots (start {start}, pos {pos}, "
-                         f"cache {max_len})")
+                c.shape != (S, nkv, max_len, hd):
+            raise ValueError(f"attn_decode needs contiguous float32 CPU caches of shape ({S}, {nkv}, {max_len}, {hd})")
+    slots = slots.to(device="cpu", dtype=torch.int64).contiguous()
+    pos = pos.to(device="cpu", dtype=torch.int64).contiguous()
+    if nkv == 0 or nh % nkv or slots.shape != (B,) or pos.shape != (B,) or window < 0:
+        raise ValueError(f"attn_decode: bad heads ({nh} over {nkv}), slots, positions or window for {B} rows")
+    if B and (int(slots.min()) < 0 or int(slots.max()) >= S or int(pos.min()) < 0 or int(pos.max()) >= max_len):
+        raise ValueError(f"attn_decode: a slot or position outside the cache ({S} slots of {max_len})")
     (q, qs), (k_new, ks), (v_new, vs) = _rows(q, nh, hd), _rows(k_new, nkv, hd), _rows(v_new, nkv, hd)
     cos_p = sin_p = None
     cs = 0
@@ -184,14 +301,8 @@ def attn_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         cs = hd if cos.size(0) > 1 else 0
         cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
     out = torch.empty(B, nh, 1, hd, dtype=torch.float32, device="cpu")
-    pad_ptr = None
-    if pad is not None:
-        pad = pad.to(device="cpu", dtype=torch.int64).contiguous()
-        if pad.shape != (B,):
-            raise ValueError(f"attn_decode: padding for {pad.numel()} rows, not {B}")
-        pad_ptr = pad.data_ptr()
     if lib.lmf_attn_decode(q.data_ptr(), qs, k_new.data_ptr(), ks, v_new.data_ptr(), vs, cos_p, sin_p, cs,
-                           cache_k.data_ptr(), cache_v.data_ptr(), B, nh, nkv, max_len, hd, start, pos, pad_ptr,
-                           scale, out.data_ptr()):
+                           cache_k.data_ptr(), cache_v.data_ptr(), B, nh, nkv, max_len, hd, window,
+                           slots.data_ptr(), pos.data_ptr(), scale, out.data_ptr()):
         raise MemoryError("attn_decode: out of memory for the attention scores")
     return out

@@ -54,17 +54,6 @@ def int4_pack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tup
     return packed, sz
 
 
-def int4_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round float weights (out, in) to asymmetric 4-bit groups of 32 (for weights that are
-    not 4-bit already)."""
-    out_f, in_f = w.shape
-    g = w.float().reshape(out_f, in_f // GROUP, GROUP)  # (out, G, 32)
-    lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(out_f, in_f)
-    return int4_pack(q, scale, lo)
-
-
 # From this many rows (a prefill, a batch of texts), CPU linears leave the weight-only kernels,
 # which are built for one row: at 200 rows a dense bf16 matmul over weights widened on the fly is
 # 3x faster, and the int8 x int8 matmul (VNNI) faster still.
@@ -73,6 +62,11 @@ INT_MM_ROWS = 16
 # 2048-wide input (64 KB of activations) outgrows the L1 cache and PyTorch's kernel is faster.
 KERNEL_ROWS = 4
 ACTIVATIONS = ("bf16", "int8", "int8x2")
+
+
+def decoding(x: torch.Tensor) -> bool:
+    """A decoding step's activations: (B, 1, C), one position per row."""
+    return x.dim() == 3 and x.size(1) == 1
 
 
 def _int8_activations_mm(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, split: bool = True) -> torch.Tensor:
@@ -119,14 +113,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu" and x2.size(0) >= INT_MM_ROWS:
+        if x.device.type == "cpu" and (decoding(x) or x2.size(0) <= KERNEL_ROWS) \
+                and (lib := kernels.usable(x)) is not None:
+            # a decoding step (one position per row, any number of rows: a row's result never
+            # depends on its neighbours) or a few rows: the C kernel, float32 activations
+            y = kernels.q8_matmul(x2, self.weight, None, self._float_scales(), lib=lib)  # (N, out)
+        elif x.device.type == "cpu" and x2.size(0) >= INT_MM_ROWS:
             if self.activations == "bf16":
                 # the per-row weight scales apply to the (N, out) result, cheaper than to the weights
                 y = torch.mm(x2.to(torch.bfloat16), self.weight.to(torch.bfloat16).t()) * self.scales
             else:
                 y = _int8_activations_mm(x2.float(), self.weight, self.scales, self.activations == "int8x2")
-        elif x.device.type == "cpu" and x2.size(0) <= KERNEL_ROWS and (lib := kernels.library()) is not None:
-            y = kernels.q8_matmul(x2, self.weight, None, self._float_scales(), lib=lib)  # (N, out), float32 x
         elif x.device.type == "cpu":
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scales)  # (N, out)
         else:
@@ -146,33 +143,76 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def int4_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) integers 0..15 -> (out, in / 2) bytes in the C kernel's order: within each group
+    of 32, byte j holds value j in its low nibble and value j + 16 in its high one (GGUF's
+    Q4_0/Q4_1 order)."""
+    out_f, in_f = q.shape
+    g = q.to(torch.uint8).reshape(out_f, in_f // GROUP, 2, GROUP // 2)  # (out, G, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(out_f, in_f // 2)
+
+
+def int4_values(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of int4_nibbles: (out, in / 2) bytes -> (out, in) uint8 values 0..15."""
+    out_f, half = packed.shape
+    g = packed.reshape(out_f, half // 16, 16)  # (out, G, 16)
+    return torch.cat([g & 15, g >> 4], dim=-1).reshape(out_f, half * 2)
+
+
 class Int4Linear(nn.Module):
-    """4-bit group-wise weights in the layout of PyTorch's CPU int4 kernel (CPU only)."""
+    """4-bit weights in groups of 32 along the input, each group with an fp16 scale and offset
+    (w = q * scale + offset): GGUF's Q4_0/Q4_1 blocks exactly, Q4_K's to fp16 rounding of its
+    scales. A decoding step runs in the C kernel (lmf_q4_matmul: half the bytes of int8, float32
+    activations); other calls, and CPUs without the kernels, go through PyTorch's int4 kernel
+    over a copy repacked into its layout on first use."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
         if in_features % GROUP:
             raise ValueError(f"int4 needs in_features divisible by {GROUP}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
+        G = in_features // GROUP
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_zeros", torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16,
-                                                         device=device))
+        self.register_buffer("scales", torch.empty(out_features, G, dtype=torch.float16, device=device))
+        self.register_buffer("offsets", torch.empty(out_features, G, dtype=torch.float16, device=device))
+        self._packed: tuple | None = None  # PyTorch's int4 layout (and the weight it came from), made on first use
+
+    @classmethod
+    @torch.no_grad()
+    def from_groups(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> "Int4Linear":
+        """q: (out, in) integers 0..15; scale, offset: (out, in / 32); w = q * scale + offset."""
+        m = cls(q.size(1), q.size(0), device=q.device)
+        m.weight, m.scales, m.offsets = int4_nibbles(q), scale.half().contiguous(), offset.half().contiguous()
+        return m
 
     @classmethod
     @torch.no_grad()
     def from_linear(cls, lin: nn.Linear) -> "Int4Linear":
-        q = cls(lin.in_features, lin.out_features, device=lin.weight.device)
-        q.weight, q.scales_zeros = int4_fit(lin.weight.detach())
-        return q
+        out_f, in_f = lin.weight.shape
+        g = lin.weight.detach().float().reshape(out_f, in_f // GROUP, GROUP)  # (out, G, 32)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-10).half().float()  # rounded against the fp16 scale it keeps
+        lo = lo.half().float()
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(out_f, in_f)
+        return cls.from_groups(q, scale, lo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            raise RuntimeError("int4 weights are packed for PyTorch's CPU kernel; load with quantize='none' "
-                               "or 'int8' on this device")
+            raise RuntimeError("int4 weights run on the CPU only; load with quantize='none' or 'int8' on this device")
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (N, in)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.scales_zeros)  # (N, out)
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        if (decoding(x) or x2.size(0) <= KERNEL_ROWS) and (lib := kernels.usable(x)) is not None:
+            y = kernels.q4_matmul(x2, self.weight, self.scales, self.offsets, lib=lib)  # (N, out)
+        else:
+            packed, sz = self._torch_packed()
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, GROUP, sz)  # (N, out)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def _torch_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._packed is None or self._packed[2] is not self.weight:
+            self._packed = (*int4_pack(int4_values(self.weight), self.scales.float(), self.offsets.float()), self.weight)
+        return self._packed[:2]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
@@ -220,7 +260,7 @@ class Int8Table(nn.Module):
         """x @ table.T. (..., C) -> (..., V)."""
         shape = x.shape
         x2 = x.reshape(-1, self.embedding_dim)  # (N, C)
-        lib = kernels.library() if x.device.type == "cpu" else None
+        lib = kernels.usable(x)
         if lib is not None:
             y = kernels.q8_matmul(x2, self.weight, self.scales, lib=lib)  # (N, V)
         elif x.device.type == "cpu":

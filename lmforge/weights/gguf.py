@@ -237,7 +237,7 @@ def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
     model's main format), other linears int8 rows, the token table an Int8Table, norms
     float32. Returns (state, layout); the layout names each quantized module's kind, for
     `build_quantized_skeleton`."""
-    from lmforge.models.quant import Int8Table, int4_pack, int8_rows
+    from lmforge.models.quant import Int8Table, int4_nibbles, int8_rows
 
     names, interleaved = ARCH_TABLES[g.arch]
     table = expand(names, cfg.n_layer)
@@ -279,8 +279,9 @@ def quantized_state(g: GGUFFile, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
                 if interleaved and slot in heads:  # rows move together with their group parameters
                     q, sc, off = (unpermute_rope_rows(a, heads[slot]) for a in (q, sc, off))
                 qs.append(q), scs.append(sc), offs.append(off)
-            state[name], state[f"{module}.scales_zeros"] = int4_pack(
-                *(torch.from_numpy(np.ascontiguousarray(np.concatenate(a))) for a in (qs, scs, offs)))
+            q, sc, off = (torch.from_numpy(np.ascontiguousarray(np.concatenate(a))) for a in (qs, scs, offs))
+            state[name] = int4_nibbles(q)
+            state[f"{module}.scales"], state[f"{module}.offsets"] = sc.half(), off.half()
             layout[module] = "int4"
         else:
             ws = []

@@ -26,7 +26,7 @@ from lmforge.models import GPT
 from lmforge.models.quant import build_quantized_skeleton, quant_layout, retie
 
 WEIGHTS, CONFIG = "int8.safetensors", "int8.json"
-FORMAT = 5  # bumped when the layout of the cache changes; older caches are rebuilt
+FORMAT = 6  # bumped when the layout of the cache changes; older caches are rebuilt
 
 _DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16,
            "F32": torch.float32, "I32": torch.int32, "I64": torch.int64}
