@@ -16,7 +16,7 @@ import torch
 
 from lmforge.common import pick_device, set_cpu_threads
 from lmforge.config import ModelConfig, TrainConfig, preset as get_preset
-from lmforge.engine import Engine, SamplingParams
+from lmforge.engine import Engine, Event, Request, SamplingParams
 from lmforge.engine.sampling import ban_tokens
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import LMTokenizer, StreamDecoder
@@ -192,18 +192,44 @@ class LM:
                **sampling: Any) -> Iterator[str]:
         """Yield generated text piece by piece (never splitting a UTF-8 character), ending before
         any of the `stop` strings. Sampling options: temperature, top_k, top_p, min_p,
-        repetition_penalty, seed. Bad arguments and unencodable prompts raise here, up front."""
-        params = self._params(max_new_tokens, sampling)
-        ids = self.encode_prompt(prompt)
-        return self._stream(ids, max_new_tokens, params, stop)
+        repetition_penalty, seed. Bad arguments and unencodable prompts raise here, up front.
+        For tokens, log-probabilities and the finish reason, use `events`."""
+        return _texts(self.events(prompt, max_new_tokens, stop=stop, **sampling))
+
+    def events(self, prompt: str, max_new_tokens: int = 200, *, stop: Sequence[str] = (), logprobs: bool = False,
+               top_logprobs: int = 0, processors: Sequence = (), **sampling: Any) -> Iterator[Event]:
+        """Generate from a text prompt as the engine's events: token id, text delta,
+        log-probability (and top alternatives) when asked, and on the last one the finish
+        reason ("stop", "length", "stop_string", "cancelled") and token usage."""
+        req = self.request(self.encode_prompt(prompt), max_new_tokens, stop=stop, logprobs=logprobs,
+                           top_logprobs=top_logprobs, processors=processors, **sampling)
+        return self.engine.run([req])
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
              **sampling: Any) -> Iterator[str]:
         """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}, ...])."""
+        return _texts(self.chat_events(messages, max_new_tokens, stop=stop, **sampling))
+
+    def chat_events(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
+                    logprobs: bool = False, top_logprobs: int = 0, processors: Sequence = (),
+                    **sampling: Any) -> Iterator[Event]:
+        """The assistant's reply as the engine's events (see `events`)."""
         sampling.setdefault("temperature", 0.7)
+        req = self.request(self.chat_ids(messages), max_new_tokens, stop=stop, logprobs=logprobs,
+                           top_logprobs=top_logprobs, processors=processors, **sampling)
+        return self.engine.run([req])
+
+    def request(self, ids: list[int], max_new_tokens: int, *, stop: Sequence[str] = (), logprobs: bool = False,
+                top_logprobs: int = 0, processors: Sequence = (), **sampling: Any) -> Request:
+        """An engine request for prompt ids with this model's stops, banned tokens and streaming
+        decoder (for callers that run many requests through `self.engine` at once)."""
         params = self._params(max_new_tokens, sampling)
-        ids = self.chat_ids(messages)
-        return self._stream(ids, max_new_tokens, params, stop)
+        if self.hard_context is not None:
+            max_new_tokens = max(1, min(max_new_tokens, self.hard_context - len(ids)))
+        banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
+        procs = ([lambda _ids, logits: ban_tokens(logits, banned)] if banned else []) + list(processors)
+        return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids, [s for s in stop if s],
+                       StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs)
 
     @staticmethod
     def _params(max_new_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
@@ -235,37 +261,6 @@ class LM:
         ids = self.tokenizer.encode(text, check=False)
         self._check_length(len(ids))
         return ids
-
-    def _stream(self, ids: list[int], max_new_tokens: int, params: SamplingParams,
-                stop_strings: Sequence[str] = ()) -> Iterator[str]:
-        if self.hard_context is not None:
-            max_new_tokens = min(max_new_tokens, self.hard_context - len(ids))
-        stop = self.tokenizer.stop_ids
-        banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
-        processors = [lambda _ids, logits: ban_tokens(logits, banned)] if banned else []
-        dec = StreamDecoder(self.tokenizer)
-        stops = [s for s in stop_strings if s]
-        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may be arriving
-        pending = ""
-        for tid in self.engine.generate(ids, max_new_tokens, params, stop_ids=stop, processors=processors):
-            if tid in stop:
-                break
-            pending += dec.push(tid)
-            if stops:
-                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    if pending[:cut]:
-                        yield pending[:cut]
-                    return
-            if len(pending) > hold:
-                yield pending[:len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        pending += dec.flush()
-        if stops:
-            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-            pending = pending[:cut] if cut >= 0 else pending
-        if pending:
-            yield pending
 
     def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
@@ -303,6 +298,12 @@ class LM:
 
         return evaluate_windows(self.model, np.asarray(ids), self.tokenizer.token_bytes, self.config.block_size,
                                 batch_size, self.device, progress=progress)
+
+
+def _texts(events: Iterator[Event]) -> Iterator[str]:
+    for ev in events:
+        if ev.text:
+            yield ev.text
 
 
 def _read_manifest(path: Path) -> dict:

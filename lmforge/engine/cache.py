@@ -25,16 +25,13 @@ class LayerView:
 
     def __init__(self, view: "CacheView", i: int):
         self.k, self.v = view.cache.k[i], view.cache.v[i]  # (S, nkv, max_len, hd): every slot
-        self._view = view
-
-    @property
-    def slots(self) -> torch.Tensor:
-        return self._view.slot_index  # (B,) slot of each row
+        # (no reference back to the view: a cycle would keep the cache alive until the gc runs)
+        self.slots, self.first_slot = view.slot_index, view.first_slot  # (B,) slot of each row
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows at one shared position: store (B, nkv, T, hd) at [pos, pos + T) of their slots
         (which must be consecutive); return views of [0, pos + T)."""
-        s0, B, T = self._view.first_slot, k.size(0), k.size(2)
+        s0, B, T = self.first_slot, k.size(0), k.size(2)
         self.k[s0:s0 + B, :, pos:pos + T] = k
         self.v[s0:s0 + B, :, pos:pos + T] = v
         return self.k[s0:s0 + B, :, :pos + T], self.v[s0:s0 + B, :, :pos + T]

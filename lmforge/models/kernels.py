@@ -194,9 +194,9 @@ def library(variant: str | None = None) -> ctypes.CDLL | None:
 
 def usable(x: torch.Tensor, module: torch.nn.Module | None = None, *others: torch.Tensor) -> ctypes.CDLL | None:
     """The kernels for this call, or None where PyTorch's path must run: a tensor off the CPU or
-    not float32, gradients on, inside torch.compile (a ctypes call breaks the graph), or a
-    module in training mode with dropout."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() \
+    not float32, an input that needs a gradient (the C code has no backward), inside
+    torch.compile (a ctypes call breaks the graph), or a module in training mode with dropout."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()) \
             or torch.compiler.is_compiling():
         return None
     if module is not None and module.training and getattr(module, "dropout", 0):
