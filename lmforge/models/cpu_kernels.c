@@ -296,6 +296,81 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
     }
 }
 
+/* Attention of one row b and one key/value head kvh of a decoding step (see lmf_attn_decode).
+   Returns 0, or -1 when out of memory. */
+static int attend_one(const float *q, int64_t qs, const float *kn, int64_t ks, const float *vn, int64_t vs,
+                      const float *cb, const float *sb, float *k, float *v, int64_t nh, int64_t nkv,
+                      int64_t max_len, int64_t hd, int64_t window, int64_t b, int64_t kvh, int64_t slot,
+                      int64_t p, float scale, float *out) {
+    const int64_t group = nh / nkv, end = p + 1;
+    const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+    const int64_t n = end - first;
+    float *kb = k + (slot * nkv + kvh) * max_len * hd, *vb = v + (slot * nkv + kvh) * max_len * hd;
+    if (cb) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + p * hd);
+    else memcpy(kb + p * hd, kn + b * ks + kvh * hd, sizeof(float) * (size_t)hd);
+    memcpy(vb + p * hd, vn + b * vs + kvh * hd, sizeof(float) * (size_t)hd);
+    float stack[4096];
+    const int64_t need = group * (hd + n + 1); /* rotated queries, scores (group, n), max per head */
+    float *qg = need <= 4096 ? stack : (float *)malloc(sizeof(float) * (size_t)need);
+    if (!qg) return -1;
+    float *sc = qg + group * hd, *mx = sc + group * n;
+    for (int64_t g = 0; g < group; g++) {
+        const float *qh = q + b * qs + (kvh * group + g) * hd;
+        if (cb) rotate(qh, cb, sb, hd, qg + g * hd);
+        else memcpy(qg + g * hd, qh, sizeof(float) * (size_t)hd);
+        mx[g] = -INFINITY;
+    }
+    /* keys four at a time: four independent sums per loop (one would be a chain of dependent
+       multiply-adds, bound by their latency) */
+    for (int64_t j = 0; j < n; j += 4) {
+        const int64_t r = n - j < 4 ? n - j : 4;
+        const float *k0 = kb + (first + j) * hd, *k1 = k0 + (r > 1) * hd, *k2 = k0 + (r > 2) * 2 * hd,
+                    *k3 = k0 + (r > 3) * 3 * hd; /* past the end: repeat the first (unused) */
+        for (int64_t g = 0; g < group; g++) {
+            const float *qh = qg + g * hd;
+            float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+            for (int64_t i = 0; i < hd; i++) {
+                d0 += qh[i] * k0[i];
+                d1 += qh[i] * k1[i];
+                d2 += qh[i] * k2[i];
+                d3 += qh[i] * k3[i];
+            }
+            const float d[4] = {d0 * scale, d1 * scale, d2 * scale, d3 * scale};
+            for (int64_t t = 0; t < r; t++) {
+                sc[g * n + j + t] = d[t];
+                mx[g] = d[t] > mx[g] ? d[t] : mx[g];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *sg = sc + g * n, m = mx[g], t = 0.0f;
+#pragma omp simd reduction(+ : t)
+        for (int64_t j = 0; j < n; j++) {
+            sg[j] = exp_nonpositive(sg[j] - m);
+            t += sg[j];
+        }
+        const float inv = 1.0f / t;
+        for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+    }
+    float *og = out + (b * nh + kvh * group) * hd;
+    for (int64_t i = 0; i < group * hd; i++) og[i] = 0.0f;
+    for (int64_t j = 0; j < n; j += 4) { /* values four at a time too: a quarter of the stores */
+        const int64_t r = n - j < 4 ? n - j : 4;
+        const float *v0 = vb + (first + j) * hd, *v1 = v0 + (r > 1) * hd, *v2 = v0 + (r > 2) * 2 * hd,
+                    *v3 = v0 + (r > 3) * 3 * hd;
+        for (int64_t g = 0; g < group; g++) {
+            const float *pg = sc + g * n + j;
+            const float p0 = pg[0], p1 = r > 1 ? pg[1] : 0.0f, p2 = r > 2 ? pg[2] : 0.0f, p3 = r > 3 ? pg[3] : 0.0f;
+            float *o = og + g * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) o[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+        }
+    }
+    if (qg != stack) free(qg);
+    return 0;
+}
+
 /* A decoding step's attention: one new token per row, grouped-query, over the KV cache.
    q: B rows (at q + b * qs) of nh heads side by side; kn, vn: the new keys and values, B rows of
    nkv heads (at kn + b * ks, vn + b * vs); cos, sin: RoPE tables of hd floats at cos + b * cs
@@ -309,7 +384,6 @@ int lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, con
                      const float *cos, const float *sin, int64_t cs, float *k, float *v, int64_t B, int64_t nh,
                      int64_t nkv, int64_t max_len, int64_t hd, int64_t window, const int64_t *slot,
                      const int64_t *pos, float scale, float *out) {
-    const int64_t group = nh / nkv;
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += pos[b] + 1;
     int failed = 0;
@@ -317,77 +391,157 @@ int lmf_attn_decode(const float *q, int64_t qs, const float *kn, int64_t ks, con
        value row is read once per step rather than once per head */
 #pragma omp parallel for schedule(static) if (B * nkv > 1 && nh * work >= 4096)
     for (int64_t bk = 0; bk < B * nkv; bk++) {
-        const int64_t b = bk / nkv, kvh = bk % nkv, p = pos[b], end = p + 1;
-        const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        const int64_t n = end - first;
-        const float *cb = cos ? cos + b * cs : 0, *sb = sin ? sin + b * cs : 0;
-        float *kb = k + (slot[b] * nkv + kvh) * max_len * hd, *vb = v + (slot[b] * nkv + kvh) * max_len * hd;
-        if (cos) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + p * hd);
-        else memcpy(kb + p * hd, kn + b * ks + kvh * hd, sizeof(float) * (size_t)hd);
-        memcpy(vb + p * hd, vn + b * vs + kvh * hd, sizeof(float) * (size_t)hd);
-        float stack[4096];
-        const int64_t need = group * (hd + n + 1); /* rotated queries, scores (group, n), max per head */
-        float *qg = need <= 4096 ? stack : (float *)malloc(sizeof(float) * (size_t)need);
-        if (!qg) {
+        const int64_t b = bk / nkv;
+        if (attend_one(q, qs, kn, ks, vn, vs, cos ? cos + b * cs : 0, sin ? sin + b * cs : 0, k, v, nh, nkv, max_len,
+                       hd, window, b, bk % nkv, slot[b], pos[b], scale, out)) {
 #pragma omp atomic write
             failed = 1;
-            continue;
         }
-        float *sc = qg + group * hd, *mx = sc + group * n;
-        for (int64_t g = 0; g < group; g++) {
-            const float *qh = q + b * qs + (kvh * group + g) * hd;
-            if (cos) rotate(qh, cb, sb, hd, qg + g * hd);
-            else memcpy(qg + g * hd, qh, sizeof(float) * (size_t)hd);
-            mx[g] = -INFINITY;
-        }
-        /* keys four at a time: four independent sums per loop (one would be a chain of
-           dependent multiply-adds, bound by their latency) */
-        for (int64_t j = 0; j < n; j += 4) {
-            const int64_t r = n - j < 4 ? n - j : 4;
-            const float *k0 = kb + (first + j) * hd, *k1 = k0 + (r > 1) * hd, *k2 = k0 + (r > 2) * 2 * hd,
-                        *k3 = k0 + (r > 3) * 3 * hd; /* past the end: repeat the first (unused) */
-            for (int64_t g = 0; g < group; g++) {
-                const float *qh = qg + g * hd;
-                float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-                for (int64_t i = 0; i < hd; i++) {
-                    d0 += qh[i] * k0[i];
-                    d1 += qh[i] * k1[i];
-                    d2 += qh[i] * k2[i];
-                    d3 += qh[i] * k3[i];
-                }
-                const float d[4] = {d0 * scale, d1 * scale, d2 * scale, d3 * scale};
-                for (int64_t t = 0; t < r; t++) {
-                    sc[g * n + j + t] = d[t];
-                    mx[g] = d[t] > mx[g] ? d[t] : mx[g];
-                }
-            }
-        }
-        for (int64_t g = 0; g < group; g++) {
-            float *sg = sc + g * n, m = mx[g], t = 0.0f;
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---- a whole decoding step through a decoder's layers, in one call ----------------------
+   What PyTorch runs as about fifteen operator calls per layer (each with its own dispatch and,
+   for the kernels above, its own ctypes call and thread fork) runs here in one parallel region
+   per step: the threads split each matrix product's outputs, and wait for each other only
+   where the next operation needs the previous one's result. */
+
+typedef struct {
+    int64_t kind; /* 0 float32 (n, k); 1 int8 with float row scales s; 2 4-bit groups, fp16 scales s
+                     and offsets o; 3 int8 with fp16 group scales s */
+    int64_t n, k;
+    const void *w, *s, *o;
+    const float *bias; /* (n,) or NULL */
+} lmf_linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm, *q_norm, *k_norm, *attn_out_norm, *mlp_out_norm; /* NULL: absent */
+    lmf_linear qkv, o, gate, up, down; /* gate.w NULL: a plain GELU MLP */
+    const float *cos, *sin; /* half-width RoPE tables (rope_len, hd / 2), or NULL */
+    int64_t rope_len, window; /* window 0: global attention */
+} lmf_layer;
+
+typedef struct {
+    int64_t n_layer, C, nh, nkv, hd, hidden, mlp; /* mlp: 0 SwiGLU, 1 GeGLU (tanh GELU), 2 GELU */
+    float eps, scale;
+    const lmf_layer *layers;
+} lmf_model;
+
+/* y (M rows, ldy apart) = x (M, L->k) @ W^T + bias, the outputs split over the calling
+   parallel region's threads (an orphaned `omp for`: it ends with a barrier) */
+static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, float *y, int64_t ldy) {
+    const int64_t N = L->n, K = L->k, G = K / GROUP;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m += MT) {
+            const int64_t mt = M - m < MT ? M - m : MT;
+            const float *xm = x + m * K;
+            float *ym = y + m * ldy + n;
+            switch (L->kind) {
+            case 1: rows_q8(xm, mt, K, (const int8_t *)L->w + n * K, 0, 0, (const float *)L->s + n, ym, ldy); break;
+            case 2:
+                rows_q4(xm, mt, K, (const uint8_t *)L->w + n * (K / 2), (const uint16_t *)L->s + n * G,
+                        (const uint16_t *)L->o + n * G, 0, ym, ldy);
+                break;
+            case 3: rows_q8(xm, mt, K, (const int8_t *)L->w + n * K, (const uint16_t *)L->s + n * G, 0, 0, ym, ldy); break;
+            default:
+                for (int64_t r = 0; r < mt; r++) {
+                    const float *wr = (const float *)L->w + n * K, *xr = xm + r * K;
+                    float t = 0.0f;
 #pragma omp simd reduction(+ : t)
-            for (int64_t j = 0; j < n; j++) {
-                sg[j] = exp_nonpositive(sg[j] - m);
-                t += sg[j];
+                    for (int64_t k = 0; k < K; k++) t += xr[k] * wr[k];
+                    ym[r * ldy] = t;
+                }
             }
-            const float inv = 1.0f / t;
-            for (int64_t j = 0; j < n; j++) sg[j] *= inv;
+            if (L->bias)
+                for (int64_t r = 0; r < mt; r++) ym[r * ldy] += L->bias[n];
         }
-        float *og = out + (b * nh + kvh * group) * hd;
-        for (int64_t i = 0; i < group * hd; i++) og[i] = 0.0f;
-        for (int64_t j = 0; j < n; j += 4) { /* values four at a time too: a quarter of the stores */
-            const int64_t r = n - j < 4 ? n - j : 4;
-            const float *v0 = vb + (first + j) * hd, *v1 = v0 + (r > 1) * hd, *v2 = v0 + (r > 2) * 2 * hd,
-                        *v3 = v0 + (r > 3) * 3 * hd;
-            for (int64_t g = 0; g < group; g++) {
-                const float *pg = sc + g * n + j;
-                const float p0 = pg[0], p1 = r > 1 ? pg[1] : 0.0f, p2 = r > 2 ? pg[2] : 0.0f, p3 = r > 3 ? pg[3] : 0.0f;
-                float *o = og + g * hd;
+    }
+}
+
+static void rms_row(const float *x, int64_t dim, const float *w, float eps, float *y) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < dim; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)dim + eps);
 #pragma omp simd
-                for (int64_t i = 0; i < hd; i++) o[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+    for (int64_t i = 0; i < dim; i++) y[i] = x[i] * inv * w[i];
+}
+
+/* x (B, C): the residual stream of B rows, one token each, updated in place through every layer.
+   Row b's sequence is in slot slot[b] of the caches k, v (n_layer, S, nkv, max_len, hd) with
+   pos[b] tokens before this one. work: scratch of B * (2 C + qkv.n + nh hd + 2 hidden) floats.
+   Returns 0, or -1 when out of memory. */
+int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *v, int64_t S, int64_t max_len,
+                      const int64_t *slot, const int64_t *pos, float *work) {
+    const int64_t C = m->C, nh = m->nh, nkv = m->nkv, hd = m->hd, F = m->hidden, h2 = hd / 2;
+    const int64_t NQ = (nh + 2 * nkv) * hd;
+    float *xn = work, *qkv = xn + B * C, *att = qkv + B * NQ, *h = att + B * nh * hd, *g = h + B * C, *u = g + B * F;
+    const int64_t layer_size = S * nkv * max_len * hd;
+    int failed = 0;
+#pragma omp parallel
+    for (int64_t l = 0; l < m->n_layer; l++) {
+        const lmf_layer *L = m->layers + l;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) rms_row(x + b * C, C, L->attn_norm, m->eps, xn + b * C);
+        linear_in_region(&L->qkv, xn, B, qkv, NQ);
+        if (L->q_norm) { /* one RMSNorm over each head of q and of k */
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < B * (nh + nkv); bh++) {
+                const int64_t b = bh / (nh + nkv), hh = bh % (nh + nkv);
+                float *t = qkv + b * NQ + hh * hd;
+                rms_row(t, hd, hh < nh ? L->q_norm : L->k_norm, m->eps, t);
             }
         }
-        if (qg != stack) free(qg);
+#pragma omp for schedule(static)
+        for (int64_t bk = 0; bk < B * nkv; bk++) {
+            const int64_t b = bk / nkv;
+            float cf[1024], sf[1024]; /* this row's full-width tables (hd <= 1024: checked by the caller) */
+            if (L->cos) {
+                const float *c = L->cos + pos[b] * h2, *sn = L->sin + pos[b] * h2;
+                for (int64_t i = 0; i < h2; i++) {
+                    cf[i] = cf[i + h2] = c[i];
+                    sf[i] = -sn[i];
+                    sf[i + h2] = sn[i];
+                }
+            }
+            /* (attend_one takes the first row and the stride: row b is NQ floats further on) */
+            if (attend_one(qkv, NQ, qkv + nh * hd, NQ, qkv + (nh + nkv) * hd, NQ, L->cos ? cf : 0, L->cos ? sf : 0,
+                           k + l * layer_size, v + l * layer_size, nh, nkv, max_len, hd, L->window, b, bk % nkv,
+                           slot[b], pos[b], m->scale, att)) {
+#pragma omp atomic write
+                failed = 1;
+            }
+        }
+        linear_in_region(&L->o, att, B, h, C);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (L->attn_out_norm) rms_row(h + b * C, C, L->attn_out_norm, m->eps, h + b * C);
+            for (int64_t i = 0; i < C; i++) x[b * C + i] += h[b * C + i];
+            rms_row(x + b * C, C, L->mlp_norm, m->eps, xn + b * C);
+        }
+        if (m->mlp == 2) {
+            linear_in_region(&L->up, xn, B, g, F);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < B * F; i++) g[i] = 0.5f * g[i] * (1.0f + erff(g[i] * 0.70710678f));
+        } else {
+            linear_in_region(&L->gate, xn, B, g, F);
+            linear_in_region(&L->up, xn, B, u, F);
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < B * F; i++) {
+                const float a = g[i];
+                const float act = m->mlp == 0 ? a / (1.0f + expf(-a))
+                                              : 0.5f * a * (1.0f + tanhf(0.7978845608f * (a + 0.044715f * a * a * a)));
+                g[i] = act * u[i];
+            }
+        }
+        linear_in_region(&L->down, g, B, h, C);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) {
+            if (L->mlp_out_norm) rms_row(h + b * C, C, L->mlp_out_norm, m->eps, h + b * C);
+            for (int64_t i = 0; i < C; i++) x[b * C + i] += h[b * C + i];
+        }
     }
     return failed ? -1 : 0;
 }

@@ -236,6 +236,25 @@ class GPT(nn.Module):
             self.lm_head.weight = self.embed.weight
         if cfg.pos == "rope":
             self.make_buffers()
+        self._plan = None  # the C decoding step's view of the weights (kernels.DecodePlan), made on first use
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.invalidate_plan())
+
+    def invalidate_plan(self) -> None:
+        """Forget the C decoding step's pointers into the weights: call after replacing modules
+        or weight tensors (quantize_model, load_state_dict and .to() do)."""
+        self._plan = None
+
+    def _apply(self, fn, recurse=True):
+        self.invalidate_plan()
+        return super()._apply(fn, recurse)
+
+    def _decode_plan(self, x: torch.Tensor):
+        """The C step for this decoding call, or None (kernels unusable, or layers it does not cover)."""
+        if self.training or (lib := kernels.usable(x)) is None:
+            return None
+        if self._plan is None:
+            self._plan = kernels.DecodePlan.build(self, lib) or False
+        return self._plan or None
 
     def _rope_thetas(self) -> dict[str, float]:
         """Buffer-name suffix -> RoPE base: one table for global layers, one for local ones."""
@@ -384,6 +403,17 @@ class GPT(nn.Module):
         extras: dict = {}
         probs = [] if output_attentions else None
         states = [] if output_hidden_states else None
+        if row_pos is not None and probs is None and states is None and (plan := self._decode_plan(x)) is not None \
+                and pos < min(plan.rope_len, cache.max_len):
+            # a decoding step through every layer in one C call (the same arithmetic as the
+            # modules below, without an interpreter between the operations)
+            x = plan.run(x.reshape(B, -1).contiguous(), cache.cache.k, cache.cache.v, cache.slot_index,
+                         row_pos.cpu()).view(B, 1, -1)
+            cache.advance(1)
+            x = self.norm(x)
+            if return_hidden:
+                return x, None
+            return self.lm_head(x), None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if states is not None:

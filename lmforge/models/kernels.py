@@ -151,7 +151,26 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_attn_decode.argtypes = [_c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _c_ptr, _i64, _c_ptr, _c_ptr] \
         + [_i64] * 6 + [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_attn_decode.restype = ctypes.c_int
+    lib.lmf_decode_layers.argtypes = [ctypes.POINTER(Model), _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _i64, _c_ptr,
+                                      _c_ptr, _c_ptr]
+    lib.lmf_decode_layers.restype = ctypes.c_int
     return lib
+
+
+class Linear(ctypes.Structure):
+    _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("w", _c_ptr), ("s", _c_ptr), ("o", _c_ptr),
+                ("bias", _c_ptr)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(n, _c_ptr) for n in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")] \
+        + [(n, Linear) for n in ("qkv", "o", "gate", "up", "down")] \
+        + [("cos", _c_ptr), ("sin", _c_ptr), ("rope_len", _i64), ("window", _i64)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(n, _i64) for n in ("n_layer", "C", "nh", "nkv", "hd", "hidden", "mlp")] \
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.POINTER(Layer))]
 
 
 def library_path(variant: str) -> Path:
@@ -306,3 +325,106 @@ def attn_decode(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                            slots.data_ptr(), pos.data_ptr(), scale, out.data_ptr()):
         raise MemoryError("attn_decode: out of memory for the attention scores")
     return out
+
+
+MLP_KINDS = {"swiglu": 0, "geglu": 1, "gelu": 2}
+
+
+class DecodePlan:
+    """A decoder's layers described for lmf_decode_layers: pointers to every weight, so a
+    decoding step runs through all layers in one C call. Holds references to the tensors it
+    points at (they cannot be freed under it); the model drops the plan when its modules or
+    weights are replaced (GPT.invalidate_plan). `build` returns None for what the C step does
+    not cover (LayerNorm, a linear that is neither float32, Int8Linear nor Int4Linear, ...)."""
+
+    def __init__(self, model_struct: Model, keep: list, work_per_row: int, rope_len: int, lib: ctypes.CDLL):
+        self.struct, self._keep, self.work_per_row, self.rope_len, self.lib = model_struct, keep, work_per_row, \
+            rope_len, lib
+
+    @classmethod
+    def build(cls, model, lib: ctypes.CDLL) -> "DecodePlan | None":
+        from lmforge.models.gpt import RMSNorm
+        from lmforge.models.quant import Int4Linear, Int8Linear
+
+        cfg = model.config
+        keep: list = []
+
+        def ptr(t: torch.Tensor | None):
+            if t is None:
+                return None
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise _Unsupported
+            keep.append(t)
+            return t.data_ptr()
+
+        def f32(t):
+            if t is not None and t.dtype != torch.float32:
+                raise _Unsupported
+            return ptr(t)
+
+        def norm(m):
+            if m is None:
+                return None
+            if not isinstance(m, RMSNorm) or m.eps != cfg.norm_eps:
+                raise _Unsupported
+            return f32(m.weight.detach())
+
+        def linear(m) -> Linear:
+            bias = getattr(m, "bias", None)
+            if isinstance(m, Int8Linear):
+                return Linear(1, m.out_features, m.in_features, ptr(m.weight), ptr(m._float_scales()), None,
+                              f32(bias.detach() if bias is not None else None))
+            if isinstance(m, Int4Linear):
+                return Linear(2, m.out_features, m.in_features, ptr(m.weight), ptr(m.scales), ptr(m.offsets), None)
+            if type(m) is torch.nn.Linear:
+                return Linear(0, m.out_features, m.in_features, f32(m.weight.detach()), None, None,
+                              f32(bias.detach() if bias is not None else None))
+            raise _Unsupported
+
+        if cfg.norm != "rmsnorm" or cfg.mlp not in MLP_KINDS or cfg.head_dim > 1024:
+            return None
+        try:
+            layers = (Layer * cfg.n_layer)()
+            rope_len = 1 << 62
+            for i, blk in enumerate(model.blocks):
+                a, mlp = blk.attn, blk.mlp
+                L = layers[i]
+                L.attn_norm, L.mlp_norm = norm(blk.attn_norm), norm(blk.mlp_norm)
+                if a.qk_norm:
+                    L.q_norm, L.k_norm = norm(a.q_norm), norm(a.k_norm)
+                if blk.post_norms:
+                    L.attn_out_norm, L.mlp_out_norm = norm(blk.attn_out_norm), norm(blk.mlp_out_norm)
+                L.qkv, L.o, L.up, L.down = linear(a.qkv_proj), linear(a.o_proj), linear(mlp.up_proj), linear(mlp.down_proj)
+                if cfg.mlp != "gelu":
+                    L.gate = linear(mlp.gate_proj)
+                if cfg.pos == "rope":
+                    suffix = "_local" if blk.local and model._local_rope else ""
+                    cos, sin = getattr(model, f"rope_cos{suffix}"), getattr(model, f"rope_sin{suffix}")
+                    L.cos, L.sin = f32(cos), f32(sin)
+                    rope_len = min(rope_len, cos.size(0))
+                L.window = cfg.sliding_window if blk.local else 0
+        except _Unsupported:
+            return None
+        keep.append(layers)
+        m = Model(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, MLP_KINDS[cfg.mlp],
+                  cfg.norm_eps, cfg.head_dim ** -0.5, layers)
+        work = 2 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim \
+            + 2 * cfg.mlp_hidden
+        return cls(m, keep, work, rope_len if cfg.pos == "rope" else 1 << 62, lib)
+
+    def run(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
+            pos: torch.Tensor) -> torch.Tensor:
+        """x (B, C) float32 residual stream, updated in place through every layer and returned;
+        cache_k/v (n_layer, S, nkv, max_len, hd); slots, pos: (B,) int64 (checked by the caller:
+        slots < S, pos < max_len and pos < rope_len)."""
+        B = x.size(0)
+        work = torch.empty(B * self.work_per_row, dtype=torch.float32)
+        if self.lib.lmf_decode_layers(ctypes.byref(self.struct), B, x.data_ptr(), cache_k.data_ptr(),
+                                      cache_v.data_ptr(), cache_k.size(1), cache_k.size(3), slots.data_ptr(),
+                                      pos.data_ptr(), work.data_ptr()):
+            raise MemoryError("decode step: out of memory for the attention scores")
+        return x
+
+
+class _Unsupported(Exception):
+    pass

@@ -327,6 +327,8 @@ def quantize_model(model: nn.Module, scheme: str = "int8") -> nn.Module:
         model.embed = Int8Table.from_float(model.embed.weight)
         model.lm_head = TiedHead(model.embed)
     _quantize_linears(model, scheme)
+    if hasattr(model, "invalidate_plan"):
+        model.invalidate_plan()
     return model
 
 
@@ -370,3 +372,5 @@ def build_quantized_skeleton(model_cls, cfg, layout: dict[str, str]) -> nn.Modul
 def retie(model: nn.Module) -> None:
     if _is_gpt(model) and isinstance(model.embed, Int8Table):
         model.lm_head = TiedHead(model.embed)
+    if hasattr(model, "invalidate_plan"):
+        model.invalidate_plan()
