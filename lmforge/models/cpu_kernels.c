@@ -108,76 +108,110 @@ LMF_TILE(tile_q4, {
     w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o);
 })
 #elif LMF_ISA == 1
-#define LMF_TILE(NAME, ...)                                                                                      \
-    static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const void *wv,          \
-                                                           const uint16_t *gs, const uint16_t *go,              \
-                                                           const float *rs, float *y, int64_t ldy, const int mt) { \
+/* AVX2 without AVX-512 has half the float throughput, and decoding through float products is
+   then bound by arithmetic, not memory. So the activations are rounded to int8 in groups of 32
+   (one float scale per group, as llama.cpp's Q8_0 activations), and each group's product is
+   an integer dot product: maddubs (u8 x s8 pairs to int16) and madd (pairs to int32), then one
+   float multiply-add with the two scales. Half the instructions of the float path per weight. */
+#define LMF_ITILE(NAME, ...)                                                                                     \
+    static inline __attribute__((always_inline)) void NAME(const int8_t *qx, const float *dx, const float *sx,  \
+                                                           int64_t K, const void *wv, const uint16_t *gs,       \
+                                                           const uint16_t *go, const float *rs, float *y,       \
+                                                           int64_t ldy, const int mt) {                         \
         __m256 acc[MT];                                                                                          \
-        for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps();                                              \
+        float off[MT];                                                                                           \
+        const __m256i ones = _mm256_set1_epi16(1);                                                              \
+        for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps(), off[m] = 0.0f;                               \
         const int64_t G = K / GROUP;                                                                             \
         for (int64_t g = 0; g < G; g++) {                                                                        \
-            __m256 w0, w1, w2, w3;                                                                               \
             __VA_ARGS__                                                                                          \
-            for (int m = 0; m < mt; m++) {                                                                       \
-                const float *xm = x + m * K + g * GROUP;                                                         \
-                acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m]);                                       \
-                acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m]);                                   \
-                acc[m] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), acc[m]);                                  \
-                acc[m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), acc[m]);                                  \
-            }                                                                                                    \
         }                                                                                                        \
-        for (int m = 0; m < mt; m++) y[m * ldy] = hsum256(acc[m]) * (rs ? *rs : 1.0f);                         \
+        for (int m = 0; m < mt; m++) y[m * ldy] = (hsum256(acc[m]) + off[m]) * (rs ? *rs : 1.0f);               \
     }
-LMF_TILE(tile_q8, {
-    const int8_t *w = (const int8_t *)wv + g * GROUP;
-    const __m256i a = _mm256_loadu_si256((const __m256i *)w);
-    const __m128i a0 = _mm256_castsi256_si128(a), a1 = _mm256_extracti128_si256(a, 1);
-    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a0));
-    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a0, 8)));
-    w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a1));
-    w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a1, 8)));
-    if (gs) {
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(gs[g]));
-        w0 = _mm256_mul_ps(w0, s), w1 = _mm256_mul_ps(w1, s), w2 = _mm256_mul_ps(w2, s), w3 = _mm256_mul_ps(w3, s);
+LMF_ITILE(tile_q8, {
+    (void)go; (void)sx;
+    const __m256i w = _mm256_loadu_si256((const __m256i *)((const int8_t *)wv + g * GROUP));
+    const __m256i aw = _mm256_sign_epi8(w, w); /* |w|: maddubs wants one unsigned side */
+    const float dw = gs ? _cvtsh_ss(gs[g]) : 1.0f;
+    for (int m = 0; m < mt; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + m * K + g * GROUP));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, w)), ones);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[m * G + g]), acc[m]);
     }
 })
-LMF_TILE(tile_q4, {
+LMF_ITILE(tile_q4, {
     const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16));
-    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-    const __m256 s = _mm256_set1_ps(_cvtsh_ss(gs[g])), o = _mm256_set1_ps(_cvtsh_ss(go[g]));
-    w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, o);
-    w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, o);
-    w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, o);
-    w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, o);
+    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+    const float dw = _cvtsh_ss(gs[g]), ow = _cvtsh_ss(go[g]);
+    for (int m = 0; m < mt; m++) {
+        const __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + m * K + g * GROUP));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones); /* q4 is unsigned already */
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[m * G + g]), acc[m]);
+        off[m] += ow * sx[m * G + g]; /* the offset times the group's sum of x */
+    }
 })
 #endif
 
+/* x (M, K) rounded to int8 in groups of 32: q (M, K), scale d and d * sum(q) s per group (M, K / 32) */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, float *s) {
+    const int64_t G = K / GROUP;
+    for (int64_t r = 0; r < M * G; r++) {
+        const float *xg = x + r * GROUP;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int k = 0; k < GROUP; k++) amax = fabsf(xg[k]) > amax ? fabsf(xg[k]) : amax;
+        const float dg = amax / 127.0f, inv = dg > 0.0f ? 1.0f / dg : 0.0f;
+        int sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int k = 0; k < GROUP; k++) {
+            const int v = (int)nearbyintf(xg[k] * inv);
+            q[r * GROUP + k] = (int8_t)v;
+            sum += v;
+        }
+        d[r] = dg;
+        s[r] = dg * (float)sum;
+    }
+}
+
+/* Activations as the tiles want them: float rows, and for the integer build the same rows
+   rounded to int8 groups (see quantize_rows); pointers already at the tile's first row */
+typedef struct {
+    const float *x;
+    const int8_t *q;
+    const float *d, *s;
+} lmf_rows;
+
+#if LMF_ISA == 1
+#define TILE_ARGS(m_) a.q, a.d, a.s, K, w, gs, go, rs, y, ldy, m_
+#elif LMF_ISA == 2
+#define TILE_ARGS(m_) a.x, K, w, gs, go, rs, y, ldy, m_
+#endif
 #if LMF_ISA > 0
 #define LMF_ROWS(NAME, TILE)                                                                                     \
-    static void NAME(const float *x, int64_t mt, int64_t K, const void *w, const uint16_t *gs, const uint16_t *go, \
+    static void NAME(lmf_rows a, int64_t mt, int64_t K, const void *w, const uint16_t *gs, const uint16_t *go,  \
                      const float *rs, float *y, int64_t ldy) {                                                   \
         switch (mt) {                                                                                            \
-        case 1: TILE(x, K, w, gs, go, rs, y, ldy, 1); break;                                                     \
-        case 2: TILE(x, K, w, gs, go, rs, y, ldy, 2); break;                                                     \
-        case 3: TILE(x, K, w, gs, go, rs, y, ldy, 3); break;                                                     \
-        case 4: TILE(x, K, w, gs, go, rs, y, ldy, 4); break;                                                     \
-        case 5: TILE(x, K, w, gs, go, rs, y, ldy, 5); break;                                                     \
-        case 6: TILE(x, K, w, gs, go, rs, y, ldy, 6); break;                                                     \
-        case 7: TILE(x, K, w, gs, go, rs, y, ldy, 7); break;                                                     \
-        default: TILE(x, K, w, gs, go, rs, y, ldy, 8); break;                                                    \
+        case 1: TILE(TILE_ARGS(1)); break;                                                                       \
+        case 2: TILE(TILE_ARGS(2)); break;                                                                       \
+        case 3: TILE(TILE_ARGS(3)); break;                                                                       \
+        case 4: TILE(TILE_ARGS(4)); break;                                                                       \
+        case 5: TILE(TILE_ARGS(5)); break;                                                                       \
+        case 6: TILE(TILE_ARGS(6)); break;                                                                       \
+        case 7: TILE(TILE_ARGS(7)); break;                                                                       \
+        default: TILE(TILE_ARGS(8)); break;                                                                      \
         }                                                                                                        \
     }
 LMF_ROWS(rows_q8, tile_q8)
 LMF_ROWS(rows_q4, tile_q4)
 #else
 /* plain C: each group's 32 products summed as a vector (omp simd), then scaled */
-static void rows_q8(const float *x, int64_t mt, int64_t K, const void *wv, const uint16_t *gs, const uint16_t *go,
+static void rows_q8(lmf_rows a, int64_t mt, int64_t K, const void *wv, const uint16_t *gs, const uint16_t *go,
                     const float *rs, float *y, int64_t ldy) {
     (void)go;
     const int8_t *w = (const int8_t *)wv;
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < mt; m++) {
-        const float *xm = x + m * K;
+        const float *xm = a.x + m * K;
         float acc = 0.0f;
         for (int64_t g = 0; g < G; g++) {
             float t = 0.0f;
@@ -189,12 +223,12 @@ static void rows_q8(const float *x, int64_t mt, int64_t K, const void *wv, const
     }
 }
 
-static void rows_q4(const float *x, int64_t mt, int64_t K, const void *wv, const uint16_t *gs, const uint16_t *go,
+static void rows_q4(lmf_rows a, int64_t mt, int64_t K, const void *wv, const uint16_t *gs, const uint16_t *go,
                     const float *rs, float *y, int64_t ldy) {
     const uint8_t *w = (const uint8_t *)wv;
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < mt; m++) {
-        const float *xm = x + m * K;
+        const float *xm = a.x + m * K;
         float acc = 0.0f;
         for (int64_t g = 0; g < G; g++) {
             const uint8_t *b = w + g * 16;
@@ -212,19 +246,47 @@ static void rows_q4(const float *x, int64_t mt, int64_t K, const void *wv, const
 }
 #endif
 
+/* whether this build multiplies int8-rounded activations (the caller then quantizes x first) */
+#define LMF_INT_ACT (LMF_ISA == 1)
+
+static inline lmf_rows rows_at(const float *x, const int8_t *q, const float *d, const float *s, int64_t m,
+                               int64_t K) {
+    lmf_rows r = {x + m * K, q ? q + m * K : 0, d ? d + m * (K / GROUP) : 0, s ? s + m * (K / GROUP) : 0};
+    return r;
+}
+
+/* quantized copies of x for a standalone matmul call (NULL pointers when the build needs none);
+   returns 0, or -1 when out of memory */
+static int quantized_copy(const float *x, int64_t M, int64_t K, int8_t **q, float **d, float **s) {
+    *q = 0, *d = 0, *s = 0;
+    if (!LMF_INT_ACT) return 0;
+    const int64_t G = K / GROUP;
+    char *buf = (char *)malloc((size_t)(M * K + 2 * M * G * (int64_t)sizeof(float)));
+    if (!buf) return -1;
+    *d = (float *)buf, *s = *d + M * G, *q = (int8_t *)(*s + M * G);
+    quantize_rows(x, M, K, *q, *d, *s);
+    return 0;
+}
+
 /* x: (M, K) float32; w: (N, K) int8; gs: (N, K / 32) fp16 bits or NULL; rs: (N,) float32 or NULL;
-   y: (M, N) float32. K must be a multiple of 32. Returns 0, or -1 for a K it cannot take. */
+   y: (M, N) float32. K must be a multiple of 32. Returns 0, -1 for a K it cannot take, -2 when
+   out of memory. */
 int lmf_q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *gs, const float *rs,
                   int64_t N, float *y) {
     if (K % GROUP) return -1;
     const int64_t G = K / GROUP;
+    int8_t *q;
+    float *d, *s;
+    if (quantized_copy(x, M, K, &q, &d, &s)) return -2;
 #pragma omp parallel for schedule(static) if (N * K >= 65536)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += MT) {
             int64_t mt = M - m < MT ? M - m : MT;
-            rows_q8(x + m * K, mt, K, w + n * K, gs ? gs + n * G : 0, 0, rs ? rs + n : 0, y + m * N + n, N);
+            rows_q8(rows_at(x, q, d, s, m, K), mt, K, w + n * K, gs ? gs + n * G : 0, 0, rs ? rs + n : 0,
+                    y + m * N + n, N);
         }
     }
+    free(d);
     return 0;
 }
 
@@ -235,13 +297,17 @@ int lmf_q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, const 
                   int64_t N, float *y) {
     if (K % GROUP) return -1;
     const int64_t G = K / GROUP;
+    int8_t *q;
+    float *d, *s;
+    if (quantized_copy(x, M, K, &q, &d, &s)) return -2;
 #pragma omp parallel for schedule(static) if (N * K >= 65536)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += MT) {
             int64_t mt = M - m < MT ? M - m : MT;
-            rows_q4(x + m * K, mt, K, w + n * (K / 2), gs + n * G, go + n * G, 0, y + m * N + n, N);
+            rows_q4(rows_at(x, q, d, s, m, K), mt, K, w + n * (K / 2), gs + n * G, go + n * G, 0, y + m * N + n, N);
         }
     }
+    free(d);
     return 0;
 }
 
@@ -429,22 +495,31 @@ typedef struct {
 } lmf_model;
 
 /* y (M rows, ldy apart) = x (M, L->k) @ W^T + bias, the outputs split over the calling
-   parallel region's threads (an orphaned `omp for`: it ends with a barrier) */
-static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, float *y, int64_t ldy) {
+   parallel region's threads (orphaned `omp for`s: each ends with a barrier). qbuf: room for the
+   int8 copy of x when the build multiplies int8 activations. */
+static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, float *y, int64_t ldy, char *qbuf) {
     const int64_t N = L->n, K = L->k, G = K / GROUP;
+    int8_t *q = 0;
+    float *d = 0, *s = 0;
+    if (LMF_INT_ACT && L->kind != 0) {
+        d = (float *)qbuf, s = d + M * G, q = (int8_t *)(s + M * G);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) quantize_rows(x + m * K, 1, K, q + m * K, d + m * G, s + m * G);
+    }
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m += MT) {
             const int64_t mt = M - m < MT ? M - m : MT;
+            const lmf_rows a = rows_at(x, q, d, s, m, K);
             const float *xm = x + m * K;
             float *ym = y + m * ldy + n;
             switch (L->kind) {
-            case 1: rows_q8(xm, mt, K, (const int8_t *)L->w + n * K, 0, 0, (const float *)L->s + n, ym, ldy); break;
+            case 1: rows_q8(a, mt, K, (const int8_t *)L->w + n * K, 0, 0, (const float *)L->s + n, ym, ldy); break;
             case 2:
-                rows_q4(xm, mt, K, (const uint8_t *)L->w + n * (K / 2), (const uint16_t *)L->s + n * G,
+                rows_q4(a, mt, K, (const uint8_t *)L->w + n * (K / 2), (const uint16_t *)L->s + n * G,
                         (const uint16_t *)L->o + n * G, 0, ym, ldy);
                 break;
-            case 3: rows_q8(xm, mt, K, (const int8_t *)L->w + n * K, (const uint16_t *)L->s + n * G, 0, 0, ym, ldy); break;
+            case 3: rows_q8(a, mt, K, (const int8_t *)L->w + n * K, (const uint16_t *)L->s + n * G, 0, 0, ym, ldy); break;
             default:
                 for (int64_t r = 0; r < mt; r++) {
                     const float *wr = (const float *)L->w + n * K, *xr = xm + r * K;
@@ -471,13 +546,15 @@ static void rms_row(const float *x, int64_t dim, const float *w, float eps, floa
 
 /* x (B, C): the residual stream of B rows, one token each, updated in place through every layer.
    Row b's sequence is in slot slot[b] of the caches k, v (n_layer, S, nkv, max_len, hd) with
-   pos[b] tokens before this one. work: scratch of B * (2 C + qkv.n + nh hd + 2 hidden) floats.
+   pos[b] tokens before this one. work: scratch of B * (2 C + qkv.n + nh hd + 2 hidden + kmax) floats,
+   kmax the widest input of any linear (room for its int8 copy).
    Returns 0, or -1 when out of memory. */
 int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *v, int64_t S, int64_t max_len,
                       const int64_t *slot, const int64_t *pos, float *work) {
     const int64_t C = m->C, nh = m->nh, nkv = m->nkv, hd = m->hd, F = m->hidden, h2 = hd / 2;
     const int64_t NQ = (nh + 2 * nkv) * hd;
     float *xn = work, *qkv = xn + B * C, *att = qkv + B * NQ, *h = att + B * nh * hd, *g = h + B * C, *u = g + B * F;
+    char *qbuf = (char *)(u + B * F);
     const int64_t layer_size = S * nkv * max_len * hd;
     int failed = 0;
 #pragma omp parallel
@@ -485,7 +562,7 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
         const lmf_layer *L = m->layers + l;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) rms_row(x + b * C, C, L->attn_norm, m->eps, xn + b * C);
-        linear_in_region(&L->qkv, xn, B, qkv, NQ);
+        linear_in_region(&L->qkv, xn, B, qkv, NQ, qbuf);
         if (L->q_norm) { /* one RMSNorm over each head of q and of k */
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * (nh + nkv); bh++) {
@@ -514,7 +591,7 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
                 failed = 1;
             }
         }
-        linear_in_region(&L->o, att, B, h, C);
+        linear_in_region(&L->o, att, B, h, C, qbuf);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             if (L->attn_out_norm) rms_row(h + b * C, C, L->attn_out_norm, m->eps, h + b * C);
@@ -522,12 +599,12 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
             rms_row(x + b * C, C, L->mlp_norm, m->eps, xn + b * C);
         }
         if (m->mlp == 2) {
-            linear_in_region(&L->up, xn, B, g, F);
+            linear_in_region(&L->up, xn, B, g, F, qbuf);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * F; i++) g[i] = 0.5f * g[i] * (1.0f + erff(g[i] * 0.70710678f));
         } else {
-            linear_in_region(&L->gate, xn, B, g, F);
-            linear_in_region(&L->up, xn, B, u, F);
+            linear_in_region(&L->gate, xn, B, g, F, qbuf);
+            linear_in_region(&L->up, xn, B, u, F, qbuf);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * F; i++) {
                 const float a = g[i];
@@ -536,7 +613,7 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
                 g[i] = act * u[i];
             }
         }
-        linear_in_region(&L->down, g, B, h, C);
+        linear_in_region(&L->down, g, B, h, C, qbuf);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             if (L->mlp_out_norm) rms_row(h + b * C, C, L->mlp_out_norm, m->eps, h + b * C);

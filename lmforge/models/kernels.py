@@ -244,7 +244,10 @@ def q8_matmul(x: torch.Tensor, w: torch.Tensor, group_scales: torch.Tensor | Non
     y = torch.empty(M, N, dtype=torch.float32, device="cpu")
     gs = group_scales.data_ptr() if group_scales is not None else None
     rs = row_scales.data_ptr() if row_scales is not None else None
-    if lib.lmf_q8_matmul(x.data_ptr(), M, K, w.data_ptr(), gs, rs, N, y.data_ptr()):
+    err = lib.lmf_q8_matmul(x.data_ptr(), M, K, w.data_ptr(), gs, rs, N, y.data_ptr())
+    if err == -2:
+        raise MemoryError("q8_matmul: out of memory for the rounded activations")
+    if err:
         raise ValueError(f"q8_matmul needs K divisible by 32, got {K}")
     return y
 
@@ -263,7 +266,8 @@ def q4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: t
             raise ValueError(f"q4_matmul needs contiguous float16 CPU scales and offsets of shape ({N}, {K // 32})")
     x = x.to(device="cpu", dtype=torch.float32).contiguous()
     y = torch.empty(M, N, dtype=torch.float32, device="cpu")
-    lib.lmf_q4_matmul(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, y.data_ptr())
+    if lib.lmf_q4_matmul(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, y.data_ptr()):
+        raise MemoryError("q4_matmul: out of memory for the rounded activations")
     return y
 
 
@@ -409,7 +413,7 @@ class DecodePlan:
         m = Model(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, MLP_KINDS[cfg.mlp],
                   cfg.norm_eps, cfg.head_dim ** -0.5, layers)
         work = 2 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim \
-            + 2 * cfg.mlp_hidden
+            + 2 * cfg.mlp_hidden + max(cfg.n_embd, cfg.mlp_hidden, cfg.n_head * cfg.head_dim)
         return cls(m, keep, work, rope_len if cfg.pos == "rope" else 1 << 62, lib)
 
     def run(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
