@@ -325,3 +325,45 @@ def test_bad_requests_are_refused():
                {"prompt": [1], "stop_strings": ["x"]}, {"prompt": [1], "top_logprobs": -1}):
         with pytest.raises(LMForgeError):
             Request(**kw)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "generic"])
+def test_the_one_call_decoding_step_equals_the_modules(variant, scheme, monkeypatch):
+    """lmf_decode_layers (every layer in one C call) against the same layers run module by
+    module, in each kernel build this CPU runs, over rows at their own positions and slots;
+    and the engine's tokens with it equal the engine's tokens without it."""
+    from lmforge.engine import KVCache
+    from lmforge.models import kernels
+    from lmforge.models.quant import quantize_model
+
+    if not kernels.runnable(variant):
+        pytest.skip(f"this CPU cannot run the {variant} build")
+    monkeypatch.setenv("LMFORGE_KERNELS", variant)
+    assert kernels.library() is not None, "the kernels must build where a compiler exists"
+    model = tiny_gpt(sliding_window=6, qk_norm=True, post_norms=True, mlp_hidden=96)
+    quantize_model(model, scheme)
+    seqs = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 3, 14)]
+
+    def step(fused: bool):
+        cache = KVCache(model.config, 5, 20, "cpu")
+        with torch.no_grad():
+            for s, seq in zip((4, 0, 2), seqs):
+                model(seq[None, :-1], cache=cache.view([s]))
+            model.invalidate_plan()
+            if not fused:
+                model._plan = False  # (what an unsupported model gets: the module path)
+            out = model(torch.stack([q[-1:] for q in seqs]), cache=cache.view([4, 0, 2]))[0]
+        model.invalidate_plan()
+        return out, cache
+
+    (a, ca), (b, cb) = step(True), step(False)
+    torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(ca.k, cb.k, atol=1e-5, rtol=1e-5)  # the same keys written to the same slots
+    assert model._decode_plan(torch.zeros(1, dtype=torch.float32)) is not None  # it did take the C step
+    prompts = [q.tolist() for q in seqs]
+    with_plan = [solo(model, p, 10) for p in prompts]
+    model._plan = False
+    without = [solo(model, p, 10) for p in prompts]
+    model.invalidate_plan()
+    assert with_plan == without
