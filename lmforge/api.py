@@ -20,7 +20,7 @@ from lmforge.engine import Engine, Event, Request, SamplingParams
 from lmforge.engine.sampling import ban_tokens
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import LMTokenizer, StreamDecoder
-from lmforge.train.evaluate import EvalResult, evaluate_windows
+from lmforge.engine.score import EvalResult, evaluate_windows
 from lmforge.weights.checkpoint import Checkpoint, load_model, read_checkpoint
 
 
@@ -300,6 +300,31 @@ class LM:
                                 batch_size, self.device, progress=progress)
 
 
+class Conversation:
+    """A chat kept turn by turn: `reply(text)` streams the assistant's answer and remembers both
+    turns; the oldest turns are dropped (never the system prompt) when the conversation
+    outgrows the context."""
+
+    def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int = 512, **sampling: Any):
+        if not lm.tokenizer.chat_template:
+            raise LMForgeError("this model has no chat template (a base model); use: lmforge generate MODEL \"...\"")
+        self.lm, self.system, self.max_new_tokens, self.sampling = lm, system, max_new_tokens, sampling
+        self.history: list[dict] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def reply(self, text: str) -> Iterator[str]:
+        self.history.append({"role": "user", "content": text})
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        messages = self.lm.fit_history(head + self.history, self.max_new_tokens)
+        pieces = []
+        for piece in self.lm.chat(messages, max_new_tokens=self.max_new_tokens, **self.sampling):
+            pieces.append(piece)
+            yield piece
+        self.history.append({"role": "assistant", "content": "".join(pieces)})
+
+
 def _texts(events: Iterator[Event]) -> Iterator[str]:
     for ev in events:
         if ev.text:
@@ -315,13 +340,41 @@ def _read_manifest(path: Path) -> dict:
         raise LMForgeError(f"{path / 'manifest.json'} is corrupt; pull the model again") from None
 
 
-def train(out: str | Path, *, model: str = "gpt", tokenizer: str = "char", data: list[str] | None = None,
+def run_dir(out: str | Path | None, model: str, tokenizer: str, resume: bool = False) -> Path:
+    """The run folder: `out`, or runs/MODEL-TOKENIZER-TIMESTAMP for a new single-process run."""
+    import os
+    import time
+
+    if out is not None:
+        return Path(out)
+    if resume:
+        raise LMForgeError("--resume needs --out: the run folder to continue")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LMForgeError("pass --out when training with torchrun, so every process uses the same folder")
+    return Path("runs") / f"{model}-{tokenizer}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def sample(checkpoint: str | Path, prompt: str = "The ", max_new_tokens: int = 300, device: str = "auto",
+           temperature: float = 0.8, seed: int = 0) -> tuple[str, Iterator[str]]:
+    """A sample from a trained model: (the prompt used -- empty when the tokenizer cannot
+    encode the one given --, the streamed continuation)."""
+    lm = LM.load(checkpoint, device=device)
+    try:
+        lm.encode_prompt(prompt)
+    except LMForgeError:
+        prompt = ""
+    return prompt, lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+
+def train(out: str | Path | None, *, model: str = "gpt", tokenizer: str = "char", data: list[str] | None = None,
           preset: str = "small", vocab_size: int = 2048, resume: bool = False, device: str = "auto",
           show_progress: bool = True, log=print, stop_after: int | None = None,
           model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None):
-    """Train (or resume) a language model; returns a TrainResult. Overrides win over the preset."""
+    """Train (or resume) a language model; returns a TrainResult. Overrides win over the preset.
+    out None: a new folder under runs/ (see run_dir)."""
     from lmforge.train.loop import Trainer
 
+    out = run_dir(out, model, tokenizer, resume)
     t_over = {k: v for k, v in (train_overrides or {}).items() if v is not None}
     if resume:  # the run's saved configuration, with only the explicit overrides applied
         changed = sorted(k for k, v in (model_overrides or {}).items() if v is not None)

@@ -162,6 +162,20 @@ def atomic_dir(final: Path):
         raise
 
 
+def read_lines(path: Path, skip_blank: bool = False) -> list[str]:
+    """The lines of a UTF-8 text file; a missing file or another encoding is a clear error."""
+    from lmforge.errors import LMForgeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LMForgeError(f"no such file: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise LMForgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [ln for ln in lines if ln.strip()] if skip_blank else lines
+
+
 def human_count(n: int) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= div:

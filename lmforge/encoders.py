@@ -210,3 +210,34 @@ def _resolve(spec: str | Path) -> Path:
         if spec in store.REGISTRY:
             raise LMForgeError(f"model {spec!r} is not in the local store yet; run: lmforge pull {spec}")
     raise LMForgeError(f"{spec!r} is neither an encoder folder nor a pulled encoder's name")
+
+
+def embed_file(spec: str | Path, input: str | Path, out: str | Path, batch_size: int = 32, quantize: str = "none",
+               normalize: bool | None = None, device: str = "auto",
+               progress: Callable[[int, int], None] | None = None) -> tuple[tuple[int, int], float]:
+    """Embed every line of a UTF-8 text file into a .npy file (float32, one row per line),
+    written whole or not at all. Returns (shape, seconds). progress(done, total) per batch."""
+    import io
+    import time
+
+    from lmforge.common import atomic_write_bytes, read_lines
+
+    lines = read_lines(Path(input))
+    if not lines:
+        raise LMForgeError(f"{input} has no lines to embed")
+    if Path(out).suffix != ".npy":
+        raise LMForgeError(f"--out must end in .npy, got {out}")
+    enc = Encoder.load(spec, device=device, quantize=quantize)
+    t0 = time.perf_counter()
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], len(lines))
+
+    vecs = enc.embed(lines, batch_size=batch_size, normalize=normalize, progress=advance)
+    buf = io.BytesIO()
+    np.save(buf, vecs)
+    atomic_write_bytes(Path(out), buf.getvalue())
+    return vecs.shape, time.perf_counter() - t0

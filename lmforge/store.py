@@ -118,6 +118,27 @@ def sha256_file(path: Path, progress=None) -> str:
     return h.hexdigest()
 
 
+def is_encoder(model: StoredModel) -> bool:
+    """A sentence encoder (embeddings), not a language model."""
+    from lmforge.weights.hf_encoder import is_encoder_dir
+
+    return is_encoder_dir(model.path)
+
+
+def overview() -> list[dict]:
+    """Every known model and every pulled one: name, pulled, bytes, license, about."""
+    stored = {m.name: m for m in list_models()}
+    rows = []
+    for name, src in REGISTRY.items():
+        m = stored.pop(name, None)
+        rows.append({"name": name, "pulled": m is not None, "bytes": m.manifest["bytes"] if m else 0,
+                     "license": src.license, "about": src.notes})
+    for name, m in stored.items():
+        rows.append({"name": name, "pulled": True, "bytes": m.manifest.get("bytes", 0),
+                     "license": m.manifest.get("license", "?"), "about": ""})
+    return rows
+
+
 def list_models() -> list[StoredModel]:
     out = []
     root = models_dir()

@@ -62,13 +62,27 @@ def metrics(ranked: list[str], relevant: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def _resolve_models(encoder, lm):
+    if isinstance(encoder, str):
+        from lmforge.encoders import Encoder
+
+        encoder = None if encoder == "none" else Encoder.load(encoder)
+    if isinstance(lm, str):
+        from lmforge.api import LM
+
+        lm = None if lm == "none" else LM.load(lm)
+    return encoder, lm
+
+
 def evaluate_beir(folder: Path, split: str = "test", encoder=None, modes: tuple[str, ...] = ("bm25", "dense", "hybrid"),
                   max_queries: int | None = None, log: Callable[[str], None] = print, rerank: str = "none",
                   lm=None, candidates: int = 20, large_paths: bool = False) -> dict[str, dict[str, float]]:
     """Index the corpus into a temporary collection and score each search mode; with a
     reranker, also "hybrid+RERANKER": the hybrid top `candidates` reordered. large_paths: also
     score each mode again on the paths large collections take (in-memory BM25, HNSW), whatever
-    this collection's size, to show they lose nothing."""
+    this collection's size, to show they lose nothing. encoder / lm: objects, or a model's
+    name ("none": without)."""
+    encoder, lm = _resolve_models(encoder, lm)
     corpus, queries, qrels = load_beir(folder, split)
     qids = sorted(qrels)[:max_queries] if max_queries else sorted(qrels)
     if encoder is None:
@@ -194,7 +208,9 @@ def evaluate_squad(path: Path, lm=None, encoder=None, k: int = 3, mode: str = "h
                    on_answer: Callable[[str, str, list[str]], None] | None = None) -> dict[str, float]:
     """Index the contexts into a temporary collection (default chunking) and report retrieval
     hit rates (is the question's own context among the top 1 / k?) over every question, then
-    exact match, F1 and contains-the-answer of `ask` over the first max_answers questions."""
+    exact match, F1 and contains-the-answer of `ask` over the first max_answers questions.
+    lm / encoder: objects, or a model's name ("none": without)."""
+    encoder, lm = _resolve_models(encoder, lm)
     from lmforge.rag.ask import SHORT, ask
 
     contexts, qas = load_squad(path)

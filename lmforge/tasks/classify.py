@@ -1,0 +1,71 @@
+"""Text classification as one call each: fine-tune a head on labelled rows, label texts with a
+fine-tuned (or zero-shot) classifier, score a labelled file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+
+def make_config(**options):
+    """The fine-tuning settings (train.classify.ClassifyConfig)."""
+    from lmforge.train.classify import ClassifyConfig
+
+    return ClassifyConfig(**options)
+
+
+def finetune(model: str, train: Path, out: Path, cfg, text_col: str = "text", label_col: str = "label",
+             val: Path | None = None, resume: bool = False, pooling: str | None = None, device: str = "auto",
+             log=print) -> dict:
+    """Fine-tune a classifier on `model` (an encoder or an lmforge run); returns the report."""
+    from lmforge.encoders import load_backbone
+    from lmforge.train.classify import finetune as run
+
+    enc = load_backbone(model, device=device, pooling=pooling)
+    return run(enc, train, text_col, label_col, out, cfg, val_path=val, resume=resume, log=log)
+
+
+def load(model: str | Path, zero_shot: str | None = None, device: str = "auto"):
+    """A folder made by `finetune`, or with zero_shot ("pos=...,neg=..." or "pos,neg") an
+    encoder whose closest label description wins."""
+    if zero_shot is not None:
+        from lmforge.encoders import ZeroShotClassifier
+
+        return ZeroShotClassifier.from_spec(str(model), zero_shot, device)
+    from lmforge.train.classify import TextClassifier
+
+    return TextClassifier.load(Path(model), device=device)
+
+
+@dataclass
+class Labelled:
+    texts: list[str]
+    predictions: list[dict]
+    """Per text: {"label": ..., "probs": {label: probability}}."""
+
+
+def label(model: str | Path, texts: list[str] | None = None, input: Path | None = None, zero_shot: str | None = None,
+          device: str = "auto") -> Labelled:
+    """Label the given texts, or every non-blank line of `input`."""
+    from lmforge.common import read_lines
+
+    if (texts is None) == (input is None):
+        raise LMForgeError("give texts or an input file, not both")
+    texts = read_lines(input, skip_blank=True) if input is not None else list(texts)
+    if not texts or not all(t.strip() for t in texts):
+        raise LMForgeError("nothing to classify: the text is empty")
+    clf = load(model, zero_shot, device)
+    return Labelled(texts, clf.predict(texts))
+
+
+def evaluate(model: str | Path, path: Path, text_col: str = "text", label_col: str = "label",
+             zero_shot: str | None = None, device: str = "auto"):
+    """Accuracy, macro-F1 and the per-class table over a labelled .csv/.tsv/.jsonl file:
+    (scores, labels, rows)."""
+    from lmforge.train.classify import read_rows
+
+    texts, labels = read_rows(path, text_col, label_col)
+    clf = load(model, zero_shot, device)
+    return clf.evaluate(texts, labels), clf.labels, len(texts)

@@ -1,0 +1,54 @@
+"""The import rules of the architecture, checked on the source: the CLI is a thin layer over the
+Python API, inference never loads training code, models never import the tokenizer, the engine
+or the trainer, and the engine never imports a tokenizer."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "lmforge"
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # `from lmforge.rag import manage` names lmforge.rag.manage (a module or a name in one)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if m.startswith("lmforge")}
+
+
+CLI_MAY_USE = ("lmforge.api", "lmforge.encoders", "lmforge.rag.manage", "lmforge.rag.evaluate", "lmforge.tasks",
+               "lmforge.store", "lmforge.config", "lmforge.errors", "lmforge.cli")
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "cli").glob("*.py")), ids=lambda p: p.name)
+def test_the_cli_only_calls_the_python_api(path):
+    bad = {m for m in imports_of(path) if not m.startswith(CLI_MAY_USE)}
+    assert not bad, f"{path.name} reaches past the API into {sorted(bad)}"
+
+
+@pytest.mark.parametrize("layer,banned", [
+    ("models", ("lmforge.tokenizer", "lmforge.engine", "lmforge.train", "lmforge.api", "lmforge.cli")),
+    ("engine", ("lmforge.tokenizer", "lmforge.train", "lmforge.api", "lmforge.cli", "lmforge.rag")),
+    ("weights", ("lmforge.engine", "lmforge.train", "lmforge.api", "lmforge.cli", "lmforge.rag")),
+])
+def test_lower_layers_do_not_import_upper_ones(layer, banned):
+    for path in sorted((PKG / layer).glob("*.py")):
+        bad = {m for m in imports_of(path) if m.startswith(banned)}
+        assert not bad, f"{layer}/{path.name} imports {sorted(bad)}"
+
+
+def test_inference_loads_no_training_code():
+    code = ("import sys, lmforge.api, lmforge.encoders, lmforge.engine, lmforge.rag.manage; "
+            "print(','.join(m for m in sys.modules if m.startswith('lmforge.train')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == ""
