@@ -25,6 +25,14 @@ from lmforge.weights.checkpoint import Checkpoint, load_model, read_checkpoint
 
 
 QUANTIZE = ("auto", "none", "int8", "int4")
+# quantize="auto", by (source kind, on CPU): decoding is memory-bound on a CPU, so pretrained
+# weights are quantized there -- a GGUF from its own blocks ("gguf": 4-bit blocks stay 4-bit
+# where they are the main format, the rest int8), Hugging Face weights to int8 -- while lmforge's
+# own runs, and every model on a GPU, stay float.
+QUANTIZE_AUTO = {
+    ("gguf", True): "gguf", ("store-gguf", True): "gguf", ("hf", True): "int8", ("checkpoint", True): "none",
+    ("gguf", False): "none", ("store-gguf", False): "none", ("hf", False): "none", ("checkpoint", False): "none",
+}
 
 
 class LM:
@@ -53,13 +61,18 @@ class LM:
         if dev.type == "cpu":
             set_cpu_threads()
         if quantize == "int4" and dev.type != "cpu":
-            raise LMForgeError("int4 weights run on PyTorch's CPU kernel only; use int8 or none on this device")
-        lm = cls._load(spec, dev, quantize)
-        pretrained = lm.checkpoint is None  # GGUF, store or Hugging Face weights, not an lmforge run
-        if not lm.quantized and quantize != "none" and (quantize != "auto" or (pretrained and dev.type == "cpu")):
+            raise LMForgeError("int4 weights run on the CPU only; use int8 or none on this device")
+        from lmforge.sources import resolve
+
+        src = resolve(spec)
+        if src.kind == "encoder":
+            raise LMForgeError(f"{spec} is a sentence encoder, not a language model: use lmforge embed "
+                               f"(or lmforge.encoders.Encoder)")
+        scheme = quantize if quantize != "auto" else QUANTIZE_AUTO[(src.kind, dev.type == "cpu")]
+        lm = cls._load(src, dev, scheme)
+        if scheme in ("int8", "int4") and not lm.quantized:
             from lmforge.models.quant import quantize_model
 
-            scheme = "int8" if quantize == "auto" else quantize
             quantize_model(lm.model, scheme)
             lm.quantized = scheme
         if compile:
@@ -67,33 +80,15 @@ class LM:
         return lm
 
     @classmethod
-    def _load(cls, spec: str | Path, dev, quantize: str = "none") -> "LM":
-        path = Path(spec)
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            return cls._from_gguf(path, dev, quantized=quantize == "auto" and dev.type == "cpu")
-        from lmforge.weights.hf import is_hf_dir
-        from lmforge.weights.hf_encoder import is_encoder_dir
-
-        if is_encoder_dir(path):
-            raise LMForgeError(f"{path} is a sentence encoder, not a language model: use lmforge embed "
-                               f"(or lmforge.encoders.Encoder)")
-        if is_hf_dir(path):
-            return cls._from_hf(path, dev)
-        if path.is_dir() and (path / "manifest.json").is_file():
-            from lmforge import store
-
-            return cls._from_store(store.StoredModel(path.name, path, _read_manifest(path)), dev, quantize)
-        if not path.exists() and isinstance(spec, str) and "/" not in spec and not spec.endswith(".gguf"):
-            from lmforge import store
-
-            found = store.find(spec)
-            if found is None:
-                if spec in store.REGISTRY:
-                    raise LMForgeError(f"model {spec!r} is not in the local store yet; run: lmforge pull {spec}")
-                raise LMForgeError(f"{spec!r} is neither a path nor a known model name "
-                                   f"(known: {', '.join(store.REGISTRY)})")
-            return cls._from_store(found, dev, quantize)
-        ckpt = read_checkpoint(path)
+    def _load(cls, src, dev, scheme: str) -> "LM":
+        """scheme "gguf": quantized straight from the GGUF's own blocks (the store keeps the copy)."""
+        if src.kind == "gguf":
+            return cls._from_gguf(src.path, dev, quantized=scheme == "gguf")
+        if src.kind == "hf":
+            return cls._from_hf(src.path, dev)
+        if src.kind == "store-gguf":
+            return cls._from_store(src.stored, dev, scheme)
+        ckpt = read_checkpoint(src.path)
         tok = LMTokenizer.load(ckpt.tokenizer_path)
         if tok.vocab_size != ckpt.model_config.vocab_size:
             raise LMForgeError(f"checkpoint {ckpt.path}: tokenizer has {tok.vocab_size} tokens but the model "
@@ -101,22 +96,16 @@ class LM:
         return cls(load_model(ckpt, dev), tok, ckpt)
 
     @classmethod
-    def _from_store(cls, model, device, quantize: str = "none") -> "LM":
+    def _from_store(cls, model, device, scheme: str = "none") -> "LM":
         from lmforge import store
         from lmforge.weights.quantized import load_quantized, save_quantized
 
-        store.verify(model)
-        if model.kind == "hf":
-            from lmforge.weights.hf_encoder import is_encoder_dir
-
-            if is_encoder_dir(model.path):
-                raise LMForgeError(f"{model.name} is a sentence encoder, not a language model: use lmforge embed "
-                                   f"(or lmforge.encoders.Encoder)")
-            return cls._from_hf(model.path, device)
-        tok_path = model.path / "tokenizer.json"
-        # stored before lmforge could read its tokenizer: convert it now, once
-        tok = LMTokenizer.load(tok_path) if tok_path.is_file() else store.cache_tokenizer(model)
-        if quantize == "auto" and device.type == "cpu":
+        # the converted tokenizer, checked against the hash recorded when it was made; made (again)
+        # from the checked GGUF when it is missing, damaged or edited
+        converted = [n for n in ("tokenizer.json", "tokenizer_extra.json") if (model.path / n).is_file()]
+        tok = LMTokenizer.load(model.path / "tokenizer.json") if converted and store.derived_ok(model, converted) \
+            else store.cache_tokenizer(model)
+        if scheme == "gguf":
             sha = model.manifest["sha256"]
             cached = load_quantized(model.path, sha, device)
             if cached is not None:
@@ -177,14 +166,12 @@ class LM:
         return ids
 
     @property
-    def hard_context(self) -> int | None:
-        """Context a prompt must fit in: RoPE models' trained length. (Learned-position models slide
-        their window over longer text, recurrent ones have no limit.)"""
-        cfg = self.config
-        return cfg.block_size if cfg.family == "gpt" and cfg.pos == "rope" else None
+    def context_limit(self) -> int | None:
+        """The most tokens prompt and output may take (see ModelConfig.context_limit)."""
+        return self.config.context_limit
 
     def _check_length(self, n: int) -> None:
-        ctx = self.hard_context
+        ctx = self.context_limit
         if ctx is not None and n >= ctx:
             raise LMForgeError(f"the prompt has {n} tokens but the model's context is {ctx}; shorten it")
 
@@ -224,8 +211,8 @@ class LM:
         """An engine request for prompt ids with this model's stops, banned tokens and streaming
         decoder (for callers that run many requests through `self.engine` at once)."""
         params = self._params(max_new_tokens, sampling)
-        if self.hard_context is not None:
-            max_new_tokens = max(1, min(max_new_tokens, self.hard_context - len(ids)))
+        if self.context_limit is not None:
+            max_new_tokens = max(1, min(max_new_tokens, self.context_limit - len(ids)))
         banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
         procs = ([lambda _ids, logits: ban_tokens(logits, banned)] if banned else []) + list(processors)
         return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids, [s for s in stop if s],
@@ -233,8 +220,12 @@ class LM:
 
     @staticmethod
     def _params(max_new_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
+        from lmforge.config import MAX_NEW_TOKENS
+
         if max_new_tokens <= 0:
             raise LMForgeError("max new tokens must be positive")
+        if max_new_tokens > MAX_NEW_TOKENS:
+            raise LMForgeError(f"max new tokens must be at most {MAX_NEW_TOKENS:,}, got {max_new_tokens:,}")
         try:
             return SamplingParams(**sampling)
         except TypeError as e:
@@ -243,7 +234,7 @@ class LM:
     def fit_history(self, messages: list[dict], reserve: int) -> list[dict]:
         """Drop the oldest turns (never a system message, never the last one) until the rendered
         conversation leaves `reserve` tokens of context for the reply."""
-        ctx = self.hard_context
+        ctx = self.context_limit
         if ctx is None:
             return messages
         msgs = list(messages)
@@ -331,15 +322,6 @@ def _texts(events: Iterator[Event]) -> Iterator[str]:
             yield ev.text
 
 
-def _read_manifest(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise LMForgeError(f"{path / 'manifest.json'} is corrupt; pull the model again") from None
-
-
 def run_dir(out: str | Path | None, model: str, tokenizer: str, resume: bool = False) -> Path:
     """The run folder: `out`, or runs/MODEL-TOKENIZER-TIMESTAMP for a new single-process run."""
     import os
@@ -366,28 +348,43 @@ def sample(checkpoint: str | Path, prompt: str = "The ", max_new_tokens: int = 3
     return prompt, lm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
 
-def train(out: str | Path | None, *, model: str = "gpt", tokenizer: str = "char", data: list[str] | None = None,
-          preset: str = "small", vocab_size: int = 2048, resume: bool = False, device: str = "auto",
-          show_progress: bool = True, log=print, stop_after: int | None = None,
-          model_overrides: dict[str, Any] | None = None, train_overrides: dict[str, Any] | None = None):
+def train(out: str | Path | None, *, model: str | None = None, tokenizer: str | None = None,
+          data: list[str] | None = None, preset: str | None = None, vocab_size: int | None = None,
+          resume: bool = False, device: str = "auto", show_progress: bool = True, log=print,
+          stop_after: int | None = None, model_overrides: dict[str, Any] | None = None,
+          train_overrides: dict[str, Any] | None = None):
     """Train (or resume) a language model; returns a TrainResult. Overrides win over the preset.
-    out None: a new folder under runs/ (see run_dir)."""
+    out None: a new folder under runs/ (see run_dir). New runs default to model "gpt",
+    tokenizer "char", preset "small", vocab_size 2048; a resumed run keeps its own, and an option
+    that contradicts it is refused."""
     from lmforge.train.loop import Trainer
 
-    out = run_dir(out, model, tokenizer, resume)
+    out = run_dir(out, model or "gpt", tokenizer or "char", resume)
     t_over = {k: v for k, v in (train_overrides or {}).items() if v is not None}
     if resume:  # the run's saved configuration, with only the explicit overrides applied
-        changed = sorted(k for k, v in (model_overrides or {}).items() if v is not None)
+        changed = [k for k, v in (model_overrides or {}).items() if v is not None]
+        ckpt = read_checkpoint(out)
+        family, kind = ckpt.model_config.family, ckpt.meta.get("tokenizer")
+        if model is not None and model != family:
+            changed.append("model")
+        if tokenizer is not None and kind is not None and tokenizer != kind:
+            changed.append("tokenizer")
+        if preset is not None:  # a preset contradicts the run when its sizes differ from the saved ones
+            sizes, _ = get_preset(preset, family)
+            if any(getattr(ckpt.model_config, k) != v for k, v in sizes.items()):
+                changed.append("preset")
+        if vocab_size is not None and (kind == "char" or vocab_size != ckpt.meta.get("vocab_size", vocab_size)):
+            changed.append("vocab_size")  # (bpe only: a char run has no vocabulary size to set)
         if changed:
-            raise LMForgeError(f"cannot change the model when resuming ({', '.join(changed)}); "
+            raise LMForgeError(f"cannot change the model when resuming ({', '.join(sorted(changed))}); "
                                f"start a new run with another --out instead")
         trainer = Trainer(out, data=data, resume=True, device=device, show_progress=show_progress, log=log,
                           resume_overrides=t_over)
         return trainer.run(stop_after=stop_after)
-    m, t = get_preset(preset, model)
+    m, t = get_preset(preset or "small", model or "gpt")
     m.update({k: v for k, v in (model_overrides or {}).items() if v is not None})
     t.update(t_over)
     trainer = Trainer(out, model_config=ModelConfig(**m), train_config=TrainConfig(**t), data=data,
-                      tokenizer=tokenizer, vocab_size=vocab_size, device=device, show_progress=show_progress,
-                      log=log)
+                      tokenizer=tokenizer or "char", vocab_size=vocab_size or 2048, device=device,
+                      show_progress=show_progress, log=log)
     return trainer.run(stop_after=stop_after)

@@ -7,6 +7,7 @@ config.json with it, and later layers (models, trainer) build from these datacla
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 from dataclasses import dataclass, fields
@@ -87,6 +88,8 @@ class ModelConfig:
                 raise LMForgeError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.n_kv_head <= 0:
+            raise LMForgeError(f"model config: n_kv_head must be positive, got {self.n_kv_head}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd
         if self.head_size is not None and self.head_size * self.n_head == self.n_embd:
@@ -102,14 +105,38 @@ class ModelConfig:
                               ("mlp", ("gelu", "swiglu", "geglu"))):
             if getattr(self, name) not in allowed:
                 raise LMForgeError(f"model config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 0.0 <= self.dropout < 1.0:  # (false for nan too)
             raise LMForgeError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise LMForgeError(f"sliding_window must be positive, got {self.sliding_window}")
+        # numbers that load without complaint and give garbage: reject them here, once, for every source
+        for name in ("rope_theta", "rope_theta_local"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 1.0):
+                raise LMForgeError(f"model config: {name} must be a finite number above 1, got {v}")
+        if not (math.isfinite(self.norm_eps) and 0.0 < self.norm_eps < 1.0):
+            raise LMForgeError(f"model config: norm_eps must be in (0, 1), got {self.norm_eps}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden"):
+            if getattr(self, name) > LIMITS[name]:
+                raise LMForgeError(f"model config: {name} {getattr(self, name):,} is past any model lmforge runs "
+                                   f"(at most {LIMITS[name]:,}); the file is corrupt or not a model")
 
     @property
     def head_dim(self) -> int:
         return self.head_size or self.n_embd // self.n_head
+
+    # One context rule, two cases: a learned-position GPT sees at most block_size tokens and
+    # slides that window over longer text (any length can be generated); a RoPE GPT's trained
+    # length is a hard limit for prompt + output; recurrent models have neither.
+    @property
+    def context_window(self) -> int | None:
+        """The window a learned-position model slides over longer text; None when it does not slide."""
+        return self.block_size if self.family == "gpt" and self.pos == "learned" else None
+
+    @property
+    def context_limit(self) -> int | None:
+        """The most tokens (prompt and output) a RoPE model may hold; None when unlimited."""
+        return self.block_size if self.family == "gpt" and self.pos == "rope" else None
 
     def is_local(self, layer: int) -> bool:
         """Whether a layer uses the sliding window (Gemma 3: five local layers, then one global)."""
@@ -127,6 +154,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         return cls(**_known(cls, d, "model config"))
+
+
+# Sizes past any model this toolkit is for: a corrupt file saying n_layer = 1,000,000 must be
+# refused before it allocates gigabytes
+LIMITS = {"vocab_size": 1 << 22, "block_size": 1 << 21, "n_layer": 1024, "n_embd": 1 << 16, "n_head": 1024,
+          "n_kv_head": 1024, "mlp_hidden": 1 << 18}
+MAX_STEPS = 10 ** 9
+MAX_NEW_TOKENS = 1 << 20
 
 
 @dataclass
@@ -169,6 +204,17 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise LMForgeError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.steps > MAX_STEPS:
+            raise LMForgeError(f"train config: steps must be at most {MAX_STEPS:,} (use --time-budget for "
+                               f"open-ended runs), got {self.steps:,}")
+        for name in ("checkpoint_interval", "warmup_steps", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise LMForgeError(f"train config: {name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "val_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise LMForgeError(f"train config: {name} must be a finite number, got {getattr(self, name)}")
+        if self.time_budget is not None and not math.isfinite(self.time_budget):
+            raise LMForgeError("time budget must be a finite number of seconds")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LMForgeError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not 0.0 < self.val_fraction < 0.5:

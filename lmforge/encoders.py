@@ -193,23 +193,18 @@ class ZeroShotClassifier:
 
 
 def _resolve(spec: str | Path) -> Path:
-    path = Path(spec)
-    if path.is_dir():
-        if not is_encoder_dir(path):
-            raise LMForgeError(f"{path} is not an encoder folder (its config.json must say model_type 'bert')")
-        return path
-    from lmforge import store
+    """The encoder folder a spec names (see lmforge.sources)."""
+    from lmforge.sources import resolve
 
-    if isinstance(spec, str) and "/" not in spec:
-        found = store.find(spec)
-        if found is not None:
-            store.verify(found)
-            if not is_encoder_dir(found.path):
-                raise LMForgeError(f"{spec} is not an encoder (use lmforge generate/chat for decoder models)")
-            return found.path
-        if spec in store.REGISTRY:
-            raise LMForgeError(f"model {spec!r} is not in the local store yet; run: lmforge pull {spec}")
-    raise LMForgeError(f"{spec!r} is neither an encoder folder nor a pulled encoder's name")
+    src = resolve(spec)
+    if src.kind != "encoder":
+        what = "an lmforge run" if src.kind == "checkpoint" else "a language model"
+        if src.kind == "checkpoint" and not Path(spec).exists():
+            raise LMForgeError(f"{spec!r} is neither an encoder folder nor a pulled encoder's name")
+        if src.kind in ("hf", "checkpoint") and Path(spec).is_dir() and src.stored is None:
+            raise LMForgeError(f"{spec} is not an encoder folder (its config.json must say model_type 'bert')")
+        raise LMForgeError(f"{spec} is {what}, not an encoder (use lmforge generate/chat for decoder models)")
+    return src.path
 
 
 def embed_file(spec: str | Path, input: str | Path, out: str | Path, batch_size: int = 32, quantize: str = "none",

@@ -341,7 +341,43 @@ def cache_tokenizer(model: StoredModel):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tok.save(tmp / "tokenizer.json")
+    names = []
     for f in tmp.iterdir():
         os.replace(f, model.path / f.name)
+        names.append(f.name)
     tmp.rmdir()
+    record_derived(model, names)
     return tok
+
+
+DERIVED = "derived.json"
+
+
+def record_derived(model: StoredModel, names: list[str]) -> None:
+    """Note the sha256 of files lmforge made from the checked GGUF (converted tokenizer, quantized
+    copy), so a damaged or edited one is noticed on load and made again."""
+    import json
+
+    from lmforge.common import atomic_write_text
+
+    path = model.path / DERIVED
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, OSError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    for n in names:
+        known[n] = sha256_file(model.path / n)
+    atomic_write_text(path, json.dumps(known, indent=2, sort_keys=True))
+
+
+def derived_ok(model: StoredModel, names: list[str]) -> bool:
+    """Every named derived file is there and hashes to what was recorded when it was made."""
+    import json
+
+    try:
+        known = json.loads((model.path / DERIVED).read_text(encoding="utf-8"))
+        return isinstance(known, dict) and all(
+            (model.path / n).is_file() and known.get(n) == sha256_file(model.path / n) for n in names)
+    except (json.JSONDecodeError, OSError):
+        return False

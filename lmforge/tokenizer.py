@@ -36,6 +36,15 @@ def _return_freed_memory() -> None:
             pass
 
 
+def _bpe_or_error(vocab, merges, **kw) -> Tokenizer:
+    """A BPE tokenizer; a vocabulary whose merges name pieces it lacks (a corrupt file) is a
+    clear error, not a traceback from the tokenizers library."""
+    try:
+        return Tokenizer(models.BPE(vocab=vocab, merges=merges, **kw))
+    except Exception as e:  # (the library raises a bare Exception)
+        raise LMForgeError(f"the GGUF file's vocabulary is inconsistent ({str(e)[:120]}); the file is corrupt") from None
+
+
 class LMTokenizer:
     """Thin wrapper adding what training and evaluation need: kind, unknown-character
     checks, the document separator and the UTF-8 byte length of every token."""
@@ -75,7 +84,7 @@ class LMTokenizer:
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
         vocab = {t: i for i, t in enumerate(tokens)}
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        tk = _bpe_or_error(vocab, merges, fuse_unk=False, byte_fallback=False)
         pre = meta.get("tokenizer.ggml.pre", "default")
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         if pre in ("smollm", "starcoder", "refact", "deepseek-coder", "qwen2", "llama3"):
@@ -123,8 +132,7 @@ class LMTokenizer:
         merges.sort()
         unk_id = meta.get("tokenizer.ggml.unknown_token_id")
         unk = tokens[unk_id] if unk_id is not None else None
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, _, a, b in merges], unk_token=unk,
-                                  fuse_unk=True, byte_fallback=True))
+        tk = _bpe_or_error(vocab, [(a, b) for _, _, a, b in merges], unk_token=unk, fuse_unk=True, byte_fallback=True)
         steps = [normalizers.Replace(" ", "\u2581")]
         if meta.get("tokenizer.ggml.add_space_prefix", False):
             steps.insert(0, normalizers.Prepend("\u2581"))

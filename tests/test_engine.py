@@ -29,7 +29,6 @@ class ScriptedLM(nn.Module):
         super().__init__()
         self.config = ModelConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=V, block_size=4096)
         self.anchor = nn.Parameter(torch.zeros(1))  # (the engine reads the device from it)
-        self.max_context = None
         self.forwards: list[tuple[int, int]] = []  # (rows, tokens) per call
 
     def forward(self, idx=None, cache=None, last_only=False, **_):
@@ -114,7 +113,7 @@ def test_stop_string_across_token_boundaries_cuts_the_text():
         def __init__(self, text):
             super().__init__()
             self.inner, self.text = ScriptedLM(), text.encode()
-            self.config, self.max_context, self.anchor = self.inner.config, None, nn.Parameter(torch.zeros(1))
+            self.config, self.anchor = self.inner.config, nn.Parameter(torch.zeros(1))
 
         def forward(self, idx=None, cache=None, last_only=False, **_):
             B, T = idx.shape

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -241,8 +244,10 @@ def test_int4_and_int8_table_kernels_match_a_float_reference():
     ref = x @ w8.t()
     from lmforge.models import kernels
 
-    if kernels.library() is not None:  # the C kernel: float32 activations, nothing else rounded
-        torch.testing.assert_close(t.project(x), ref, atol=2e-3, rtol=1e-3)
+    if shutil.which("cc") or shutil.which("gcc"):  # with a compiler the C kernel must run (and be exact)
+        assert kernels.library() is not None, "the C kernels failed to build where a compiler exists"
+        torch.testing.assert_close(t.project(x), ref, atol=2e-2 if kernels.library().lmf_isa() == 1 else 2e-3,
+                                   rtol=1e-2 if kernels.library().lmf_isa() == 1 else 1e-3)
     tiny = Int8Table.from_float(table * 1e-6)  # scales under fp16's range: off by its rounding, not 100%
     torch.testing.assert_close(tiny(idx), table[idx] * 1e-6, rtol=0, atol=3.1e-8)  # half the smallest fp16 step
     original = kernels.library
@@ -275,8 +280,10 @@ def test_chat_template_and_generation(tmp_path, reference):
     expected = list(Engine(model).generate(ids, 12, greedy, stop_ids=lm.tokenizer.stop_ids))
     got = list(lm.engine.generate(ids, 12, greedy, stop_ids=lm.tokenizer.stop_ids))
     assert got == expected
+    # the chat reply is the decoded text of those greedy tokens, up to the first stop token
     reply = "".join(lm.chat(msgs, max_new_tokens=12, temperature=0))
-    assert isinstance(reply, str)
+    until_stop = [t for t in itertools.takewhile(lambda t: t not in lm.tokenizer.stop_ids, expected)]
+    assert reply == lm.tokenizer.decode(until_stop)
 
 
 def test_fit_history_drops_oldest_turns(tmp_path, reference):

@@ -515,7 +515,7 @@ def test_sources_fill_the_context_budget_and_a_too_long_question_is_refused():
         def encode(self, text, check=True):
             return list(text.encode("utf-8"))
 
-    lm = type("TinyLM", (), {"hard_context": 900, "tokenizer": ByteTokenizer()})()
+    lm = type("TinyLM", (), {"context_limit": 900, "tokenizer": ByteTokenizer()})()
     hits = [Hit(i, 1.0, f"s{i}", "", "word " * 60, 0, 300) for i in range(5)]
     msgs, used = build_messages(lm, "What is a word?", hits, max_new_tokens=100)
     assert 1 <= len(used) < 5 and used == hits[:len(used)]  # best first, as many as fit

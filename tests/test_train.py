@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lmforge import api
 from lmforge.errors import LMForgeError
@@ -11,7 +12,10 @@ from conftest import TINY_TRAIN
 
 
 def _train(out, corpus, family="gpt", tokenizer="char", stop_after=None, resume=False, **over):
-    return api.train(out, model=family, tokenizer=tokenizer, data=[str(corpus)], preset="tiny", vocab_size=300,
+    if resume:  # a resumed run keeps its own family, tokenizer and sizes
+        family = tokenizer = None
+    return api.train(out, model=family, tokenizer=tokenizer, data=[str(corpus)], preset=None if resume else "tiny",
+                     vocab_size=None if resume else 300,
                      resume=resume, show_progress=False, log=lambda *_: None, stop_after=stop_after,
                      train_overrides={**TINY_TRAIN, **over})
 
@@ -100,7 +104,15 @@ def test_stop_strings_and_logprobs(tmp_path, corpus_file):
     stop = full[10:12]
     cut = lm.generate("The ", max_new_tokens=80, temperature=0, seed=0, stop=[stop])
     assert cut == full[: full.find(stop)]
-    pairs = list(lm.engine.generate(lm.encode_prompt("The "), 5, api.SamplingParams(temperature=0), logprobs=True))
-    assert len(pairs) == 5 and all(lp <= 0 for _, lp in pairs)
+    ids = lm.encode_prompt("The ")
+    pairs = list(lm.engine.generate(ids, 5, api.SamplingParams(temperature=0), logprobs=True))
+    assert len(pairs) == 5
+    # each log-probability is the model's own: its log-softmax at that position of the full sequence
+    seq = ids + [t for t, _ in pairs]
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([seq]))[0][0].float().log_softmax(-1)
+    for i, (tok, lp) in enumerate(pairs):
+        assert lp == pytest.approx(float(logp[len(ids) - 1 + i, tok]), abs=1e-4)
+        assert tok == int(logp[len(ids) - 1 + i].argmax())  # greedy took the most likely token
     with pytest.raises(LMForgeError, match="unknown sampling option"):
         lm.generate("The ", max_new_tokens=5, temprature=0.3)

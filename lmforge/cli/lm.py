@@ -25,12 +25,13 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    model: Annotated[str, typer.Option(help=f"Model family: {', '.join(FAMILIES)}.")] = "gpt",
-    tokenizer: Annotated[str, typer.Option(help="char (one token per character) or bpe (byte-level BPE).")] = "char",
+    model: Annotated[Optional[str], typer.Option(help=f"Model family: {', '.join(FAMILIES)} (default gpt).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        help="char (one token per character, the default) or bpe (byte-level BPE).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option(
         help="Text files or folders (several allowed). Default: Python's own documentation.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: runs/MODEL-TOKENIZER-TIMESTAMP.")] = None,
-    preset: Annotated[str, typer.Option(help=f"Size preset: {', '.join(PRESETS)}.")] = "small",
+    preset: Annotated[Optional[str], typer.Option(help=f"Size preset: {', '.join(PRESETS)} (default small).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default from the preset).")] = None,
     time_budget: Annotated[Optional[str], typer.Option(
         help="Stop cleanly after this long, e.g. 90s, 3m, 1h; the LR schedule then follows the clock.")] = None,
@@ -43,7 +44,7 @@ def train(
     n_embd: Annotated[Optional[int], typer.Option(help="Width / hidden size (overrides the preset).")] = None,
     n_head: Annotated[Optional[int], typer.Option(help="Attention heads, gpt only (overrides the preset).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout probability.")] = None,
-    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size (bpe only).")] = 2048,
+    vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary size (bpe only; default 2048).")] = None,
     eval_interval: Annotated[Optional[int], typer.Option(help="Evaluate every N steps.")] = None,
     log_interval: Annotated[Optional[int], typer.Option(help="Log the training loss every N steps.")] = None,
     checkpoint_interval: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps (0: at the end).")] = None,
@@ -69,11 +70,12 @@ def train(
     """
     from lmforge import api
 
-    choice(model, FAMILIES, "--model")
-    choice(tokenizer, ("char", "bpe"), "--tokenizer")
-    choice(preset, PRESETS, "--preset")
+    for value, allowed, flag in ((model, FAMILIES, "--model"), (tokenizer, ("char", "bpe"), "--tokenizer"),
+                                 (preset, PRESETS, "--preset")):
+        if value is not None:
+            choice(value, allowed, flag)
     master = int(os.environ.get("RANK", "0")) == 0
-    out = api.run_dir(out, model, tokenizer, resume)
+    out = api.run_dir(out, model or "gpt", tokenizer or "char", resume)
     con = console()
     log = (lambda msg: con.print(msg, markup=False)) if master else (lambda *_: None)
     if master:

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from lmforge.config import MAX_NEW_TOKENS
 from lmforge.engine.cache import KVCache, RecurrentSlots
 from lmforge.engine.sampling import SamplingParams, repetition_penalty, sample_next
 from lmforge.errors import LMForgeError
@@ -83,6 +84,8 @@ class Request:
             raise LMForgeError("prompt embeddings must be (T, C), one row per prompt id when ids are given too")
         if self.max_new_tokens <= 0:
             raise LMForgeError("max new tokens must be positive")
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise LMForgeError(f"max new tokens must be at most {MAX_NEW_TOKENS:,}, got {self.max_new_tokens:,}")
         if self.top_logprobs < 0:
             raise LMForgeError("top logprobs must be >= 0")
         if self.stop_strings and self.decoder is None:
@@ -251,7 +254,7 @@ class Engine:
     def _pick_slot(self, req: Request) -> tuple[int, int]:
         """The free slot whose cached tokens share the longest prefix with the prompt, and how
         many tokens to reuse (never the whole prompt: its last token must run to give logits)."""
-        ctx = self.model.max_context
+        ctx = self.cfg.context_window
         if req.embeds is not None or self.cfg.recurrent or (ctx is not None and req.prompt_len > ctx):
             return self._free[0], 0
         best, best_n = self._free[0], 0
@@ -277,7 +280,7 @@ class Engine:
     def _prefill_chunk(self, seq: _Seq) -> None:
         req = seq.req
         end = min(req.prompt_len, seq.fed + self.prefill_chunk)
-        ctx = self.model.max_context
+        ctx = self.cfg.context_window
         if ctx is not None and req.prompt_len > ctx:  # a learned-position model sees its last ctx tokens only
             seq.fed = max(seq.fed, req.prompt_len - ctx)
             end = min(req.prompt_len, seq.fed + self.prefill_chunk)
@@ -296,7 +299,7 @@ class Engine:
             seq.logits = logits[0]  # (1, V)
 
     def _decode(self, seqs: list[_Seq]) -> None:
-        ctx = self.model.max_context
+        ctx = self.cfg.context_window
         full = [s for s in seqs if ctx is not None and self._length(s.slot) >= ctx]
         rest = [s for s in seqs if s not in full]
         for s in full:  # the window is full: slide it by re-encoding the most recent ctx tokens
@@ -452,7 +455,7 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    ctx = model.max_context
+    ctx = model.config.context_window
     ids, out = list(prompt_ids), []
     for _ in range(max_new_tokens):
         window = ids[-ctx:] if ctx else ids

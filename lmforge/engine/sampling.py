@@ -3,6 +3,7 @@ A constraint is one more function of the same shape, so decoding stays composabl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise LMForgeError(f"{name.replace('_', ' ')} must be a finite number, got {v}")
         if self.temperature < 0:
             raise LMForgeError("temperature must be >= 0")
         if self.top_k is not None and self.top_k <= 0:

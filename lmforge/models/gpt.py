@@ -272,11 +272,6 @@ class GPT(nn.Module):
                 self.register_buffer(f"rope_{kind}{suffix}", torch.empty(n, self.config.head_dim // 2, device=device),
                                      persistent=False)
 
-    @property
-    def max_context(self) -> int | None:
-        """Longest sequence the model can attend over; None when unbounded."""
-        return self.config.block_size if self.config.pos == "learned" else None
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every tensor (the model may have been built on the meta device).

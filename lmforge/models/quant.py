@@ -1,12 +1,12 @@
 """Weight-only quantized layers for inference.
 
 - Int8Linear: int8 weights per output channel with one bf16 scale each (symmetric, absmax/127).
-  On CPU a few rows (decoding) run in lmforge's C kernel (kernels.py) with float32 activations,
-  or in PyTorch's `_weight_int8pack_mm` with bf16 ones, reading a quarter of the bytes of a
-  float32 matmul (decoding one token is memory-bound).
-- Int4Linear: 4-bit weights in groups of 32 along the input, each group with a bf16 scale and
-  zero (w = (q - 8) * scale + zero), run by `_weight_int4pack_mm_for_cpu`. GGUF's 4-bit blocks
-  (Q4_0, Q4_1, Q4_K) are exactly this shape, so their values carry over without re-rounding.
+  On CPU a decoding step's rows run in lmforge's C kernel (kernels.py; float32 activations,
+  or int8-rounded ones in the AVX2 build), otherwise in PyTorch's `_weight_int8pack_mm` with
+  bf16 ones, reading a quarter of the bytes of a float32 matmul.
+- Int4Linear: 4-bit weights in groups of 32 along the input, each group with an fp16 scale and
+  offset (w = q * scale + offset): GGUF's 4-bit blocks (Q4_0, Q4_1, Q4_K) carry over without
+  re-rounding their integers. Decoding runs in the C kernel; batches in PyTorch's int4 kernel.
 - Int8Table: the token table at Q8_0 precision (int8 in groups of 32, an fp16 scale each): the
   input embedding and, tied, the output projection (the C kernel again), so the largest
   matrix of a small model is held once, in a byte per weight.
@@ -321,7 +321,8 @@ def _is_gpt(model: nn.Module) -> bool:
 def quantize_model(model: nn.Module, scheme: str = "int8") -> nn.Module:
     """Quantize a float model in place. Linears become Int8Linear (or Int4Linear with
     scheme="int4", where the shape allows). A tied GPT's token table becomes an Int8Table
-    that also serves as the output projection (CPU only: it runs on the int4 kernel)."""
+    that also serves as the output projection (CPU only: it runs in the C kernel, or in
+    PyTorch's int4 kernel without it)."""
     if _is_gpt(model) and model.config.tie_embeddings and model.embed.weight.device.type == "cpu" \
             and model.config.n_embd % GROUP == 0:
         model.embed = Int8Table.from_float(model.embed.weight)

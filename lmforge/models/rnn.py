@@ -33,10 +33,6 @@ class RecurrentLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    @property
-    def max_context(self) -> int | None:
-        return None  # the state carries arbitrarily long history
-
     @torch.no_grad()
     def init_weights(self) -> None:
         """| tensor            | init                                  |

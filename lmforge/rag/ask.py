@@ -73,7 +73,7 @@ def check_citations(sentence: str, n_sources: int) -> tuple[str, list[int], list
 def build_messages(lm, question: str, hits: list[Hit], max_new_tokens: int, per_source_chars: int = 700,
                    instruction: str = INSTRUCTION) -> tuple[list[dict], list[Hit]]:
     """The chat messages with as many sources (best first) as the context leaves room for."""
-    budget = (lm.hard_context or 1 << 30) - max_new_tokens - 8
+    budget = (lm.context_limit or 1 << 30) - max_new_tokens - 8
     plain = not lm.tokenizer.chat_template
     used: list[Hit] = []
     for h in hits:
@@ -122,8 +122,14 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
     "llm") reorders the top max(3k, 10) retrieved chunks before the best k are kept."""
     if not question.strip():
         raise LMForgeError("the question is empty")
+    if max_new_tokens <= 0:
+        raise LMForgeError("--max-tokens must be positive")
     if collection.count_chunks() == 0:
         raise LMForgeError(f"collection {collection.name!r} is empty; add documents with lmforge index add")
+    ctx = getattr(lm, "context_limit", None)  # (None when only retrieval can answer: nothing found)
+    if ctx is not None and max_new_tokens >= ctx // 2:
+        raise LMForgeError(f"--max-tokens {max_new_tokens:,} leaves no room for the question and its sources in "
+                           f"the model's context of {ctx:,} tokens; use at most {ctx // 2 - 1:,}")
     from lmforge.rag.rerank import pool_size, rerank as rerank_hits
 
     hits = collection.search(question, pool_size(k, rerank), mode, dense_weight=dense_weight)

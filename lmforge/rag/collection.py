@@ -515,6 +515,8 @@ def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
         if p.is_file():
             yield p
             continue
+        if not p.is_dir():  # a device, a pipe, a socket (or a link to one): nothing to index
+            raise LMForgeError(f"{p} is not a regular file or a folder")
         for f in sorted(p.rglob("*")):
             rel = f.relative_to(p).parts
             if not f.is_file() or any(part.startswith(".") for part in rel):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
-from lmforge.rag.collection import (DEFAULT_COLLECTION, Collection, OldSchema, collections_root, expand_paths,
-                                    only_pydoc)
+from lmforge.rag.collection import (DEFAULT_COLLECTION, Collection, OldSchema, _valid_name, collections_root,
+                                    expand_paths, only_pydoc)
 
 MODES = ("bm25", "dense", "hybrid")
 Log = Callable[[str], None]
@@ -55,6 +55,17 @@ def index(collection: str, paths: list[Path] | None = None, chunk_size: int = 10
     encoder's name or folder, "none" for BM25 only, None for the collection's own (else
     minilm-l6 when it has been pulled). progress(done, total) after each document."""
     files = expand_paths(paths) if paths else None  # bad paths fail before a collection is created
+    folder = collections_root() / _valid_name(collection)  # (checked first: the folder may be removed below)
+    new = not (folder / "collection.db").is_file()
+    try:
+        return _index(collection, files, chunk_size, overlap, embed, progress)
+    except BaseException:
+        if new and folder.is_dir():  # a failed first add leaves no empty collection behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _index(collection, files, chunk_size, overlap, embed, progress) -> IndexReport:
     with Collection.open(collection, create=True) as col:
         spec = embed or col.embed_model
     if spec is None:

@@ -72,7 +72,7 @@ def llm_scores(query: str, texts: list[str], lm, batch: int = 4, max_chars: int 
     if not question:
         raise LMForgeError("the query has no tokens to score")
     cfg = lm.config
-    limit = lm.hard_context or (cfg.block_size if cfg.family == "gpt" and cfg.pos == "learned" else None)
+    limit = cfg.context_limit or cfg.context_window  # the scoring forward must fit either way
     bos = [tok.bos_id] if tok.add_bos and tok.bos_id is not None else []  # as the model was trained
     room = (limit or 1 << 30) - len(question) - len(bos)
     if room < 8:

@@ -150,7 +150,7 @@ def fit(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, task: Task
             mlog.write(json.dumps(row) + "\n")
             mlog.flush()
 
-    with _progress(show_progress and dist.master, label, unit) as progress, \
+    with _progress(show_progress and dist.master, label, unit) as progress, _sigterm_as_interrupt(), \
             (open(metrics_path, "a", encoding="utf-8") if metrics_path is not None and dist.master
              else contextlib.nullcontext()) as mlog:
         bar = progress.add_task(label, total=steps, completed=step, loss=float("nan"), rate=0.0)
@@ -227,6 +227,36 @@ def fit(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, task: Task
     return FitResult(step, stopped, steps_this_run, train_time, losses, last_eval, evaluated_at)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (timeout, containers, systemd, Slurm) stops training like Ctrl-C does: a checkpoint
+    and a way to resume, not a lost run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def clean_partial_checkpoints(folder: Path) -> None:
+    """Remove checkpoint folders a killed write left half-made (`.step_N.tmp-*`, `.step_N.old-*`)."""
+    ckpts = folder / "checkpoints"
+    if ckpts.is_dir():
+        for p in ckpts.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def _out_of_time(budget: float | None, t_start: float, dist: DistInfo, device: torch.device) -> bool:
     if budget is None:
         return False
@@ -261,12 +291,16 @@ class Trainer:
                  device: str = "auto", show_progress: bool = True, log: Callable[[str], None] | None = None,
                  resume_overrides: dict[str, Any] | None = None):
         self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise LMForgeError(f"--out {self.out_dir} is a file, not a folder; choose another --out")
         self.dist, self.device = init_distributed(device)
         self.show_progress = show_progress and self.dist.master
         self._log = log or print
         self.resume_from = None
         if resume:
             ckpt = read_checkpoint(self.out_dir)
+            if self.dist.master:
+                clean_partial_checkpoints(self.out_dir)
             self.resume_from = ckpt
             self.model_config = ckpt.model_config
             saved = ckpt.train_config.to_dict() if ckpt.train_config else {}
@@ -449,6 +483,8 @@ class Trainer:
         ckpt_dir = self.out_dir / "checkpoints" / f"step_{step:07d}"
         if self.dist.master:
             meta = {"data": self.data_paths, "tokenizer": tok.kind, "eval": final_eval or {}}
+            if tok.kind == "bpe":  # the size asked for (a small corpus may give fewer tokens)
+                meta["vocab_size"] = self.vocab_size
             save_checkpoint(ckpt_dir, raw, step=step, tokenizer_json=tok.to_str(), train_config=self.train_config,
                             meta=meta, optimizer=opt,
                             trainer_state={"scaler": scaler.state_dict() if scaler.is_enabled() else None})

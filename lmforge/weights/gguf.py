@@ -78,6 +78,13 @@ def read_gguf(path: str | Path) -> GGUFFile:
     if bad:
         raise LMForgeError(f"{path}: unsupported tensor type(s) {', '.join(bad)}; supported: "
                            f"{', '.join(SUPPORTED_TYPES)}")
+    align = meta.get("general.alignment") or 32
+    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise LMForgeError(f"{path}: corrupt GGUF (alignment {align!r} is not a power of two)")
+    moved = [t.name for t in reader.tensors if int(t.data_offset) % align]
+    if moved:
+        raise LMForgeError(f"{path}: corrupt GGUF (tensor data of {', '.join(moved[:3])} off the file's "
+                           f"{align}-byte alignment)")
     return GGUFFile(path, arch, meta, reader)
 
 

@@ -37,12 +37,23 @@ def save_quantized(folder: Path, model: nn.Module, source_sha256: str) -> None:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_file(sd, str(tmp), metadata={"source_sha256": source_sha256})
+    weights_sha = _sha256(tmp)
     os.replace(tmp, folder / WEIGHTS)
     meta = {"format": FORMAT, "model": model.config.to_dict(), "layout": quant_layout(model),
-            "source_sha256": source_sha256}
+            "source_sha256": source_sha256, "weights_sha256": weights_sha}
     cfg_tmp = folder / f".{CONFIG}.tmp-{os.getpid()}"
     cfg_tmp.write_text(json.dumps(meta, indent=2))
     os.replace(cfg_tmp, folder / CONFIG)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -100,12 +111,16 @@ def load_quantized(folder: Path, source_sha256: str, device) -> nn.Module | None
         return None
     try:
         meta = json.loads(cpath.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT or meta.get("source_sha256") != source_sha256:
-            return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # damaged: rebuilt from the GGUF
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("source_sha256") != source_sha256:
+        return None  # from another lmforge version or another file
+    if meta.get("weights_sha256") != _sha256(wpath):
+        return None  # the copy was damaged or edited since it was written
+    try:
         cfg = ModelConfig.from_dict(meta["model"])
         state = read_safetensors(wpath)
         return assemble(cfg, meta["layout"], state, device, source=str(wpath))
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError, OSError, LMForgeError,
-            struct.error):
-        return None  # unreadable or from another lmforge version: rebuilt from the GGUF
-
+    except (KeyError, ValueError, OSError, struct.error, json.JSONDecodeError, LMForgeError):
+        # what a damaged header or a format mismatch can raise (a bug elsewhere still surfaces)
+        return None
