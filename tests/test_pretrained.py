@@ -9,6 +9,7 @@ import torch
 from lmforge import store
 from lmforge.api import LM
 from lmforge.engine import SamplingParams
+from lmforge.models import kernels
 
 pytestmark = pytest.mark.pretrained
 NAME = "smollm2-135m-instruct"
@@ -53,6 +54,7 @@ def test_int8_agrees_with_float_path(float_lm, int8_lm):
     assert agree / total >= 0.97
 
 
+@pytest.mark.heavy
 def test_parity_with_transformers_gguf_loader(float_lm):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -92,18 +94,33 @@ def test_exported_folder_loads_and_chats(float_lm, tmp_path):
     assert "Paris" in reply
 
 
-def test_ask_cites_the_right_python_doc_topics(tmp_path):
-    """The README's retrieval story end to end: the default collection (Python's docs, MiniLM
-    vectors) and SmolLM2 answer two questions; the cited topics are asserted, not the wording."""
+@pytest.fixture(scope="module")
+def pydoc_collection(tmp_path_factory):
+    """The default collection's content: Python's docs with MiniLM vectors (embedded once)."""
     if store.find("minilm-l6") is None:
         pytest.skip("minilm-l6 is not pulled")
     from lmforge.encoders import Encoder
-    from lmforge.rag.ask import ask
     from lmforge.rag.collection import Collection
 
-    col = Collection.open("pydoc", create=True, root=tmp_path, encoder=Encoder.load("minilm-l6", device="cpu"))
+    col = Collection.open("pydoc", create=True, root=tmp_path_factory.mktemp("col"),
+                          encoder=Encoder.load("minilm-l6", device="cpu"))
     col.add_pydoc()
-    lm = LM.load(NAME)
+    return col
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("variant", list(kernels.VARIANTS))
+def test_ask_cites_the_right_python_doc_topics(pydoc_collection, int8_lm, variant, monkeypatch):
+    """The README's retrieval story end to end, on every kernel build the CPU runs: the default
+    collection and SmolLM2 answer two questions; the cited topics are asserted, not the wording."""
+    if not kernels.runnable(variant):
+        pytest.skip(f"this CPU cannot run the {variant} build")
+    from lmforge.rag.ask import ask
+
+    col, lm = pydoc_collection, int8_lm
+    monkeypatch.setenv("LMFORGE_KERNELS", variant)
+    lm.model.invalidate_plan()
+    assert kernels.library().lmf_isa() == kernels.VARIANTS[variant][2]
     for question, topic in (("How do I open a file for writing?", "pydoc:types"),
                             ("What does the with statement do?", "pydoc:with")):
         a = ask(question, col, lm, max_new_tokens=80)
@@ -113,6 +130,7 @@ def test_ask_cites_the_right_python_doc_topics(tmp_path):
     assert not ask("Who won the 1998 football world cup?", col, lm).found
 
 
+@pytest.mark.heavy
 def test_eval_qa_answers_and_llm_reranking(tmp_path):
     """SmolLM2 answers a tiny SQuAD-format file through ask (scored by contains/EM/F1), and as
     a reranker puts the passage that answers a question first."""

@@ -34,6 +34,7 @@ def _with_variant(lm, variant, monkeypatch):
     assert kernels.library() is not None
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("variant", list(kernels.VARIANTS))
 def test_quantized_decoding_agrees_with_the_float_path(pair, variant, monkeypatch):
     """Teacher-forced: the float model's own greedy continuation is fed one token at a time
@@ -74,6 +75,7 @@ class _Forcer:
         return forced
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("variant", list(kernels.VARIANTS))
 def test_join_and_leave_gives_every_request_its_solo_tokens(pair, variant, monkeypatch):
     """16 requests join at random steps and leave when done; each one's greedy tokens equal

@@ -32,6 +32,7 @@ def fast_lm():
     return LM.load(NAME)
 
 
+@pytest.mark.heavy
 def test_parity_with_transformers(float_lm):
     transformers = pytest.importorskip("transformers")
     folder, file = str(MODEL.path), MODEL.manifest["file"]
