@@ -100,22 +100,31 @@ class LM:
         from lmforge import store
         from lmforge.weights.quantized import load_quantized, save_quantized
 
-        # the converted tokenizer, checked against the hash recorded when it was made; made (again)
-        # from the checked GGUF when it is missing, damaged or edited
+        # The GGUF is re-hashed against the manifest before anything is read from it. The files made
+        # from it (converted tokenizer, quantized copy) are checked against the hashes recorded when
+        # they were made, and made again from the checked GGUF when missing, damaged or edited; a
+        # load from them alone does not read (or hash) the GGUF.
+        def checked_gguf():
+            store.verify(model)
+            return model.gguf
+
         converted = [n for n in ("tokenizer.json", "tokenizer_extra.json") if (model.path / n).is_file()]
-        tok = LMTokenizer.load(model.path / "tokenizer.json") if converted and store.derived_ok(model, converted) \
-            else store.cache_tokenizer(model)
+        if converted and store.derived_ok(model, converted):
+            tok = LMTokenizer.load(model.path / "tokenizer.json")
+        else:
+            checked_gguf()
+            tok = store.cache_tokenizer(model)
         if scheme == "gguf":
             sha = model.manifest["sha256"]
             cached = load_quantized(model.path, sha, device)
             if cached is not None:
                 lm = cls(cached, tok, None)
             else:  # first use (or an older cache): convert once, keep the copy in the store
-                lm = cls._from_gguf(model.gguf, device, tok, quantized=True)
+                lm = cls._from_gguf(checked_gguf(), device, tok, quantized=True)
                 save_quantized(model.path, lm.model, sha)
             lm.quantized = "gguf"
             return lm
-        return cls._from_gguf(model.gguf, device, tok)
+        return cls._from_gguf(checked_gguf(), device, tok)
 
     @classmethod
     def _from_gguf(cls, path: Path, device, tok: LMTokenizer | None = None, quantized: bool = False) -> "LM":

@@ -58,14 +58,17 @@ def _folder_kind(path: Path) -> str | None:
 def _stored(model) -> Source:
     from lmforge import store
 
-    store.verify(model)
     if model.kind == "hf":
+        store.verify(model)
         return Source(_folder_kind(model.path) or "hf", model.path, model)
+    # a stored GGUF is re-hashed when it is read (LM._from_store); its derived files (quantized
+    # copy, converted tokenizer) carry hashes of their own, so a load from them skips the GGUF
     return Source("store-gguf", model.path, model)
 
 
 def resolve(spec: str | Path) -> Source:
-    """The kind of model a spec names (stored files verified against their manifest)."""
+    """The kind of model a spec names (a stored Hugging Face folder verified against its manifest;
+    a stored GGUF when it is read)."""
     from lmforge import store
 
     path = Path(spec)

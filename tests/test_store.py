@@ -83,10 +83,14 @@ def test_pull_list_load_and_tamper(local_registry, capsys):
         main(["models"])
     assert exit_info.value.code == 0
     assert "tiny-test" in capsys.readouterr().out
-    # tampering with the stored file is caught on load
+    # tampering with the stored file is caught when it is read (the float path reads it; the
+    # quantized copy, checked by its own hash, does not need it)
     with open(stored.gguf, "r+b") as f:
         f.seek(-10, 2)
         f.write(b"0123456789")
+    with pytest.raises(LMForgeError, match="sha256 mismatch"):
+        LM.load("tiny-test", quantize="none")
+    (stored.path / "int8.safetensors").write_bytes(b"junk")  # ... and so does rebuilding that copy
     with pytest.raises(LMForgeError, match="sha256 mismatch"):
         LM.load("tiny-test")
 
