@@ -276,6 +276,49 @@ def test_citations_are_checked_and_attributed():
     assert attribute("Nothing in common whatsoever here.", sources) is None
 
 
+def test_ask_keeps_only_supported_citations_and_stops_at_repeats_and_blank_lines(tmp_path, tiny_encoder):
+    """A scripted chat model cites the wrong source, repeats itself in other words, and starts a
+    second paragraph: the citation moves to the source that backs the sentence, the repeat ends
+    the answer, and generation stops at the blank line."""
+    from lmforge.rag.ask import ask
+
+    class ScriptedChat:
+        context_limit = None
+
+        class tokenizer:
+            chat_template = "(any)"
+
+            @staticmethod
+            def encode(text, check=True):
+                return list(text.encode("utf-8"))
+
+            @staticmethod
+            def render_chat(messages, add_generation_prompt=True):
+                return "\n".join(m["content"] for m in messages)
+
+        def chat(self, messages, max_new_tokens, temperature=0, stop=()):
+            self.stop = stop
+            prompt = messages[-1]["content"]
+            kettle = 1 if "[1] (kettles" in prompt else 2  # the number the kettle source was given
+            reply = (f"Violins have four strings tuned in fifths [{kettle}]. Kettles boil water quickly on a gas "
+                     f"stove. A violin has four strings that are tuned in fifths, you see. Then more.")
+            return (reply[i:i + 5] for i in range(0, len(reply), 5))
+
+    col = Collection.open("c", create=True, root=tmp_path, encoder=tiny_encoder)
+    col.add_text("kettles", "Kettles boil water quickly on a gas stove.")
+    col.add_text("violins", "Violins have four strings tuned in fifths.")
+    lm = ScriptedChat()
+    a = ask("Tell me about violins and kettles", col, lm, k=2, min_similarity=-1.0)
+    by_source = {h.source: n for n, h in enumerate(a.sources, 1)}
+    assert len(by_source) == 2
+    assert f"in fifths. [{by_source['violins']}]" in a.text  # moved from the kettle source that was cited
+    assert a.unsupported == [by_source["kettles"]] and not a.removed
+    assert f"gas stove. [{by_source['kettles']}]" in a.text  # attributed: the model cited nothing here
+    assert a.text.count("[") == 2
+    assert "you see" not in a.text and "Then more" not in a.text  # the repeat ended the answer
+    assert "\n\n" in lm.stop  # a chat answer is complete at its first blank line
+
+
 def test_ask_says_so_when_the_collection_has_nothing(tmp_path, tiny_encoder):
     from lmforge.rag.ask import NOT_FOUND, ask
 

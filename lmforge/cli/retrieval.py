@@ -151,6 +151,9 @@ def ask(
     sys.stdout.write("\n")
     if answer.removed:
         print(f"(removed citations of sources that were not given: {', '.join(f'[{n}]' for n in answer.removed)})")
+    if answer.unsupported:
+        print(f"(removed citations whose source does not back the sentence: "
+              f"{', '.join(f'[{n}]' for n in answer.unsupported)})")
     if answer.cited:
         print("\nSources:")
         for n in sorted(answer.cited):

@@ -24,6 +24,16 @@ INSTRUCTION = "Answer in two or three sentences and cite the sources like [1]."
 SHORT = "Answer with a short phrase from the sources and cite it like [1]."  # extractive QA (eval qa)
 NOT_FOUND = "The collection has nothing on this question, so there is no grounded answer to give."
 STOP = ("\nQuestion:", "\nSources:")  # the model starting a new exchange of its own
+# A chat model's answer is complete at its first blank line: what SmolLM2 adds after one restates
+# the first paragraph
+CHAT_STOP = STOP + ("\n\n",)
+SUPPORT = 0.35  # a cited source must hold at least this share of the sentence's content words
+REPEAT = 0.6  # a sentence sharing this share of its content words with an earlier one repeats it
+# function words carry no evidence that a source supports a sentence
+_STOPWORDS = frozenset("""the and for are but not you your can has have had was were will would with this that these
+those from into onto than then them they their there what when where which while who whom why how its it's also
+such use used using may might must should could does did doing been being about after before over under more most
+some any all each other only own same very just one two""".split())
 _CITE = re.compile(r"\s*\[(\d+)\]")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z`\"'(])|(?<=[。！？])|\n\s*\n")
 
@@ -34,6 +44,7 @@ class Answer:
     sources: list[Hit]  # numbered from 1, as shown to the model
     cited: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)  # numbers the model cited that name no source
+    unsupported: list[int] = field(default_factory=list)  # sources cited where their text does not back the sentence
     found: bool = True
 
 
@@ -41,18 +52,31 @@ def _words(text: str) -> set[str]:
     return {w for w in query_words(text) if len(w) > 2 or not w.isascii()}  # CJK comes as bigrams
 
 
+def _content(text: str) -> set[str]:
+    return _words(text) - _STOPWORDS
+
+
+def support(sentence: str, source_text: str) -> float:
+    """The share of the sentence's content words that the source's text holds (1.0 when the
+    sentence has too few content words to judge)."""
+    words = _content(sentence)
+    return len(words & _content(source_text)) / len(words) if len(words) >= 3 else 1.0
+
+
 def attribute(sentence: str, sources: list[Hit], min_overlap: float = 0.5) -> int | None:
-    """The source (1-based) sharing the largest share of the sentence's words, if at least
-    min_overlap of them."""
-    words = _words(sentence)
-    if len(words) < 3:
+    """The source (1-based) sharing the largest share of the sentence's content words, if at
+    least min_overlap of them."""
+    if len(_content(sentence)) < 3:
         return None
-    best, share = None, 0.0
-    for i, h in enumerate(sources, 1):
-        s = len(words & _words(h.text)) / len(words)
-        if s > share:
-            best, share = i, s
-    return best if share >= min_overlap else None
+    shares = [support(sentence, h.text) for h in sources]
+    best = max(range(len(shares)), key=shares.__getitem__, default=None)
+    return best + 1 if best is not None and shares[best] >= min_overlap else None
+
+
+def repeats(sentence: str, earlier: list[set[str]]) -> bool:
+    """Whether the sentence says again what an earlier one said (most of its content words)."""
+    words = _content(_CITE.sub("", sentence))
+    return any(len(words & e) >= REPEAT * max(1, min(len(words), len(e))) for e in earlier) if words else False
 
 
 def check_citations(sentence: str, n_sources: int) -> tuple[str, list[int], list[int]]:
@@ -150,35 +174,40 @@ def ask(question: str, collection: Collection, lm, k: int = 3, mode: str = "hybr
     def flush(sentence: str, sep: str) -> None:
         text, valid, removed = check_citations(sentence, len(sources))
         answer.removed += removed
-        if not valid and not _CITE.search(text):
-            n = attribute(text, sources)
+        # a number the model wrote stays only where that source's text backs the sentence
+        plain = _CITE.sub("", text).rstrip()
+        backed = [n for n in valid if support(plain, sources[n - 1].text) >= SUPPORT]
+        answer.unsupported += [n for n in valid if n not in backed and n not in answer.unsupported]
+        if backed != valid:
+            text = plain + "".join(f" [{n}]" for n in dict.fromkeys(backed))
+        if not backed:
+            n = attribute(plain, sources)
             if n is not None:
-                valid = [n]
-                text = text.rstrip() + f" [{n}]"
-        answer.cited += [n for n in valid if n not in answer.cited]
+                backed = [n]
+                text = plain + f" [{n}]"
+        answer.cited += [n for n in backed if n not in answer.cited]
         answer.text += text + sep
         if on_text:
             on_text(text + sep)
 
-    seen: set[str] = set()
+    said: list[set[str]] = []
     # no repetition penalty: at 1.05-1.1 SmolLM2's answers wandered into code; stopping at a
-    # repeated sentence ends its loops instead
+    # sentence that repeats an earlier one ends its loops instead
     if lm.tokenizer.chat_template:
-        pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=STOP)
+        pieces = lm.chat(msgs, max_new_tokens, temperature=0, stop=CHAT_STOP)
     else:
         pieces = lm.stream(render(lm, msgs), max_new_tokens, temperature=0, stop=STOP + ("\n",))  # one line
     for piece in pieces:
         pending += piece
         while (m := _SENTENCE.search(pending)) is not None:
             sentence, sep, pending = pending[:m.start()], pending[m.start():m.end()], pending[m.end():]
-            key = " ".join(_CITE.sub("", sentence).split()).lower()
-            if key in seen:  # a small model that starts repeating itself has said what it knows
+            if repeats(sentence, said):  # a small model that starts repeating itself has said what it knows
                 pending = ""
                 pieces.close()
                 break
-            seen.add(key)
+            said.append(_content(_CITE.sub("", sentence)))
             flush(sentence, sep)
-    if pending.strip():
+    if pending.strip() and not repeats(pending, said):
         flush(pending, "")
     answer.text = answer.text.strip()
     return answer
