@@ -4,9 +4,11 @@
    y (M, N) = x (M, K) @ W^T, where W (N, K) is int8 with an optional fp16 scale per group of 32
    along K (Q8_0's layout: GGUF token tables) and an optional float scale per row (per-channel
    int8), or 4-bit with an fp16 scale and offset per group of 32 (w = q * scale + offset: GGUF's
-   Q4_0/Q4_1/Q4_K values without re-rounding). Activations stay float32: nothing is rounded but
-   the weights themselves, and every output is one row's own sum in a fixed order, so a row's
-   result does not depend on how many other rows share the call (batch invariance).
+   Q4_0/Q4_1/Q4_K values without re-rounding). The AVX-512 and plain-C builds keep activations
+   in float32; the AVX2 build rounds them to int8 in groups of 32 (as llama.cpp's Q8_0
+   activations) for integer dot products. In every build each output is one row's own sum in a
+   fixed order, so a row's result does not depend on how many other rows share the call (batch
+   invariance).
 
    Decoding one token is a pass over every weight byte, so the loop reads each weight row once
    and uses it for up to MT rows of x at a time (a batch of sequences). Work is split over
