@@ -197,14 +197,13 @@ def _resolve(spec: str | Path) -> Path:
     from lmforge.sources import resolve
 
     src = resolve(spec)
-    if src.kind != "encoder":
-        what = "an lmforge run" if src.kind == "checkpoint" else "a language model"
-        if src.kind == "checkpoint" and not Path(spec).exists():
-            raise LMForgeError(f"{spec!r} is neither an encoder folder nor a pulled encoder's name")
-        if src.kind in ("hf", "checkpoint") and Path(spec).is_dir() and src.stored is None:
-            raise LMForgeError(f"{spec} is not an encoder folder (its config.json must say model_type 'bert')")
-        raise LMForgeError(f"{spec} is {what}, not an encoder (use lmforge generate/chat for decoder models)")
-    return src.path
+    if src.kind == "encoder":
+        return src.path
+    if src.kind == "checkpoint" and not Path(spec).exists():
+        raise LMForgeError(f"{spec!r} is neither an encoder folder nor a pulled encoder's name")
+    if src.kind in ("hf", "checkpoint") and src.stored is None:
+        raise LMForgeError(f"{spec} is not an encoder folder (its config.json must say model_type 'bert')")
+    raise LMForgeError(f"{spec} is a language model, not an encoder (use lmforge generate/chat for decoder models)")
 
 
 def embed_file(spec: str | Path, input: str | Path, out: str | Path, batch_size: int = 32, quantize: str = "none",

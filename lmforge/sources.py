@@ -32,10 +32,6 @@ class Source:
     stored: object | None = None
     """The store.StoredModel for pulled models."""
 
-    @property
-    def pretrained(self) -> bool:
-        return self.kind != "checkpoint"
-
 
 def _read_manifest(path: Path) -> dict:
     try:

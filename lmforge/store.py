@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.common import atomic_write_text
+from lmforge.common import atomic_write_text, sha256_file
 from lmforge.config import home
 from lmforge.errors import LMForgeError
 
@@ -106,16 +106,6 @@ class StoredModel:
         if self.kind != "gguf":
             raise LMForgeError(f"model {self.name} is a {self.kind} folder, not a GGUF file: load {self.folder}")
         return self.path / self.manifest["file"]
-
-
-def sha256_file(path: Path, progress=None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def is_encoder(model: StoredModel) -> bool:

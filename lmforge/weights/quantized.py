@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from lmforge.common import sha256_file
 from lmforge.config import ModelConfig
 from lmforge.models import GPT
 from lmforge.models.quant import build_quantized_skeleton, quant_layout, retie
@@ -37,7 +38,7 @@ def save_quantized(folder: Path, model: nn.Module, source_sha256: str) -> None:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
     save_file(sd, str(tmp), metadata={"source_sha256": source_sha256})
-    weights_sha = _sha256(tmp)
+    weights_sha = sha256_file(tmp)
     os.replace(tmp, folder / WEIGHTS)
     meta = {"format": FORMAT, "model": model.config.to_dict(), "layout": quant_layout(model),
             "source_sha256": source_sha256, "weights_sha256": weights_sha}
@@ -46,37 +47,37 @@ def save_quantized(folder: Path, model: nn.Module, source_sha256: str) -> None:
     os.replace(cfg_tmp, folder / CONFIG)
 
 
-def _sha256(path: Path) -> str:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of a safetensors file, each read into its own new tensor (no memory map),
+    and the sha256 of the whole file, hashed from the same bytes as they are read (one pass)."""
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, each read into its own new tensor (no memory map)."""
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        base = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        raw = f.read(n)
+        h.update(head + raw)
+        header = json.loads(raw)
+        pos = 0  # in the data section, as read so far
+        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0]):  # in file order
             start, end = info["data_offsets"]
             t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
-            if end - start != t.numel() * t.element_size():
-                raise ValueError(f"{name}: size does not match its shape")
-            f.seek(base + start)
+            if end - start != t.numel() * t.element_size() or start < pos:
+                raise ValueError(f"{name}: size or offset does not match its shape")
+            h.update(f.read(start - pos))  # (padding between tensors, if any)
             if t.numel():
                 buf = t.view(-1).view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.view(-1).numpy()
                 if f.readinto(memoryview(buf)) != end - start:
                     raise ValueError(f"{name}: file is truncated")
+                h.update(memoryview(buf))
+            pos = end
             out[name] = t
-    return out
+        while chunk := f.read(1 << 22):  # anything after the last tensor counts too
+            h.update(chunk)
+    return out, h.hexdigest()
 
 
 def assemble(cfg: ModelConfig, layout: dict[str, str], state: dict[str, torch.Tensor], device,
@@ -115,11 +116,11 @@ def load_quantized(folder: Path, source_sha256: str, device) -> nn.Module | None
         return None  # damaged: rebuilt from the GGUF
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("source_sha256") != source_sha256:
         return None  # from another lmforge version or another file
-    if meta.get("weights_sha256") != _sha256(wpath):
-        return None  # the copy was damaged or edited since it was written
     try:
         cfg = ModelConfig.from_dict(meta["model"])
-        state = read_safetensors(wpath)
+        state, digest = read_safetensors(wpath)
+        if meta.get("weights_sha256") != digest:
+            return None  # the copy was damaged or edited since it was written
         return assemble(cfg, meta["layout"], state, device, source=str(wpath))
     except (KeyError, ValueError, OSError, struct.error, json.JSONDecodeError, LMForgeError):
         # what a damaged header or a format mismatch can raise (a bug elsewhere still surfaces)
