@@ -17,8 +17,9 @@ import torch
 from lmforge.common import pick_device, set_cpu_threads
 from lmforge.config import ModelConfig, TrainConfig, preset as get_preset
 from lmforge.engine import Engine, Event, Request, SamplingParams
+from lmforge.engine.constraint import Constraint, Spec, Vocabulary
 from lmforge.engine.sampling import ban_tokens
-from lmforge.errors import LMForgeError
+from lmforge.errors import LMForgeError, TruncatedOutput
 from lmforge.tokenizer import LMTokenizer, StreamDecoder
 from lmforge.engine.score import EvalResult, evaluate_windows
 from lmforge.weights.checkpoint import Checkpoint, load_model, read_checkpoint
@@ -44,6 +45,7 @@ class LM:
         self.checkpoint = checkpoint
         self.engine = Engine(self.model)
         self.quantized: str | None = None
+        self._vocabulary: Vocabulary | None = None
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto", compile: bool = False) -> "LM":
@@ -189,17 +191,20 @@ class LM:
         """Yield generated text piece by piece (never splitting a UTF-8 character), ending before
         any of the `stop` strings. Sampling options: temperature, top_k, top_p, min_p,
         repetition_penalty, seed. Bad arguments and unencodable prompts raise here, up front.
-        For tokens, log-probabilities and the finish reason, use `events`."""
+        For tokens, log-probabilities and the finish reason, use `events`. With `spec`, output
+        that ends before the specification is complete raises TruncatedOutput at the end."""
         return _texts(self.events(prompt, max_new_tokens, stop=stop, **sampling))
 
     def events(self, prompt: str, max_new_tokens: int = 200, *, stop: Sequence[str] = (), logprobs: bool = False,
-               top_logprobs: int = 0, processors: Sequence = (), **sampling: Any) -> Iterator[Event]:
+               top_logprobs: int = 0, processors: Sequence = (), spec: Spec | None = None,
+               **sampling: Any) -> Iterator[Event]:
         """Generate from a text prompt as the engine's events: token id, text delta,
         log-probability (and top alternatives) when asked, and on the last one the finish
-        reason ("stop", "length", "stop_string", "cancelled") and token usage."""
+        reason ("stop", "length", "stop_string", "cancelled") and token usage. With `spec` the
+        output follows it; the last event's `complete` tells whether it is a whole instance."""
         req = self.request(self.encode_prompt(prompt), max_new_tokens, stop=stop, logprobs=logprobs,
-                           top_logprobs=top_logprobs, processors=processors, **sampling)
-        return self.engine.run([req])
+                           top_logprobs=top_logprobs, processors=processors, spec=spec, **sampling)
+        return _run_checked(self.engine, req)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
              **sampling: Any) -> Iterator[str]:
@@ -208,22 +213,29 @@ class LM:
 
     def chat_events(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
                     logprobs: bool = False, top_logprobs: int = 0, processors: Sequence = (),
-                    **sampling: Any) -> Iterator[Event]:
-        """The assistant's reply as the engine's events (see `events`)."""
+                    spec: Spec | None = None, **sampling: Any) -> Iterator[Event]:
+        """The assistant's reply as the engine's events (see `events`). With `spec`, the reply
+        follows it, and the model is also told in the conversation what it must produce."""
         sampling.setdefault("temperature", 0.7)
+        if spec is not None:
+            messages = describe_spec(messages, spec)
         req = self.request(self.chat_ids(messages), max_new_tokens, stop=stop, logprobs=logprobs,
-                           top_logprobs=top_logprobs, processors=processors, **sampling)
-        return self.engine.run([req])
+                           top_logprobs=top_logprobs, processors=processors, spec=spec, **sampling)
+        return _run_checked(self.engine, req)
 
     def request(self, ids: list[int], max_new_tokens: int, *, stop: Sequence[str] = (), logprobs: bool = False,
-                top_logprobs: int = 0, processors: Sequence = (), **sampling: Any) -> Request:
+                top_logprobs: int = 0, processors: Sequence = (), spec: Spec | None = None,
+                **sampling: Any) -> Request:
         """An engine request for prompt ids with this model's stops, banned tokens and streaming
-        decoder (for callers that run many requests through `self.engine` at once)."""
+        decoder (for callers that run many requests through `self.engine` at once); with `spec`,
+        a fresh constraint matcher of its own."""
         params = self._params(max_new_tokens, sampling)
         if self.context_limit is not None:
             max_new_tokens = max(1, min(max_new_tokens, self.context_limit - len(ids)))
         banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
         procs = ([lambda _ids, logits: ban_tokens(logits, banned)] if banned else []) + list(processors)
+        if spec is not None:
+            procs.append(self.constraint(spec))
         return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids, [s for s in stop if s],
                        StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs)
 
@@ -262,8 +274,53 @@ class LM:
         self._check_length(len(ids))
         return ids
 
-    def generate(self, prompt: str, max_new_tokens: int = 200, **kwargs: Any) -> str:
-        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+    def generate(self, prompt: str, max_new_tokens: int = 200, *, schema: Any = None, json: bool = False,
+                 regex: str | None = None, choices: Sequence[str] | None = None, grammar: str | None = None,
+                 **kwargs: Any) -> Any:
+        """The generated text. With a specification (at most one of schema, json, regex,
+        choices, grammar) the output follows it exactly; a Pydantic model class as the schema
+        returns a validated instance of it. Output that ends before the specification is
+        complete raises TruncatedOutput."""
+        spec = self.spec(schema=schema, json=json, regex=regex, choices=choices, grammar=grammar)
+        if spec is None:
+            return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+        text = "".join(self.stream(prompt, max_new_tokens, spec=spec, **kwargs))
+        return _parsed(schema, text)
+
+    # ---- specifications (constrained output) -----------------------------------------------
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """This tokenizer as the grammar engine sees it, with the cache of compiled specs."""
+        if self._vocabulary is None:
+            tok = self.tokenizer
+            self._vocabulary = Vocabulary(tok.token_byte_strings(), tok.special_ids, tok.stop_ids,
+                                          lambda text: tok.encode(text), self.config.vocab_size)
+        return self._vocabulary
+
+    @staticmethod
+    def spec(*, schema: Any = None, json: bool = False, regex: str | None = None,
+             choices: Sequence[str] | None = None, grammar: str | None = None) -> Spec | None:
+        """The Spec for at most one of: a JSON Schema (dict, JSON text, file path or Pydantic
+        class), any JSON, a regex, a choice list, a Lark (or GBNF) grammar."""
+        given = [n for n, v in (("schema", schema), ("json", json or None), ("regex", regex),
+                                ("choices", choices), ("grammar", grammar)) if v is not None]
+        if len(given) > 1:
+            raise LMForgeError(f"give one specification, not {' and '.join(given)}")
+        if schema is not None:
+            return Spec.json_schema(schema)
+        if json:
+            return Spec.any_json()
+        if regex is not None:
+            return Spec.regex(regex)
+        if choices is not None:
+            return Spec.choice(list(choices))
+        if grammar is not None:
+            return Spec.grammar(grammar)
+        return None
+
+    def constraint(self, spec: Spec) -> Constraint:
+        """A fresh matcher for one request (the compiled spec is cached)."""
+        return self.vocabulary.constraint(spec)
 
     def export(self, out_dir: str | Path, format: str = "hf") -> Path:
         """Write the model in another layout; "hf" is loadable by transformers and vLLM."""
@@ -326,9 +383,42 @@ class Conversation:
 
 
 def _texts(events: Iterator[Event]) -> Iterator[str]:
+    text = []
     for ev in events:
         if ev.text:
+            text.append(ev.text)
             yield ev.text
+        if ev.finish_reason is not None and getattr(ev, "complete", None) is False:
+            raise TruncatedOutput(f"the output ended ({ev.finish_reason}) before the specification was complete: "
+                                  "raise max_new_tokens", "".join(text))
+
+
+def _run_checked(engine: Engine, req: Request) -> Iterator[Event]:
+    """The request's events; with a constraint, the last one also says whether the output is a
+    whole instance of the specification (`complete`)."""
+    cons = next((p for p in req.processors if isinstance(p, Constraint)), None)
+    for ev in engine.run([req]):
+        if ev.finish_reason is not None and cons is not None:
+            ev.complete = ev.finish_reason == "stop" and cons.complete
+        yield ev
+
+
+def describe_spec(messages: list[dict], spec: Spec) -> list[dict]:
+    """The conversation with the specification described in its system message, so that a chat
+    model knows what it is asked for, not only forced into it."""
+    msgs = [dict(m) for m in messages]
+    if msgs and msgs[0].get("role") == "system":
+        msgs[0]["content"] = f"{msgs[0]['content']}\n\n{spec.describe()}"
+    else:
+        msgs.insert(0, {"role": "system", "content": spec.describe()})
+    return msgs
+
+
+def _parsed(schema: Any, text: str) -> Any:
+    """A Pydantic class's instance from constrained output (the text otherwise)."""
+    if schema is not None and hasattr(schema, "model_validate_json"):
+        return schema.model_validate_json(text)
+    return text
 
 
 def run_dir(out: str | Path | None, model: str, tokenizer: str, resume: bool = False) -> Path:

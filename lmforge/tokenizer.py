@@ -66,6 +66,7 @@ class LMTokenizer:
         self.chat_template = chat_template
         self.stop_ids = sorted(set(stop_ids or []) | ({self.eot_id} if self.eot_id is not None else set()))
         self._token_bytes: np.ndarray | None = None
+        self._token_strings: list[bytes] | None = None
 
     # ------------------------------------------------------------ pretrained (GGUF)
     @classmethod
@@ -293,6 +294,44 @@ class LMTokenizer:
                     nb[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
             self._token_bytes = nb
         return self._token_bytes
+
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of control tokens (<|im_start|>, <end_of_turn>, ...): never spelt as text."""
+        return sorted(i for i, t in self.tk.get_added_tokens_decoder().items() if t.special)
+
+    def token_byte_strings(self) -> list[bytes]:
+        """The bytes each token id stands for (b"" for control tokens and ids past the
+        vocabulary): what a grammar matcher needs to know which tokens can continue a text."""
+        if self._token_strings is None:
+            out = [b""] * self.vocab_size
+            special = set(self.special_ids) | ({self.unk_id} if self.unk_id is not None else set())
+            to_byte = _byte_level_decoding() if self.kind == "bpe" else None
+            for tok, i in self.tk.get_vocab(with_added_tokens=True).items():
+                if i in special or i >= self.vocab_size:
+                    continue
+                if to_byte is not None:  # one symbol per byte; added tokens are spelt as they are
+                    out[i] = bytes(to_byte[c] for c in tok) if all(c in to_byte for c in tok) else tok.encode()
+                elif self.kind == "spm" and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                    out[i] = bytes([int(tok[3:5], 16)])
+                else:
+                    out[i] = tok.replace("\u2581", " ").encode("utf-8")
+            self._token_strings = out
+        return self._token_strings
+
+
+def _byte_level_decoding() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level alphabet: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes for the code points from 256 up, in byte order."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table = {chr(b): b for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 class StreamDecoder:

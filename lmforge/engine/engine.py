@@ -35,7 +35,9 @@ from lmforge.errors import LMForgeError
 # A logits processor sees one request's ids so far (prompt and output) and its next-token
 # logits (1, V) and returns new logits: banned tokens, penalties and grammar constraints plug in
 # here. One that keeps state may also have `accept(token_id)` (told every token the request
-# takes) and `finished` (True once the output is complete: the request then stops).
+# takes) and `finished` (True once the output is complete: the request then stops). One with
+# `masks = True` (a constraint, see engine.constraint) is applied after all the others and the
+# repetition penalty, and must also answer `allows(token_id)`.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 FINISH_REASONS = ("stop", "length", "stop_string", "cancelled")
@@ -117,6 +119,9 @@ class Event:
     """On the last event: "stop", "length", "stop_string" or "cancelled"."""
     usage: Usage | None = None
     """On the last event."""
+    complete: bool | None = None
+    """On the last event of a constrained request (LM.events): whether the output is a whole
+    instance of its specification (False: truncated)."""
 
 
 class _Seq:
@@ -335,10 +340,21 @@ class Engine:
     def _sample(self, seq: _Seq) -> list[Event]:
         req, raw = seq.req, seq.logits  # (1, V)
         logits = raw
+        masks = [p for p in req.processors if getattr(p, "masks", False)]
         for proc in req.processors:
-            logits = proc(seq.ids, logits)
+            if proc not in masks:
+                logits = proc(seq.ids, logits)
         logits = repetition_penalty(logits, seq.ids, req.params.repetition_penalty)
-        tok = int(sample_next(logits, req.params, seq.gen)[0])
+        # constraints come last, so that sampling (temperature, top-p, ...) sees the masked
+        # distribution; under greedy decoding the model's own argmax is kept when every
+        # constraint allows it, and the mask is applied only when one does not
+        greedy_tok = int(sample_next(logits, req.params, seq.gen)[0]) if masks and req.params.temperature == 0 else None
+        if greedy_tok is not None and all(m.allows(greedy_tok) for m in masks):
+            tok = greedy_tok
+        else:
+            for m in masks:
+                logits = m(seq.ids, logits)
+            tok = int(sample_next(logits, req.params, seq.gen)[0])
         ev = Event(req.id, tok)
         if req.logprobs or req.top_logprobs:
             lp = raw[0].float().log_softmax(-1)
@@ -400,13 +416,18 @@ class Engine:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                        params: SamplingParams | None = None, stop_ids: Sequence[int] = (),
-                       processors: Sequence[LogitsProcessor] = ()) -> list[list[int]]:
+                       processors: Sequence[LogitsProcessor] = (),
+                       row_processors: Sequence[Sequence[LogitsProcessor]] | None = None) -> list[list[int]]:
         """Generate for several prompts at once (one decode forward per step for all of them);
-        each row stops on its own (the stop id is included)."""
+        each row stops on its own (the stop id is included). row_processors: one list per
+        prompt, added to the shared ones (e.g. a constraint matcher per row)."""
         if not prompts:
             raise LMForgeError("every prompt needs at least one token")
-        reqs = [Request(list(p), max_new_tokens, params or SamplingParams(), stop_ids, processors=processors)
-                for p in prompts]
+        if row_processors is not None and len(row_processors) != len(prompts):
+            raise LMForgeError("row_processors needs one list per prompt")
+        rows = row_processors or [()] * len(prompts)
+        reqs = [Request(list(p), max_new_tokens, params or SamplingParams(), stop_ids,
+                        processors=[*processors, *extra]) for p, extra in zip(prompts, rows)]
         outs: dict[int, list[int]] = {}
         for ev in self.run(reqs):
             if ev.token is not None:
@@ -441,9 +462,14 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
 
 def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor],
              params: SamplingParams) -> torch.Tensor:
+    masks = [p for p in processors if getattr(p, "masks", False)]
     for proc in processors:
-        logits = proc(ids, logits)
-    return repetition_penalty(logits, ids, params.repetition_penalty)
+        if proc not in masks:
+            logits = proc(ids, logits)
+    logits = repetition_penalty(logits, ids, params.repetition_penalty)
+    for m in masks:  # (always the full mask here: this is the reference path)
+        logits = m(ids, logits)
+    return logits
 
 
 @torch.inference_mode()

@@ -1,0 +1,415 @@
+"""Output that follows a specification: a JSON Schema, any JSON, a regex, a choice list or a
+Lark grammar.
+
+A `Spec` names what the output must be. `Vocabulary` holds what the grammar library needs to
+know about a tokenizer (the bytes of every token, the control and stop tokens) and compiles a
+spec once: a repeated spec costs a dictionary look-up. `Constraint` is the per-request matcher:
+a logits processor that gives probability only to tokens that keep the output valid, allows a
+stop token only where the output is complete, and advances on every token the request takes.
+
+The grammar engine is llguidance (see pyproject.toml for why). This module sees token ids and
+byte strings only, never a tokenizer object.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import LMForgeError
+
+KINDS = ("json_schema", "json", "regex", "choice", "grammar")
+
+# Keywords of JSON Schema (draft 4 to 2020-12). One outside this set is almost always a typo
+# ("requried"), which a validator would silently ignore: we refuse it. Vendor extensions
+# ("x-...") are let through. Whether the grammar engine implements a keyword is its own check.
+_KEYWORDS = {
+    "$schema", "$id", "id", "$ref", "$defs", "definitions", "$comment", "$anchor", "$dynamicRef",
+    "$dynamicAnchor", "$vocabulary", "$recursiveRef", "$recursiveAnchor",
+    "type", "enum", "const", "properties", "required", "additionalProperties", "patternProperties",
+    "propertyNames", "minProperties", "maxProperties", "dependentRequired", "dependentSchemas",
+    "dependencies", "unevaluatedProperties", "items", "prefixItems", "additionalItems",
+    "unevaluatedItems", "contains", "minContains", "maxContains", "minItems", "maxItems",
+    "uniqueItems", "minLength", "maxLength", "pattern", "format", "contentEncoding",
+    "contentMediaType", "contentSchema", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "multipleOf", "anyOf", "oneOf", "allOf", "not", "if", "then", "else",
+    # annotations: they describe, they do not constrain
+    "title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+    # what Pydantic adds to the schemas it writes (an OpenAPI annotation)
+    "discriminator",
+}
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONE = ("additionalProperties", "propertyNames", "unevaluatedProperties", "additionalItems",
+               "unevaluatedItems", "contains", "not", "if", "then", "else", "contentSchema")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the output must be. Build one with the class methods; `text` is canonical, so two
+    equal specifications are one cache entry."""
+
+    kind: str
+    text: str
+
+    @classmethod
+    def json_schema(cls, schema: dict | str | Path) -> "Spec":
+        """A JSON Schema as a dict, JSON text, or the path of a JSON file."""
+        pydantic = hasattr(schema, "model_json_schema")
+        schema = _load_schema(schema)
+        check_schema(schema)
+        if pydantic:  # a model's fields are all it keeps: no room for keys it would drop
+            schema = _closed(schema)
+        # (key order is kept: properties are generated in the order the schema gives them)
+        return cls("json_schema", json.dumps(schema))
+
+    @classmethod
+    def any_json(cls) -> "Spec":
+        return cls("json", "")
+
+    @classmethod
+    def regex(cls, pattern: str) -> "Spec":
+        if not pattern:
+            raise LMForgeError("the regex is empty")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LMForgeError(f"the regex does not compile: {e}") from None
+        return cls("regex", pattern)
+
+    @classmethod
+    def choice(cls, choices: Sequence[str]) -> "Spec":
+        choices = list(dict.fromkeys(choices))  # (repeats dropped, order kept)
+        if not choices:
+            raise LMForgeError("the choice list is empty")
+        if any(not isinstance(c, str) or c == "" for c in choices):
+            raise LMForgeError("every choice must be a non-empty string")
+        return cls("choice", json.dumps(choices))
+
+    @classmethod
+    def grammar(cls, source: str) -> "Spec":
+        """A Lark grammar (start rule `start`); a GBNF grammar (rules written `a ::= ...`,
+        start rule `root`) is converted to Lark first."""
+        if not source.strip():
+            raise LMForgeError("the grammar is empty")
+        if "::=" in source:
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            try:
+                source = gbnf_to_lark(source)
+            except Exception as e:  # the converter raises plain exceptions with the position
+                raise LMForgeError(f"the GBNF grammar has a syntax error: {_first_line(e)}") from None
+        return cls("grammar", source)
+
+    @property
+    def choices(self) -> list[str]:
+        return json.loads(self.text) if self.kind == "choice" else []
+
+    def describe(self) -> str:
+        """A line for a chat prompt: what the model is asked to produce."""
+        if self.kind == "json_schema":
+            schema = json.loads(self.text)
+            props = schema.get("properties") if isinstance(schema, dict) else None
+            if isinstance(props, dict) and props and schema.get("type", "object") == "object":
+                # a small model follows a list of fields better than a schema (it copies the
+                # schema's own keys, such as "title" and "type", into its answer)
+                fields = ", ".join(f"{k} ({_type_name(v)})" for k, v in props.items())
+                return f"Reply with only a JSON object with these fields: {fields}."
+            return f"Reply with only JSON that follows this JSON Schema: {self.text}"
+        if self.kind == "json":
+            return "Reply with only a JSON object."
+        if self.kind == "choice":
+            return "Reply with exactly one of: " + ", ".join(self.choices) + "."
+        if self.kind == "regex":
+            return f"Reply with text that matches the regular expression {self.text}"
+        return "Reply in the format given by this grammar:\n" + self.text
+
+    def grammar_text(self) -> str:
+        """The llguidance grammar for this spec."""
+        from llguidance import LLMatcher
+
+        if self.kind == "json_schema":
+            # compact JSON: one space after , and : and no newlines, so a small model cannot
+            # spend its tokens on runs of whitespace (it would, given the choice)
+            return LLMatcher.grammar_from_json_schema(
+                self.text, defaults={"whitespace_flexible": False, "item_separator": ", ",
+                                     "key_separator": ": "})
+        if self.kind == "json":
+            # an object or an array, as "JSON mode" means elsewhere (a bare number can run on)
+            return LLMatcher.grammar_from_json_schema(
+                '{"type": ["object", "array"]}', defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+        if self.kind == "regex":
+            return LLMatcher.grammar_from_regex(self.text)
+        if self.kind == "choice":
+            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choices))
+        return LLMatcher.grammar_from_lark(self.text)
+
+
+def _type_name(schema: Any) -> str:
+    if not isinstance(schema, dict):
+        return "any"
+    if "enum" in schema:
+        return "one of " + " | ".join(json.dumps(v) for v in schema["enum"])
+    t = schema.get("type")
+    if isinstance(t, list):
+        return " or ".join(map(str, t))
+    if t == "array" and isinstance(schema.get("items"), dict):
+        return f"list of {_type_name(schema['items'])}"
+    return str(t) if t else "object" if "properties" in schema else "any"
+
+
+def _closed(schema: Any) -> Any:
+    """The schema with every object that lists its properties closed to others (unless it
+    says otherwise)."""
+    if isinstance(schema, dict):
+        out = {k: (v if k in ("enum", "const", "default", "examples") else _closed(v)) for k, v in schema.items()}
+        if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def _load_schema(schema: Any) -> Any:
+    if hasattr(schema, "model_json_schema"):  # a Pydantic model class
+        return schema.model_json_schema()
+    if isinstance(schema, Path) or (isinstance(schema, str) and not schema.lstrip().startswith(("{", "["))
+                                    and schema.strip() not in ("true", "false")):
+        path = Path(schema)
+        if not path.is_file():
+            raise LMForgeError(f"schema file not found: {path}")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LMForgeError(f"{path} is not JSON: {e}") from None
+    if isinstance(schema, str):
+        try:
+            return json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise LMForgeError(f"the schema is not valid JSON: {e}") from None
+    return schema
+
+
+def check_schema(schema: Any, path: str = "#") -> None:
+    """Refuse what is not a JSON Schema, naming the place: a schema that is not an object (or
+    true/false), an unknown keyword, a keyword whose value has the wrong shape."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise LMForgeError(f"invalid JSON Schema at {path}: a schema is an object or true/false, "
+                           f"got {type(schema).__name__}")
+    for key, value in schema.items():
+        here = f"{path}/{key}"
+        if key not in _KEYWORDS and not key.startswith("x-"):
+            raise LMForgeError(f"unknown JSON Schema keyword {key!r} at {path}")
+        if key in _SCHEMA_MAPS:
+            if not isinstance(value, dict):
+                raise LMForgeError(f"invalid JSON Schema at {here}: expected an object of schemas")
+            for name, sub in value.items():
+                check_schema(sub, f"{here}/{name}")
+        elif key in _SCHEMA_ONE:
+            check_schema(value, here)
+        elif key in _SCHEMA_LISTS:
+            if not isinstance(value, list) or not value:
+                raise LMForgeError(f"invalid JSON Schema at {here}: expected a non-empty list of schemas")
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{here}/{i}")
+        elif key == "items":
+            for i, sub in enumerate(value if isinstance(value, list) else [value]):
+                check_schema(sub, f"{here}/{i}" if isinstance(value, list) else here)
+        elif key == "required" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise LMForgeError(f"invalid JSON Schema at {here}: expected a list of property names")
+        elif key == "enum" and not (isinstance(value, list) and value):
+            raise LMForgeError(f"invalid JSON Schema at {here}: expected a non-empty list")
+        elif key == "pattern":
+            try:
+                re.compile(value)
+            except (re.error, TypeError) as e:
+                raise LMForgeError(f"invalid JSON Schema at {here}: the pattern does not compile ({e})") from None
+
+
+def _find_key(schema: Any, key: str, path: str = "#") -> str | None:
+    """Where a keyword first occurs in a schema (for the grammar engine's messages)."""
+    if isinstance(schema, dict):
+        if key in schema:
+            return path
+        for k, v in schema.items():
+            if k in ("enum", "const", "default", "examples"):
+                continue
+            found = _find_key(v, key, f"{path}/{k}")
+            if found:
+                return found
+    elif isinstance(schema, list):
+        for i, v in enumerate(schema):
+            found = _find_key(v, key, f"{path}/{i}")
+            if found:
+                return found
+    return None
+
+
+class Vocabulary:
+    """A tokenizer as the grammar engine sees it, with the cache of compiled specs.
+
+    tokens: the bytes of each id (b"" for control tokens and unused ids); special: control
+    token ids; stop: the ids that end a reply (allowed only where the output is complete);
+    encode: text -> ids, the tokenizer's own (used by the engine to check a choice's spelling)."""
+
+    CACHE = 256
+
+    def __init__(self, tokens: Sequence[bytes], special: Sequence[int], stop: Sequence[int],
+                 encode: Callable[[str], list[int]], vocab_size: int | None = None):
+        import llguidance as llg
+
+        self.size = vocab_size or len(tokens)
+        if not stop:
+            raise LMForgeError("constrained output needs a stop token, and this tokenizer has none")
+        self.stop = sorted(set(stop))
+        self._encode = encode
+        specials = set(special) | set(self.stop)
+
+        class _Wrapper:  # the shape llguidance asks for
+            eos_token_id = self.stop[-1]
+            bos_token_id = None
+            special_token_ids = sorted(specials)
+
+            def __init__(w):
+                # control tokens are named to the engine with a 0xFF lead byte, never as text
+                w.tokens = [b"\xff" + f"<special_{i}>".encode() if i in specials else (t or b"\xff<unused>")
+                            for i, t in enumerate(tokens)]
+                w.tokens += [b"\xff<unused>"] * (self.size - len(w.tokens))
+
+            def __call__(w, data: bytes) -> list[int]:
+                return encode(data.decode("utf-8", errors="replace"))
+
+        self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapper()), n_vocab=self.size, eos_token=self.stop)
+        self._compiled: OrderedDict[Spec, str] = OrderedDict()
+        self.compiles = 0  # specs compiled (not found in the cache): tests and benchmarks read it
+
+    def compile(self, spec: Spec) -> str:
+        """The checked grammar for a spec, compiled once per spec (least recently used evicted)."""
+        if spec in self._compiled:
+            self._compiled.move_to_end(spec)
+            return self._compiled[spec]
+        from llguidance import LLMatcher
+
+        if spec.kind == "choice":
+            for c in spec.choices:
+                try:
+                    spelt = self._encode(c)
+                except LMForgeError:  # (a character the tokenizer never saw)
+                    spelt = []
+                if not spelt:
+                    raise LMForgeError(f"the tokenizer cannot spell the choice {c!r}")
+        try:
+            grammar = spec.grammar_text()
+        except (ValueError, RuntimeError) as e:
+            raise LMForgeError(self._explain(spec, _first_line(e))) from None
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+        if failed:
+            raise LMForgeError(self._explain(spec, messages[0] if messages else "rejected by the grammar engine"))
+        self.compiles += 1
+        self._compiled[spec] = grammar
+        if len(self._compiled) > self.CACHE:
+            self._compiled.popitem(last=False)
+        return grammar
+
+    @staticmethod
+    def _explain(spec: Spec, message: str) -> str:
+        message = message.strip().splitlines()[0] if message.strip() else message
+        # the grammar engine writes a position as "LINE(COLUMN):"
+        message = re.sub(r"^(?:at )?(\d+)\((\d+)\):\s*", r"line \1, column \2: ", message)
+        if spec.kind == "json_schema":
+            m = re.search(r'Unimplemented keys: \["([^"]+)"', message)
+            if m:
+                where = _find_key(json.loads(spec.text), m.group(1)) or "#"
+                return f"unsupported JSON Schema keyword {m.group(1)!r} at {where}"
+            return f"invalid or unsupported JSON Schema: {message}"
+        if spec.kind == "regex":
+            return f"the regex is not supported: {message}"
+        if spec.kind == "grammar":
+            return f"the grammar has an error: {message}"
+        return f"the specification was rejected: {message}"
+
+    def constraint(self, spec: Spec) -> "Constraint":
+        """A fresh matcher for one request."""
+        return Constraint(self, spec, self.compile(spec))
+
+
+class Constraint:
+    """One request's matcher, used as a logits processor (see engine.LogitsProcessor).
+
+    The engine applies it after every other processor, and under greedy decoding first asks
+    `allows(argmax)`: when the model's own choice is valid (most steps, in practice) the mask
+    is never applied to the logits."""
+
+    masks = True  # the engine applies processors with this flag last
+
+    def __init__(self, vocab: Vocabulary, spec: Spec, grammar: str):
+        import llguidance as llg
+        import llguidance.torch as llt
+
+        self.spec, self.vocab = spec, vocab
+        self.matcher = llg.LLMatcher(vocab.tokenizer, grammar)
+        if self.matcher.is_error():
+            raise LMForgeError(f"the specification was rejected: {self.matcher.get_error()}")
+        self._fill = llt.fill_next_token_bitmask
+        self._bits = llt.allocate_token_bitmask(1, vocab.size)  # (1, ceil(V / 32)) int32
+        self._filled = False
+        self.masked_steps = 0  # steps whose logits were masked (not answered by the greedy check)
+
+    def _mask_words(self) -> np.ndarray:
+        if not self._filled:
+            self._fill(self.matcher, self._bits)
+            if self.matcher.is_error():
+                raise LMForgeError(f"the grammar engine failed: {self.matcher.get_error()}")
+            self._filled = True
+        return self._bits.numpy()[0].view(np.uint32)
+
+    def allowed(self) -> np.ndarray:
+        """(V,) bool: the tokens that may come next."""
+        return np.unpackbits(self._mask_words().view(np.uint8), bitorder="little")[:self.vocab.size].astype(bool)
+
+    def allows(self, token: int) -> bool:
+        if token >= self.vocab.size:
+            return False
+        return bool((self._mask_words()[token >> 5] >> np.uint32(token & 31)) & np.uint32(1))
+
+    def __call__(self, ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """logits (1, V) -> (1, V) with every token the spec forbids at -inf."""
+        self.masked_steps += 1
+        ok = torch.from_numpy(self.allowed())
+        V = logits.size(-1)
+        if ok.numel() < V:  # ids past the tokenizer (a padded embedding table) are never valid
+            ok = torch.cat([ok, torch.zeros(V - ok.numel(), dtype=torch.bool)])
+        return logits.masked_fill(~ok[:V].to(logits.device), float("-inf"))
+
+    def accept(self, token: int) -> None:
+        self._filled = False
+        if not self.matcher.consume_token(token):
+            raise LMForgeError(f"token {token} breaks the specification ({self.matcher.get_error()})")
+
+    @property
+    def finished(self) -> bool:
+        """Nothing can follow (the stop token was taken, or the output can only end)."""
+        return self.matcher.is_stopped()
+
+    @property
+    def complete(self) -> bool:
+        """The output so far is a whole instance of the spec."""
+        return self.matcher.is_accepting() or self.matcher.is_stopped()
+
+
+__all__ = ["Constraint", "KINDS", "Spec", "Vocabulary", "check_schema"]
