@@ -376,9 +376,13 @@ class Conversation:
         head = [{"role": "system", "content": self.system}] if self.system else []
         messages = self.lm.fit_history(head + self.history, self.max_new_tokens)
         pieces = []
-        for piece in self.lm.chat(messages, max_new_tokens=self.max_new_tokens, **self.sampling):
-            pieces.append(piece)
-            yield piece
+        try:
+            for piece in self.lm.chat(messages, max_new_tokens=self.max_new_tokens, **self.sampling):
+                pieces.append(piece)
+                yield piece
+        except TruncatedOutput:
+            self.history.pop()  # (a reply cut short is not part of the conversation)
+            raise
         self.history.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -390,7 +394,7 @@ def _texts(events: Iterator[Event]) -> Iterator[str]:
             yield ev.text
         if ev.finish_reason is not None and getattr(ev, "complete", None) is False:
             raise TruncatedOutput(f"the output ended ({ev.finish_reason}) before the specification was complete: "
-                                  "raise max_new_tokens", "".join(text))
+                                  "raise the token limit (max_new_tokens, --max-tokens)", "".join(text))
 
 
 def _run_checked(engine: Engine, req: Request) -> Iterator[Event]:
@@ -399,7 +403,8 @@ def _run_checked(engine: Engine, req: Request) -> Iterator[Event]:
     cons = next((p for p in req.processors if isinstance(p, Constraint)), None)
     for ev in engine.run([req]):
         if ev.finish_reason is not None and cons is not None:
-            ev.complete = ev.finish_reason == "stop" and cons.complete
+            # (a stop string cuts the text short of what the matcher saw: never complete)
+            ev.complete = ev.finish_reason in ("stop", "length") and cons.complete
         yield ev
 
 

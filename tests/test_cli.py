@@ -247,3 +247,28 @@ def test_cpu_thread_count_follows_the_machine_or_the_environment(monkeypatch):
             cpu_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_generate_with_a_specification(trained, tmp_path, capsys):
+    code, out, _ = run_cli(["generate", trained, "x", "--choice", "on", "--choice", "off", "--seed", "0",
+                            "--temperature", "1"], capsys)
+    assert code == 0 and out.rstrip("\n")[1:] in ("on", "off"), out
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"], '
+                      '"additionalProperties": false}')
+    code, out, _ = run_cli(["generate", trained, "", "--json-schema", schema, "--seed", "1", "--no-stream"], capsys)
+    assert code == 0 and json.loads(out) in ({"a": 1}, {"a": 2}), out
+    code, _, err = run_cli(["generate", trained, "", "--json-schema", schema, "--max-tokens", "2"], capsys)
+    assert_clean_error(code, err, "before the specification was complete")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--json-schema", "{}", "--regex", "a"], "give one specification"),
+    (["--grammar", "/no/such.lark"], "grammar file not found"),
+    (["--json-schema", "/no/such.json"], "schema file not found"),
+    (["--json-schema", '{"type": "object", "propertes": {}}'], "unknown JSON Schema keyword 'propertes' at #"),
+    (["--regex", "(a"], "regex does not compile"),
+])
+def test_bad_specifications_on_the_command_line(trained, args, pattern, capsys):
+    code, _, err = run_cli(["generate", trained, "x", *args], capsys)
+    assert_clean_error(code, err, pattern)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Annotated, Optional
 
@@ -77,3 +78,12 @@ DenseWeight = Annotated[float, typer.Option(help="Hybrid fusion: the dense ranki
 Rerank = Annotated[str, typer.Option(help="Rerank the retrieved chunks: none, encoder (best sentence) or llm (how "
                                           "likely the model finds the question after each).")]
 Embed = Annotated[str, typer.Option(help="Sentence encoder for dense and hybrid ('none': BM25 only).")]
+
+
+# the specification options (constrained output), shared by generate and chat
+JsonSchema = Annotated[Optional[str], typer.Option(
+    "--json-schema", help="Output follows this JSON Schema (a .json file or JSON text).")]
+JsonMode = Annotated[bool, typer.Option("--json", help="Output is a JSON object or array.")]
+Regex = Annotated[Optional[str], typer.Option(help="Output matches this regular expression.")]
+Choices = Annotated[Optional[list[str]], typer.Option("--choice", help="Output is exactly one of these (repeat the option).")]
+Grammar = Annotated[Optional[Path], typer.Option(help="Output follows this grammar file (Lark, or GBNF with ::=).")]

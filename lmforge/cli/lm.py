@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmforge.cli._common import Compile, Device, Quantize, Seed, choice, console, parse_duration, stream_out
+from lmforge.cli._common import (Choices, Compile, Device, Grammar, JsonMode, JsonSchema, Quantize, Regex, Seed, choice,
+                                 console, parse_duration, stream_out)
 from lmforge.config import FAMILIES, PRESETS
 from lmforge.errors import LMForgeError
 
@@ -119,19 +120,28 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
     seed: Seed = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    json_schema: JsonSchema = None,
+    json_mode: JsonMode = False,
+    regex: Regex = None,
+    choices: Choices = None,
+    grammar: Grammar = None,
     quantize: Quantize = "auto",
     device: Device = "auto",
     compile: Compile = False,
 ):
     """Continue a prompt with a trained model, streaming to the terminal.
 
+    With --json-schema, --json, --regex, --choice or --grammar the output follows that
+    specification exactly; output cut short by --max-tokens is an error (exit 1).
+
     Example: lmforge generate runs/gpt-char-20261123-120000 "The with statement" --max-tokens 300 --seed 0
     """
     from lmforge.api import LM
 
+    spec = LM.spec(schema=json_schema, json=json_mode, regex=regex, choices=choices, grammar=grammar)
     lm = LM.load(checkpoint, device=device, quantize=quantize, compile=compile)
     pieces = lm.stream(prompt, max_new_tokens=max_tokens, stop=stop or (), temperature=temperature, top_k=top_k,
-                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, spec=spec)
     sys.stdout.write(prompt)
     if stream:
         stream_out(pieces)
@@ -200,6 +210,11 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 for greedy.")] = 0.7,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Seed = None,
+    json_schema: JsonSchema = None,
+    json_mode: JsonMode = False,
+    regex: Regex = None,
+    choices: Choices = None,
+    grammar: Grammar = None,
     quantize: Quantize = "auto",
     device: Device = "auto",
     compile: Compile = False,
@@ -207,13 +222,17 @@ def chat(
     """Chat in the terminal with streaming replies. Type /reset to start over, /exit to leave.
 
     Old turns are dropped (the system prompt is kept) when the conversation outgrows the context.
+    With --json-schema (or --json, --regex, --choice, --grammar) every reply follows it, and the
+    model is told so in the system prompt.
     """
     from lmforge.api import Conversation, LM
+    from lmforge.errors import TruncatedOutput
 
     con = console()
+    spec = LM.spec(schema=json_schema, json=json_mode, regex=regex, choices=choices, grammar=grammar)
     lm = LM.load(model, device=device, quantize=quantize, compile=compile)
     conv = Conversation(lm, system=system, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed)
+                        seed=seed, spec=spec)
     con.print(f"[bold]{model}[/]: chatting (/reset, /exit)")
     while True:
         try:
@@ -228,7 +247,10 @@ def chat(
         if not user.strip():
             continue
         sys.stdout.write("assistant> ")
-        stream_out(conv.reply(user))
+        try:
+            stream_out(conv.reply(user))
+        except TruncatedOutput as e:  # the chat goes on; the cut reply is not kept
+            con.print(f"\n[red]error:[/] {e}")
 
 
 def export(

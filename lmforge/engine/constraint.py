@@ -95,9 +95,16 @@ class Spec:
         return cls("choice", json.dumps(choices))
 
     @classmethod
-    def grammar(cls, source: str) -> "Spec":
-        """A Lark grammar (start rule `start`); a GBNF grammar (rules written `a ::= ...`,
-        start rule `root`) is converted to Lark first."""
+    def grammar(cls, source: str | Path) -> "Spec":
+        """A Lark grammar (start rule `start`), as text or a file's Path; a GBNF grammar (rules
+        written `a ::= ...`, start rule `root`) is converted to Lark first."""
+        if isinstance(source, Path):
+            if not source.is_file():
+                raise LMForgeError(f"grammar file not found: {source}")
+            try:
+                source = source.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise LMForgeError(f"{source} is not a text file") from None
         if not source.strip():
             raise LMForgeError("the grammar is empty")
         if "::=" in source:
@@ -273,10 +280,13 @@ class Vocabulary:
                  encode: Callable[[str], list[int]], vocab_size: int | None = None):
         import llguidance as llg
 
-        self.size = vocab_size or len(tokens)
-        if not stop:
-            raise LMForgeError("constrained output needs a stop token, and this tokenizer has none")
-        self.stop = sorted(set(stop))
+        self.size = vocab_size or len(tokens)  # the model's logits: what masks cover
+        # A tokenizer without a stop token (a character model) gets a virtual one past the
+        # model's ids: the model can never pick it, so such output ends where the spec
+        # allows nothing more (see Constraint.finished), or at the token limit.
+        self.virtual_stop = not stop
+        self.stop = [self.size] if self.virtual_stop else sorted(set(stop))
+        n_ids = self.size + 1 if self.virtual_stop else self.size
         self._encode = encode
         specials = set(special) | set(self.stop)
 
@@ -289,12 +299,12 @@ class Vocabulary:
                 # control tokens are named to the engine with a 0xFF lead byte, never as text
                 w.tokens = [b"\xff" + f"<special_{i}>".encode() if i in specials else (t or b"\xff<unused>")
                             for i, t in enumerate(tokens)]
-                w.tokens += [b"\xff<unused>"] * (self.size - len(w.tokens))
+                w.tokens += [b"\xff<unused>"] * (n_ids - len(w.tokens))
 
             def __call__(w, data: bytes) -> list[int]:
                 return encode(data.decode("utf-8", errors="replace"))
 
-        self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapper()), n_vocab=self.size, eos_token=self.stop)
+        self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapper()), n_vocab=n_ids, eos_token=self.stop)
         self._compiled: OrderedDict[Spec, str] = OrderedDict()
         self.compiles = 0  # specs compiled (not found in the cache): tests and benchmarks read it
 
@@ -366,7 +376,7 @@ class Constraint:
         if self.matcher.is_error():
             raise LMForgeError(f"the specification was rejected: {self.matcher.get_error()}")
         self._fill = llt.fill_next_token_bitmask
-        self._bits = llt.allocate_token_bitmask(1, vocab.size)  # (1, ceil(V / 32)) int32
+        self._bits = llt.allocate_token_bitmask(1, vocab.size + vocab.virtual_stop)  # (1, ceil(V / 32)) int32
         self._filled = False
         self.masked_steps = 0  # steps whose logits were masked (not answered by the greedy check)
 
@@ -404,7 +414,15 @@ class Constraint:
     @property
     def finished(self) -> bool:
         """Nothing can follow (the stop token was taken, or the output can only end)."""
-        return self.matcher.is_stopped()
+        if self.matcher.is_stopped():
+            return True
+        if self.vocab.virtual_stop and self.matcher.is_accepting():
+            # no stop token the model could pick: end where no real token may come next
+            return not self._mask_words_real_any()
+        return False
+
+    def _mask_words_real_any(self) -> bool:
+        return bool(self.allowed().any())
 
     @property
     def complete(self) -> bool:

@@ -492,7 +492,7 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
                 proc.accept(nxt)
         out.append(nxt)
         ids.append(nxt)
-        if nxt in stop_ids:
+        if nxt in stop_ids or any(getattr(p, "finished", False) for p in processors):
             break
     return out
 

@@ -1,0 +1,226 @@
+"""Constrained output on tiny random models (no download): every output follows its spec."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from lmforge.api import LM
+from lmforge.config import ModelConfig
+from lmforge.engine import SamplingParams
+from lmforge.engine.constraint import Spec
+from lmforge.engine.engine import generate_naive
+from lmforge.errors import LMForgeError, TruncatedOutput
+from lmforge.models import build_model
+from lmforge.tokenizer import LMTokenizer
+
+from conftest import MIXED, pydoc_text
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "kind": {"enum": ["cat", "dog", "owl"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2},
+        "home": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5},
+                                                  "zip": {"type": "string", "pattern": "^[0-9]{3}$"}},
+                 "required": ["zip"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "home"],
+    "additionalProperties": False,
+}
+
+
+def random_lm(tok: LMTokenizer, arch: str = "gpt", eos_bias: float = 0.0) -> LM:
+    V = tok.vocab_size
+    if arch == "gpt":
+        cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=V, block_size=512, pos="rope",
+                          norm="rmsnorm", mlp="swiglu", bias=False)
+    else:
+        cfg = ModelConfig(family=arch, n_layer=1, n_embd=32, vocab_size=V, block_size=512)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    lm = LM(model, tok)
+    if eos_bias:  # a model that would end its output at once, given the chance
+        stop = tok.stop_ids[0]
+        lm.request = _biased(lm.request, stop, eos_bias)
+    return lm
+
+
+def _biased(request, token, bias):
+    def wrapped(*a, **kw):
+        req = request(*a, **kw)
+
+        def push(_ids, logits):
+            logits = logits.clone()
+            logits[..., token] += bias
+            return logits
+
+        req.processors = [push, *req.processors]
+        return req
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def bpe() -> LMTokenizer:
+    return LMTokenizer.train_bpe([pydoc_text(20_000), MIXED, json.dumps(SCHEMA)], vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def lm(bpe) -> LM:
+    return random_lm(bpe)
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.0, None), (1.0, 0), (1.0, 1), (1.2, 2)])
+def test_a_random_model_writes_json_that_fits_a_nested_schema(lm, temperature, seed):
+    text = lm.generate("Record: ", 400, schema=SCHEMA, temperature=temperature, seed=seed)
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_regex_and_choices(lm):
+    for seed in range(3):
+        out = lm.generate("Phone: ", 60, regex=r"\(\d{3}\) [a-z]{2,4}-\d{2}", temperature=1.0, seed=seed)
+        assert re.fullmatch(r"\(\d{3}\) [a-z]{2,4}-\d{2}", out), out
+        pick = lm.generate("Pick: ", 30, choices=["alpha", "beta gamma", "δ"], temperature=1.0, seed=seed)
+        assert pick in ("alpha", "beta gamma", "δ")
+
+
+def test_a_lark_and_a_gbnf_grammar(lm):
+    lark = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]{1,2}/'
+    out = lm.generate("Sum: ", 80, grammar=lark, temperature=1.0, seed=3)
+    assert re.fullmatch(r"\(\d{1,2}(\+\d{1,2})*\)", out), out
+    gbnf = 'root ::= "yes" | "no" | "maybe"'
+    assert lm.generate("Answer: ", 20, grammar=gbnf, temperature=1.0, seed=0) in ("yes", "no", "maybe")
+
+
+def test_the_stop_token_is_impossible_before_the_output_is_complete(bpe):
+    """A model that puts +30 on its stop token would stop at once; constrained, it can stop
+    only where the JSON is whole, and then it does."""
+    eager = random_lm(bpe, eos_bias=30.0)
+    assert "".join(eager.stream("x", 20, temperature=0)) == ""  # unconstrained: stops at once
+    for seed in range(3):
+        evs = list(eager.events("Record: ", 400, spec=Spec.json_schema(SCHEMA), temperature=1.0, seed=seed))
+        assert evs[-1].finish_reason == "stop" and evs[-1].complete
+        jsonschema.validate(json.loads("".join(e.text for e in evs)), SCHEMA)
+
+
+def test_rows_of_a_batch_follow_their_own_constraints(lm):
+    specs = [Spec.json_schema(SCHEMA), Spec.regex(r"[a-f]{3}-\d{2}"), Spec.choice(["left", "right"]),
+             Spec.json_schema(SCHEMA)]
+    prompts = [lm.encode_prompt(p) for p in ("A: ", "B: ", "C: ", "D: ")]
+    rows = [[lm.constraint(s)] for s in specs]
+    outs = lm.engine.generate_batch(prompts, 300, SamplingParams(temperature=1.0, seed=5),
+                                    stop_ids=lm.tokenizer.stop_ids, row_processors=rows)
+    texts = [lm.tokenizer.decode([t for t in o if t not in lm.tokenizer.stop_ids]) for o in outs]
+    jsonschema.validate(json.loads(texts[0]), SCHEMA)
+    assert re.fullmatch(r"[a-f]{3}-\d{2}", texts[1]), texts[1]
+    assert texts[2] in ("left", "right")
+    jsonschema.validate(json.loads(texts[3]), SCHEMA)
+    assert all(r[0].complete for r in rows)
+
+
+def test_streaming_equals_non_streaming_and_the_greedy_check_equals_the_full_mask(lm):
+    """Greedy decoding skips the mask when the argmax is allowed; the reference path always
+    masks. Both give the same tokens."""
+    spec = Spec.json_schema(SCHEMA)
+    streamed = "".join(lm.stream("Record: ", 400, spec=spec, temperature=0))
+    assert streamed == lm.generate("Record: ", 400, schema=SCHEMA, temperature=0)
+    ids = lm.encode_prompt("Record: ")
+    fast = lm.constraint(spec)
+    got = list(lm.engine.generate(ids, 400, SamplingParams(temperature=0), stop_ids=lm.tokenizer.stop_ids,
+                                  processors=[fast]))
+    ref = generate_naive(lm.model, ids, 400, SamplingParams(temperature=0), stop_ids=lm.tokenizer.stop_ids,
+                         processors=[lm.constraint(spec)])
+    assert got == ref
+    assert lm.tokenizer.decode([t for t in got if t not in lm.tokenizer.stop_ids]) == streamed
+    assert fast.masked_steps < len(got)  # the check answered some steps without the mask
+
+
+def test_truncation_is_reported_never_returned(lm):
+    with pytest.raises(TruncatedOutput) as e:
+        lm.generate("Record: ", 3, schema=SCHEMA, temperature=0)
+    assert e.value.text and not e.value.text.endswith("}")
+    evs = list(lm.events("Record: ", 3, spec=Spec.json_schema(SCHEMA), temperature=0))
+    assert evs[-1].finish_reason == "length" and evs[-1].complete is False
+
+
+def test_a_compiled_spec_is_reused(lm):
+    vocab = lm.vocabulary
+    before = vocab.compiles
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}, "required": ["n"],
+              "additionalProperties": False}
+    for seed in range(3):
+        json.loads(lm.generate("N: ", 50, schema=schema, temperature=1.0, seed=seed))
+    assert vocab.compiles == before + 1
+    json.loads(lm.generate("N: ", 50, schema=json.dumps(schema), temperature=0))  # same spec as text
+    assert vocab.compiles == before + 1
+
+
+def test_a_pydantic_class_gives_a_validated_instance(lm):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pet(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=5)
+        legs: int = pydantic.Field(ge=0, le=8)
+
+    pet = lm.generate("Pet: ", 200, schema=Pet, temperature=1.0, seed=0)
+    assert isinstance(pet, Pet) and 0 <= pet.legs <= 8 and len(pet.name) <= 5
+
+
+@pytest.mark.parametrize("arch", ["gpt", "gru"])
+def test_a_character_model_without_a_stop_token(arch):
+    """A char tokenizer has no stop token: output ends where the spec allows nothing more."""
+    tok = LMTokenizer.train_char([pydoc_text(5000) + "{}[]\":,0123456789"])
+    assert tok.stop_ids == []
+    lm = random_lm(tok, arch)
+    for seed in range(2):
+        out = lm.generate("x", 200, choices=["on", "off", "onward"], temperature=1.0, seed=seed)
+        assert out in ("on", "off", "onward")
+        rec = lm.generate("x", 300, schema={"type": "object", "properties": {"a": {"enum": [1, 2]}},
+                                             "required": ["a"], "additionalProperties": False},
+                          temperature=1.0, seed=seed)
+        assert json.loads(rec)["a"] in (1, 2)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(schema={"type": "object", "requried": ["a"]}), "unknown JSON Schema keyword 'requried' at #"),
+    (dict(schema={"type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}}),
+     "unsupported JSON Schema keyword 'uniqueItems' at #/properties/t"),
+    (dict(schema={"type": "strin"}), "strin"),
+    (dict(schema={"properties": {"a": {"pattern": "(["}}}), "#/properties/a/pattern"),
+    (dict(schema={"properties": []}), "#/properties"),
+    (dict(schema="{not json"), "not valid JSON"),
+    (dict(schema="/no/such/schema.json"), "schema file not found"),
+    (dict(regex="a(b"), "regex does not compile"),
+    (dict(choices=[]), "choice list is empty"),
+    (dict(grammar='start: "a" )'), "line 1, column"),
+    (dict(schema={"type": "object"}, regex="a"), "give one specification, not schema and regex"),
+])
+def test_bad_specifications_are_clear_errors(lm, kw, message):
+    with pytest.raises(LMForgeError) as e:
+        lm.generate("x", 5, **kw)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_choice_the_tokenizer_cannot_spell():
+    tok = LMTokenizer.train_char(["abc def"])
+    lm = random_lm(tok)
+    with pytest.raises(LMForgeError, match="cannot spell the choice 'xyz'"):
+        lm.generate("a", 5, choices=["abc", "xyz"])
+
+
+def test_a_schema_file_that_is_not_json(lm, tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text("type: object")
+    with pytest.raises(LMForgeError, match="is not JSON"):
+        lm.generate("x", 5, schema=str(f))
