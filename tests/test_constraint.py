@@ -192,7 +192,9 @@ def test_a_character_model_without_a_stop_token(arch):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(schema={"type": "object", "requried": ["a"]}), "unknown JSON Schema keyword 'requried' at #"),
+    (dict(schema={"type": "object", "requried": ["a"]}), "keyword 'requried' at # (did you mean 'required'?)"),
+    (dict(schema={"type": "object", "properties": {"n": {"type": "integer", "Minimum": 3}}}),
+     "keyword 'Minimum' at #/properties/n (did you mean 'minimum'?)"),
     (dict(schema={"type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}}),
      "unsupported JSON Schema keyword 'uniqueItems' at #/properties/t"),
     (dict(schema={"type": "strin"}), "strin"),

@@ -28,9 +28,13 @@ from lmforge.errors import LMForgeError
 
 KINDS = ("json_schema", "json", "regex", "choice", "grammar")
 
-# Keywords of JSON Schema (draft 4 to 2020-12). One outside this set is almost always a typo
-# ("requried"), which a validator would silently ignore: we refuse it. Vendor extensions
-# ("x-...") are let through. Whether the grammar engine implements a keyword is its own check.
+# Keywords of JSON Schema (draft 4 to 2020-12). A key outside this set is an annotation by the
+# standard (schemas in the wild carry many: "javaType", "example", "markdownDescription"), but
+# one that is spelt like a constraining keyword ("requried", "minimun", "Pattern") is a typo that
+# would silently drop a constraint: we refuse those. Whether the grammar engine implements a
+# keyword is its own check (Vocabulary.compile names the ones it does not).
+_ANNOTATIONS = {"title", "description", "default", "examples", "deprecated", "readOnly", "writeOnly",
+                "$comment", "discriminator"}
 _KEYWORDS = {
     "$schema", "$id", "id", "$ref", "$defs", "definitions", "$comment", "$anchor", "$dynamicRef",
     "$dynamicAnchor", "$vocabulary", "$recursiveRef", "$recursiveAnchor",
@@ -220,8 +224,11 @@ def check_schema(schema: Any, path: str = "#") -> None:
                            f"got {type(schema).__name__}")
     for key, value in schema.items():
         here = f"{path}/{key}"
-        if key not in _KEYWORDS and not key.startswith("x-"):
-            raise LMForgeError(f"unknown JSON Schema keyword {key!r} at {path}")
+        if key not in _KEYWORDS:
+            meant = _misspelt(key)
+            if meant:
+                raise LMForgeError(f"unknown JSON Schema keyword {key!r} at {path} (did you mean {meant!r}?)")
+            continue  # an annotation: it constrains nothing
         if key in _SCHEMA_MAPS:
             if not isinstance(value, dict):
                 raise LMForgeError(f"invalid JSON Schema at {here}: expected an object of schemas")
@@ -246,6 +253,20 @@ def check_schema(schema: Any, path: str = "#") -> None:
                 re.compile(value)
             except (re.error, TypeError) as e:
                 raise LMForgeError(f"invalid JSON Schema at {here}: the pattern does not compile ({e})") from None
+
+
+def _misspelt(key: str) -> str | None:
+    """The constraining keyword an unknown key looks like a misspelling of, if any. Keys that
+    start with "_", "$", "@" or "x-" are deliberate (a disabled keyword, a vendor's own)."""
+    import difflib
+
+    if key.startswith(("_", "$", "x-", "@")):
+        return None
+    constraining = sorted(_KEYWORDS - _ANNOTATIONS)
+    same_case = [k for k in constraining if k.lower() == key.lower()]
+    # (short words are left alone: "note" and "form" are annotations, not "not" and "format")
+    close = difflib.get_close_matches(key, constraining, n=1, cutoff=0.8) if len(key) >= 5 else []
+    return (same_case or close or [None])[0]
 
 
 def _find_key(schema: Any, key: str, path: str = "#") -> str | None:
@@ -369,24 +390,25 @@ class Constraint:
 
     def __init__(self, vocab: Vocabulary, spec: Spec, grammar: str):
         import llguidance as llg
-        import llguidance.torch as llt
 
         self.spec, self.vocab = spec, vocab
         self.matcher = llg.LLMatcher(vocab.tokenizer, grammar)
         if self.matcher.is_error():
             raise LMForgeError(f"the specification was rejected: {self.matcher.get_error()}")
-        self._fill = llt.fill_next_token_bitmask
-        self._bits = llt.allocate_token_bitmask(1, vocab.size + vocab.virtual_stop)  # (1, ceil(V / 32)) int32
+        # one bit per token id, 32 to a word (llguidance's layout). Filled through its plain
+        # pointer call: llguidance.torch would import torch.compile's machinery (2-3 s, once)
+        n = vocab.size + vocab.virtual_stop
+        self._words = np.zeros((n + 31) // 32, dtype=np.uint32)
         self._filled = False
         self.masked_steps = 0  # steps whose logits were masked (not answered by the greedy check)
 
     def _mask_words(self) -> np.ndarray:
         if not self._filled:
-            self._fill(self.matcher, self._bits)
+            self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
             if self.matcher.is_error():
                 raise LMForgeError(f"the grammar engine failed: {self.matcher.get_error()}")
             self._filled = True
-        return self._bits.numpy()[0].view(np.uint32)
+        return self._words
 
     def allowed(self) -> np.ndarray:
         """(V,) bool: the tokens that may come next."""
