@@ -226,3 +226,134 @@ def test_a_schema_file_that_is_not_json(lm, tmp_path):
     f.write_text("type: object")
     with pytest.raises(LMForgeError, match="is not JSON"):
         lm.generate("x", 5, schema=str(f))
+
+
+# ---------------------------------------------------------------- uses (lmforge.tasks.structured)
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_extract_writes_a_valid_line_per_input_and_resumes(lm, tmp_path):
+    from lmforge.tasks.structured import extract
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in ["Ann is 3.", {"text": "Bo is 40."}, "Cy, 7.", "Di (9)."]) + "\n")
+    out = tmp_path / "out.jsonl"
+    seen = []
+    rep = extract(lm, PERSON, src, out, max_new_tokens=200, batch=3, progress=lambda d, t: seen.append((d, t)),
+                  temperature=1.0, seed=0)
+    assert (rep.done, rep.skipped, rep.failed, rep.total) == (4, 0, 0, 4) and seen[-1] == (4, 4)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4]
+    assert {r["input"] for r in rows} == {"Ann is 3.", "Bo is 40.", "Cy, 7.", "Di (9)."}
+    for r in rows:
+        jsonschema.validate(r["output"], PERSON)
+    # a crash that left half a line, then a rerun: the half line goes, only line 4 is redone
+    kept = [line for line in out.read_text().splitlines() if json.loads(line)["line"] != 4]
+    out.write_text("\n".join(kept) + '\n{"line": 4, "inp')
+    rep = extract(lm, PERSON, src, out, max_new_tokens=200)
+    assert (rep.done, rep.skipped) == (1, 3)
+    assert sorted(json.loads(line)["line"] for line in out.read_text().splitlines()) == [1, 2, 3, 4]
+    # too few tokens: the line records the error, the report counts it
+    out2 = tmp_path / "short.jsonl"
+    rep = extract(lm, PERSON, src, out2, max_new_tokens=2)
+    assert rep.failed == 4 and all("error" in json.loads(x) for x in out2.read_text().splitlines())
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "maxLength": 8},
+                                               "unit": {"enum": ["C", "F"]}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+             "a": {"type": "integer", "maximum": 999}, "b": {"type": "integer", "maximum": 999}},
+             "required": ["a", "b"]}}}]
+
+
+@pytest.fixture(scope="module")
+def chat_lm(bpe):
+    """The random model with a chat template (the tool and think paths render conversations)."""
+    lm = random_lm(bpe)
+    lm.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                  "{% if add_generation_prompt %}assistant: {% endif %}")
+    return lm
+
+
+def _check_call(msg, names):
+    (call,) = msg["tool_calls"]
+    assert msg["content"] is None and call["type"] == "function" and call["id"].startswith("call_")
+    fn = call["function"]
+    assert fn["name"] in names
+    params = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == fn["name"])
+    jsonschema.validate(json.loads(fn["arguments"]), {**params, "additionalProperties": False})
+    return fn["name"]
+
+
+def test_tool_calls_pick_a_listed_function_with_valid_arguments(chat_lm):
+    from lmforge.tasks.structured import chat_with_tools
+
+    msgs = [{"role": "user", "content": "weather in Oslo?"}]
+    for seed in range(3):
+        msg = chat_with_tools(chat_lm, msgs, TOOLS, "required", max_new_tokens=200, temperature=1.0, seed=seed)
+        _check_call(msg, {"get_weather", "add"})
+        msg = chat_with_tools(chat_lm, msgs, TOOLS, {"type": "function", "function": {"name": "add"}},
+                              max_new_tokens=200, temperature=1.0, seed=seed)
+        assert _check_call(msg, {"add"}) == "add"
+        msg = chat_with_tools(chat_lm, msgs, TOOLS, "auto", max_new_tokens=60, temperature=1.0, seed=seed)
+        if msg.get("tool_calls"):
+            _check_call(msg, {"get_weather", "add"})
+        else:
+            assert isinstance(msg["content"], str) and not msg["content"].startswith("{")
+    assert "tool_calls" not in chat_with_tools(chat_lm, msgs, TOOLS, "none", max_new_tokens=5)
+    with pytest.raises(LMForgeError, match="not among the tools"):
+        chat_with_tools(chat_lm, msgs, TOOLS, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(LMForgeError, match="unsupported JSON Schema keyword 'uniqueItems'"):
+        bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "array", "uniqueItems": True}}}]
+        chat_with_tools(chat_lm, msgs, bad, "required")
+
+
+def test_llm_classifier_gives_a_distribution_over_the_labels(chat_lm, tmp_path):
+    from lmforge.tasks.structured import LLMClassifier
+
+    clf = LLMClassifier(chat_lm, ["good", "bad", "so so"])
+    preds = clf.predict(["I liked it", "awful"])
+    for p in preds:
+        assert set(p["probs"]) == {"good", "bad", "so so"}
+        assert abs(sum(p["probs"].values()) - 1) < 1e-6 and p["label"] == max(p["probs"], key=p["probs"].get)
+    # the probabilities are the model's: the label written under a choice constraint is its argmax
+    spelt = chat_lm.generate("x", 10, choices=["good", "bad", "so so"], temperature=0)
+    assert spelt in ("good", "bad", "so so")
+    scores = clf.evaluate(["I liked it", "awful"], [preds[0]["label"], preds[1]["label"]])
+    assert scores.accuracy == 1.0
+    with pytest.raises(LMForgeError, match="at least two"):
+        LLMClassifier(chat_lm, ["only"])
+
+
+def test_think_then_answer_constrains_only_the_answer(chat_lm):
+    from lmforge.tasks.structured import think_then_answer
+
+    msgs = [{"role": "user", "content": "how old is Ann?"}]
+    ans = think_then_answer(chat_lm, msgs, Spec.json_schema(PERSON), delimiter="ANSWER:", max_think_tokens=30,
+                            max_new_tokens=200, temperature=1.0, seed=0)
+    jsonschema.validate(ans.value, PERSON)
+    assert ans.text == json.dumps(ans.value) and ans.thoughts and "ANSWER:" not in ans.thoughts
+    # a model that never writes the delimiter is stopped at max_think_tokens and still answers in shape
+    ans = think_then_answer(chat_lm, msgs, Spec.choice(["yes", "no"]), delimiter="\u2603never", max_think_tokens=5,
+                            max_new_tokens=10)
+    assert ans.text in ("yes", "no") and ans.thoughts
+
+
+def test_explain_names_only_candidates_the_spec_rules_out(lm):
+    from lmforge.tasks.structured import explain
+
+    text, steps = explain(lm, "Pick: ", Spec.choice(["alpha", "beta"]), top=8)
+    assert text in ("alpha", "beta")
+    assert "".join(s.text for s in steps if s.token not in lm.tokenizer.stop_ids) == text
+    done = ""
+    for s in steps:
+        for cand, p in s.rejected:
+            assert 0 < p <= 1
+            assert not any((done + cand).startswith(c) or c.startswith(done + cand) for c in ("alpha", "beta")) \
+                or cand == ""
+        done += s.text if s.token not in lm.tokenizer.stop_ids else ""
+    assert any(s.rejected for s in steps)  # a random model's favourites are rarely "alpha" or "beta"

@@ -86,13 +86,17 @@ def finetune_classify(
 
 
 def classify(
-    model: Annotated[Path, typer.Argument(help="A folder made by lmforge finetune classify.")],
+    model: Annotated[Path, typer.Argument(
+        help="A folder made by lmforge finetune classify; with --zero-shot an encoder; with --labels a decoder.")],
     text: Annotated[Optional[str], typer.Argument(help="Text to label.")] = None,
     input: Annotated[Optional[Path], typer.Option("--in", help="Label every line of this file instead.")] = None,
     eval: Annotated[Optional[Path], typer.Option(help="Score a labelled .csv/.tsv/.jsonl file instead.")] = None,
     zero_shot: Annotated[Optional[str], typer.Option(
         help="No training: MODEL is an encoder and each text gets the label whose description it is closest to; "
              "'pos=a positive review,neg=a negative review' (or just 'pos,neg').")] = None,
+    labels: Annotated[Optional[str], typer.Option(
+        help="No training: MODEL is a decoder (e.g. smollm2-135m-instruct) that must write one of these "
+             "comma-separated labels; each label's probability is the model's.")] = None,
     text_col: Annotated[str, typer.Option(help="With --eval: the text column.")] = "text",
     label_col: Annotated[str, typer.Option(help="With --eval: the label column.")] = "label",
     device: Device = "auto",
@@ -103,11 +107,11 @@ def classify(
     if sum(x is not None for x in (text, input, eval)) != 1:
         raise LMForgeError("give exactly one of: a TEXT argument, --in FILE or --eval FILE")
     if eval is not None:
-        s, labels, n = tasks.evaluate(model, eval, text_col, label_col, zero_shot, device)
+        s, names, n = tasks.evaluate(model, eval, text_col, label_col, zero_shot, device, labels)
         print(f"accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f} over {n:,} rows")
-        print(s.table(labels))
+        print(s.table(names))
         return
-    result = tasks.label(model, [text] if text is not None else None, input, zero_shot, device)
+    result = tasks.label(model, [text] if text is not None else None, input, zero_shot, device, labels)
     for t, r in zip(result.texts, result.predictions):
         probs = ", ".join(f"{k}: {v:.3f}" for k, v in r["probs"].items())
         print(f"{r['label']}\t{probs}\t{t[:80]}" if input is not None else f"{r['label']}  ({probs})")

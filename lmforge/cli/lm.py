@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmforge.cli._common import (Choices, Compile, Device, Grammar, JsonMode, JsonSchema, Quantize, Regex, Seed, choice,
-                                 console, parse_duration, stream_out)
+                                 console, parse_duration, progress, stream_out)
 from lmforge.config import FAMILIES, PRESETS
 from lmforge.errors import LMForgeError
 
@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
     app.command()(pull)
     app.command()(models)
     app.command()(chat)
+    app.command()(extract)
     app.command()(export)
 
 
@@ -125,6 +126,11 @@ def generate(
     regex: Regex = None,
     choices: Choices = None,
     grammar: Grammar = None,
+    think_until: Annotated[Optional[str], typer.Option(
+        help="With a specification: the model first writes freely up to this delimiter (e.g. 'ANSWER:'); "
+             "only what follows is constrained. The free part is printed apart.")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="With a specification: print, per token, the model's "
+                                                            "likelier candidates that the specification ruled out.")] = False,
     quantize: Quantize = "auto",
     device: Device = "auto",
     compile: Compile = False,
@@ -139,7 +145,29 @@ def generate(
     from lmforge.api import LM
 
     spec = LM.spec(schema=json_schema, json=json_mode, regex=regex, choices=choices, grammar=grammar)
+    if (think_until is not None or explain) and spec is None:
+        raise LMForgeError("--think-until and --explain need a specification (--json-schema, --json, --regex, "
+                           "--choice or --grammar)")
     lm = LM.load(checkpoint, device=device, quantize=quantize, compile=compile)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=seed)
+    if think_until is not None:
+        from lmforge.tasks.structured import think_then_answer
+
+        ans = think_then_answer(lm, prompt, spec, delimiter=think_until, max_think_tokens=max_tokens,
+                                max_new_tokens=max_tokens, **sampling)
+        console(stderr=True).print(f"[dim]{ans.thoughts}[/]", markup=True, highlight=False)
+        print(ans.text)
+        return
+    if explain:
+        from lmforge.tasks.structured import explain as explain_steps
+
+        text, steps = explain_steps(lm, prompt, spec, max_tokens, **sampling)
+        for st in steps:
+            ruled = ", ".join(f"{t!r} {p:.2f}" for t, p in st.rejected) or "-"
+            print(f"{st.text!r:>16}  ruled out: {ruled}")
+        print(text)
+        return
     pieces = lm.stream(prompt, max_new_tokens=max_tokens, stop=stop or (), temperature=temperature, top_k=top_k,
                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, spec=spec)
     sys.stdout.write(prompt)
@@ -147,6 +175,37 @@ def generate(
         stream_out(pieces)
     else:
         sys.stdout.write("".join(pieces) + "\n")
+
+
+def extract(
+    model: Annotated[str, typer.Argument(help="A pulled model's name, a .gguf file, a run folder, ...")],
+    schema: Annotated[str, typer.Option(help="The JSON Schema every output follows (a .json file or JSON text).")],
+    input: Annotated[Path, typer.Option("--in", help="Texts: a .txt file (a line each) or .jsonl "
+                                                     "(a string, or an object with \"text\", a line each).")],
+    out: Annotated[Path, typer.Option(help="Results, a JSON line per input: {line, input, output} (or error).")],
+    instruction: Annotated[Optional[str], typer.Option(help="What to ask for each text.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Longest output per text, in tokens.")] = 256,
+    batch: Annotated[int, typer.Option(help="Texts decoded together.")] = 8,
+    quantize: Quantize = "auto",
+    device: Device = "auto",
+):
+    """Structured extraction over a file: one JSON object that validates against --schema per
+    input line. Rerunning skips the lines already in --out; a crash never leaves half a line.
+
+    Example: lmforge extract smollm2-135m-instruct --schema person.json --in bios.txt --out people.jsonl
+    """
+    from lmforge.api import LM
+    from lmforge.tasks.structured import extract as run
+
+    LM.spec(schema=schema)  # (a bad schema fails before the model loads)
+    lm = LM.load(model, device=device, quantize=quantize)
+    with progress("extract", "texts", stderr=True) as bar:
+        rep = run(lm, schema, input, out, instruction=instruction, max_new_tokens=max_tokens, batch=batch,
+                  progress=bar)
+    console().print(f"wrote {out}: {rep.done} new, {rep.skipped} already there, {rep.failed} ran out of tokens "
+                    f"(of {rep.total})", markup=False)
+    if rep.failed:
+        raise typer.Exit(1)
 
 
 def eval_cmd(

@@ -71,7 +71,7 @@ class Spec:
         schema = _load_schema(schema)
         check_schema(schema)
         if pydantic:  # a model's fields are all it keeps: no room for keys it would drop
-            schema = _closed(schema)
+            schema = close_objects(schema)
         # (key order is kept: properties are generated in the order the schema gives them)
         return cls("json_schema", json.dumps(schema))
 
@@ -177,16 +177,16 @@ def _type_name(schema: Any) -> str:
     return str(t) if t else "object" if "properties" in schema else "any"
 
 
-def _closed(schema: Any) -> Any:
+def close_objects(schema: Any) -> Any:
     """The schema with every object that lists its properties closed to others (unless it
     says otherwise)."""
     if isinstance(schema, dict):
-        out = {k: (v if k in ("enum", "const", "default", "examples") else _closed(v)) for k, v in schema.items()}
+        out = {k: (v if k in ("enum", "const", "default", "examples") else close_objects(v)) for k, v in schema.items()}
         if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
-        return [_closed(v) for v in schema]
+        return [close_objects(v) for v in schema]
     return schema
 
 
@@ -367,6 +367,10 @@ class Vocabulary:
             if m:
                 where = _find_key(json.loads(spec.text), m.group(1)) or "#"
                 return f"unsupported JSON Schema keyword {m.group(1)!r} at {where}"
+            if message.startswith("oneOf constraints are not supported"):
+                where = _find_key(json.loads(spec.text), "oneOf") or "#"
+                return (f"unsupported JSON Schema at {where}: a oneOf whose branches may overlap (exactly one "
+                        "must match, which the matcher cannot enforce); write anyOf if any match will do")
             return f"invalid or unsupported JSON Schema: {message}"
         if spec.kind == "regex":
             return f"the regex is not supported: {message}"

@@ -27,9 +27,17 @@ def finetune(model: str, train: Path, out: Path, cfg, text_col: str = "text", la
     return run(enc, train, text_col, label_col, out, cfg, val_path=val, resume=resume, log=log)
 
 
-def load(model: str | Path, zero_shot: str | None = None, device: str = "auto"):
-    """A folder made by `finetune`, or with zero_shot ("pos=...,neg=..." or "pos,neg") an
-    encoder whose closest label description wins."""
+def load(model: str | Path, zero_shot: str | None = None, device: str = "auto", labels: str | None = None):
+    """A folder made by `finetune`; with zero_shot ("pos=...,neg=..." or "pos,neg") an
+    encoder whose closest label description wins; with labels ("pos,neg") a decoder that
+    writes one of the labels (a choice constraint), each label's probability its own."""
+    if labels is not None:
+        if zero_shot is not None:
+            raise LMForgeError("give --labels (a decoder) or --zero-shot (an encoder), not both")
+        from lmforge.api import LM
+        from lmforge.tasks.structured import LLMClassifier
+
+        return LLMClassifier(LM.load(str(model), device=device), labels.split(","))
     if zero_shot is not None:
         from lmforge.encoders import ZeroShotClassifier
 
@@ -47,7 +55,7 @@ class Labelled:
 
 
 def label(model: str | Path, texts: list[str] | None = None, input: Path | None = None, zero_shot: str | None = None,
-          device: str = "auto") -> Labelled:
+          device: str = "auto", labels: str | None = None) -> Labelled:
     """Label the given texts, or every non-blank line of `input`."""
     from lmforge.common import read_lines
 
@@ -56,16 +64,16 @@ def label(model: str | Path, texts: list[str] | None = None, input: Path | None 
     texts = read_lines(input, skip_blank=True) if input is not None else list(texts)
     if not texts or not all(t.strip() for t in texts):
         raise LMForgeError("nothing to classify: the text is empty")
-    clf = load(model, zero_shot, device)
+    clf = load(model, zero_shot, device, labels)
     return Labelled(texts, clf.predict(texts))
 
 
 def evaluate(model: str | Path, path: Path, text_col: str = "text", label_col: str = "label",
-             zero_shot: str | None = None, device: str = "auto"):
+             zero_shot: str | None = None, device: str = "auto", labels: str | None = None):
     """Accuracy, macro-F1 and the per-class table over a labelled .csv/.tsv/.jsonl file:
     (scores, labels, rows)."""
     from lmforge.train.classify import read_rows
 
-    texts, labels = read_rows(path, text_col, label_col)
-    clf = load(model, zero_shot, device)
-    return clf.evaluate(texts, labels), clf.labels, len(texts)
+    texts, gold = read_rows(path, text_col, label_col)
+    clf = load(model, zero_shot, device, labels)
+    return clf.evaluate(texts, gold), clf.labels, len(texts)
