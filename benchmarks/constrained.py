@@ -11,6 +11,8 @@ Parts (each prints a table; `all` runs every one):
   maskbench each of maskbench_JME's 100 schemas walks its valid instance token by token
   validity  200 generations (100 schemas, greedy and sampled) by SmolLM2, each validated by
             the jsonschema package; truncations counted apart
+  usefulness  66 function-calling requests written for lmforge (benchmarks/data/function_calls.py):
+            valid-call rate and argument exact match, constrained vs unconstrained
 
 Reproduce (models pulled with `lmforge pull`; the data under ../shared/data/structured):
     python benchmarks/constrained.py all --llama-python /tmp/llvenv/bin/python
@@ -298,9 +300,74 @@ def part_validity(args) -> None:
           [[done + truncated + refused, valid, invalid, truncated, refused, f"**{valid / max(1, done):.1%}**"]])
 
 
+# ---------------------------------------------------------------------------------- usefulness
+def _first_json(text: str):
+    """The first JSON object in free text (how an unconstrained reply is read), or None."""
+    start = text.find("{")
+    while start >= 0:
+        try:
+            return json.JSONDecoder().raw_decode(text[start:])[0]
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return None
+
+
+def part_usefulness(args) -> None:
+    import jsonschema
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "data"))
+    from function_calls import CASES, TOOLS
+
+    from lmforge import store
+    from lmforge.api import LM
+    from lmforge.errors import TruncatedOutput
+    from lmforge.engine import SamplingParams
+    from lmforge.tasks.structured import chat_with_tools, prompt_ids, tool_messages
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    described = [(t["function"]["name"], t["function"]["parameters"], t["function"]["description"]) for t in TOOLS]
+    rows = []
+    for name in args.models:
+        if store.find(name) is None:
+            continue
+        lm = LM.load(name)
+        t0 = time.perf_counter()
+        score = {"constrained": [0, 0, 0, 0], "unconstrained": [0, 0, 0, 0]}  # valid, right name, exact, truncated
+        for request, want_name, want_args in CASES:
+            msgs = [{"role": "user", "content": request}]
+            try:
+                msg = chat_with_tools(lm, msgs, TOOLS, "required", max_new_tokens=160)
+                fn = msg["tool_calls"][0]["function"]
+                got = {"name": fn["name"], "arguments": json.loads(fn["arguments"])}
+            except TruncatedOutput:
+                got = None
+                score["constrained"][3] += 1
+            ids = prompt_ids(lm, tool_messages(msgs, described))
+            free = lm.tokenizer.decode(list(lm.engine.generate(ids, 160, stop_ids=lm.tokenizer.stop_ids,
+                                                               params=SamplingParams(temperature=0))))
+            parsed = _first_json(free)
+            for key, call in (("constrained", got), ("unconstrained", parsed)):
+                if not isinstance(call, dict) or call.get("name") not in schemas or not isinstance(call.get("arguments"), dict):
+                    continue
+                try:
+                    jsonschema.validate(call["arguments"], schemas[call["name"]])
+                except jsonschema.ValidationError:
+                    continue
+                s_ = score[key]
+                s_[0] += 1
+                s_[1] += call["name"] == want_name
+                s_[2] += call["name"] == want_name and call["arguments"] == want_args
+        n = len(CASES)
+        for key, (valid, right, exact, trunc) in score.items():
+            rows.append([name, key, f"{valid / n:.1%}", f"{right / n:.1%}", f"**{exact / n:.1%}**", trunc])
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)")
+    table(f"Function calling: {len(CASES)} requests written for lmforge (benchmarks/data/function_calls.py), greedy",
+          ["model", "decoding", "valid call", "right function", "exact arguments", "truncated"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["cost", "coverage", "maskbench", "validity", "all"])
+    ap.add_argument("part", choices=["cost", "coverage", "maskbench", "validity", "usefulness", "all"])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     ap.add_argument("--tokens", type=int, default=96, help="decode steps per timed run")
     ap.add_argument("--rounds", type=int, default=3)
@@ -314,7 +381,7 @@ def main() -> None:
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     print(f"{time.strftime('%Y-%m-%d')} | {cpu} | {os.cpu_count()} cores | "
           + " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile") if f" {f}" in flags))
-    parts = ["cost", "coverage", "maskbench", "validity"] if args.part == "all" else [args.part]
+    parts = ["cost", "coverage", "maskbench", "validity", "usefulness"] if args.part == "all" else [args.part]
     for p in parts:
         globals()[f"part_{p}"](args)
 

@@ -199,7 +199,7 @@ def chat_with_tools(lm: LM, messages: list[dict], tools: Sequence[dict], tool_ch
         spec = Spec.grammar(f"start: %json {call}")
     msgs = tool_messages(messages, [p for p in parsed if (p[0], p[1]) in callable_tools])
     sampling.setdefault("temperature", 0)
-    ids = lm.chat_ids(msgs)
+    ids = prompt_ids(lm, msgs)
     from lmforge.api import _run_checked
 
     pieces, last = [], None
@@ -216,6 +216,15 @@ def chat_with_tools(lm: LM, messages: list[dict], tools: Sequence[dict], tool_ch
             "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}]}
     # a text answer may end at the token limit, like any chat reply (finish_reason says so)
     return {"role": "assistant", "content": text, "finish_reason": last.finish_reason}
+
+
+def prompt_ids(lm: LM, messages: list[dict]) -> list[int]:
+    """A conversation as prompt ids: through the chat template, or for a base model (no
+    template) as plain "Role: text" lines ending with "Assistant:"."""
+    if lm.tokenizer.chat_template:
+        return lm.chat_ids(messages)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return lm.encode_prompt(text + "Assistant:")
 
 
 def _texts_checked(lm: LM, ids: list[int], spec: Spec, max_new_tokens: int, sampling: dict):
