@@ -357,3 +357,19 @@ def test_explain_names_only_candidates_the_spec_rules_out(lm):
                 or cand == ""
         done += s.text if s.token not in lm.tokenizer.stop_ids else ""
     assert any(s.rejected for s in steps)  # a random model's favourites are rarely "alpha" or "beta"
+
+
+def test_objects_get_only_their_listed_keys_and_still_fit_the_schema_as_given(lm):
+    """An open object is closed for generation (a random model would otherwise invent keys),
+    except where allOf merges property sets; every output still validates as given."""
+    open_schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}, "b": {"type": "boolean"}}, "required": ["a"]}
+    merged = {"allOf": [{"type": "object", "properties": {"a": {"enum": [1]}}, "required": ["a"]},
+                        {"type": "object", "properties": {"b": {"enum": [True]}}, "required": ["b"]}]}
+    for seed in range(4):
+        out = json.loads(lm.generate("x", 120, schema=open_schema, temperature=1.0, seed=seed))
+        jsonschema.validate(out, open_schema)
+        assert set(out) <= {"a", "b"}
+    assert json.loads(Spec.json_schema(open_schema).text)["additionalProperties"] is False
+    # closing a branch of allOf would refuse the keys the other branch brings: left open
+    assert all("additionalProperties" not in b for b in json.loads(Spec.json_schema(merged).text)["allOf"])
+    jsonschema.validate({"a": 1, "b": True}, merged)

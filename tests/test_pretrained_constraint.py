@@ -67,3 +67,21 @@ def test_extraction_gives_records_that_validate(lm):
         msgs = [{"role": "user", "content": f"Extract the person's name, age and city.\n\n{TEXTS[0]}"}]
         first = json.loads("".join(lm.chat(msgs, 80, spec=Spec.json_schema(PERSON), temperature=0)))
         assert first == {"name": "Alice", "age": 31, "city": "Paris"}
+
+
+def test_tool_calls_pick_a_listed_function_with_valid_arguments(lm):
+    from lmforge.tasks.structured import chat_with_tools
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                              "unit": {"enum": ["celsius", "fahrenheit"]}},
+                             "required": ["city"]}}},
+             {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+              "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                             "required": ["a", "b"]}}}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for question in ("What's the weather in Oslo?", "What is 17 plus 25?"):
+        msg = chat_with_tools(lm, [{"role": "user", "content": question}], tools, "required", max_new_tokens=80)
+        fn = msg["tool_calls"][0]["function"]
+        assert fn["name"] in schemas
+        jsonschema.validate(json.loads(fn["arguments"]), {**schemas[fn["name"]], "additionalProperties": False})

@@ -67,11 +67,12 @@ class Spec:
     @classmethod
     def json_schema(cls, schema: dict | str | Path) -> "Spec":
         """A JSON Schema as a dict, JSON text, or the path of a JSON file."""
-        pydantic = hasattr(schema, "model_json_schema")
         schema = _load_schema(schema)
         check_schema(schema)
-        if pydantic:  # a model's fields are all it keeps: no room for keys it would drop
-            schema = close_objects(schema)
+        # An object that lists its properties gets only those, unless it says otherwise: JSON
+        # Schema lets extra keys through, and a small model, allowed, invents them until it
+        # runs out of tokens. What comes out still validates against the schema as given.
+        schema = close_objects(schema)
         # (key order is kept: properties are generated in the order the schema gives them)
         return cls("json_schema", json.dumps(schema))
 
@@ -177,17 +178,30 @@ def _type_name(schema: Any) -> str:
     return str(t) if t else "object" if "properties" in schema else "any"
 
 
-def close_objects(schema: Any) -> Any:
-    """The schema with every object that lists its properties closed to others (unless it
-    says otherwise)."""
-    if isinstance(schema, dict):
-        out = {k: (v if k in ("enum", "const", "default", "examples") else close_objects(v)) for k, v in schema.items()}
-        if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
-            out["additionalProperties"] = False
-        return out
-    if isinstance(schema, list):
-        return [close_objects(v) for v in schema]
-    return schema
+def close_objects(schema: Any, merged: bool = False) -> Any:
+    """The schema with every object that lists its properties closed to other keys, unless it
+    says what other keys may be. Objects whose properties are merged with others' (a branch of
+    allOf, or one with allOf beside it) stay as they are: closing one would refuse the keys the
+    others bring."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_ONE:
+        if key in out:
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(sub, merged=key == "allOf") for sub in out[key]]
+    if isinstance(out.get("items"), (dict, list)):
+        items = out["items"]
+        out["items"] = [close_objects(x) for x in items] if isinstance(items, list) else close_objects(items)
+    opened = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+    if isinstance(out.get("properties"), dict) and not merged and not any(k in out for k in opened):
+        out["additionalProperties"] = False
+    return out
 
 
 def _first_line(e: BaseException) -> str:
