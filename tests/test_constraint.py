@@ -373,3 +373,22 @@ def test_objects_get_only_their_listed_keys_and_still_fit_the_schema_as_given(lm
     # closing a branch of allOf would refuse the keys the other branch brings: left open
     assert all("additionalProperties" not in b for b in json.loads(Spec.json_schema(merged).text)["allOf"])
     jsonschema.validate({"a": 1, "b": True}, merged)
+
+
+def test_a_oneof_that_can_only_match_once_is_accepted_and_kept(lm):
+    """oneOf over distinct types, or over a required property's distinct consts, is generated
+    as anyOf (the same set of instances); an overlapping oneOf is refused, naming its place."""
+    by_type = {"type": "object", "properties": {"v": {"oneOf": [{"type": "integer", "maximum": 9},
+                                                                {"type": "string", "maxLength": 3},
+                                                                {"type": "null"}]}},
+               "required": ["v"]}
+    by_const = {"type": "object", "required": ["kind"], "properties": {"kind": {"type": "string"}},
+                "oneOf": [{"properties": {"kind": {"const": "cat"}, "lives": {"enum": [9]}}},
+                          {"properties": {"kind": {"const": "dog"}, "good": {"enum": [True]}}}]}
+    for seed in range(4):
+        for schema in (by_type, by_const):
+            out = json.loads(lm.generate("x", 150, schema=schema, temperature=1.0, seed=seed))
+            jsonschema.validate(out, schema)
+    overlapping = {"type": "object", "properties": {"n": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}
+    with pytest.raises(LMForgeError, match="at #/properties/n: a oneOf whose branches may overlap"):
+        lm.generate("x", 5, schema=overlapping)

@@ -72,7 +72,7 @@ class Spec:
         # An object that lists its properties gets only those, unless it says otherwise: JSON
         # Schema lets extra keys through, and a small model, allowed, invents them until it
         # runs out of tokens. What comes out still validates against the schema as given.
-        schema = close_objects(schema)
+        schema = close_objects(disjoint_one_of(schema))
         # (key order is kept: properties are generated in the order the schema gives them)
         return cls("json_schema", json.dumps(schema))
 
@@ -178,6 +178,40 @@ def _type_name(schema: Any) -> str:
     return str(t) if t else "object" if "properties" in schema else "any"
 
 
+def disjoint_one_of(schema: Any, required: Sequence[str] = ()) -> Any:
+    """The schema with each oneOf whose branches can never match together written as anyOf
+    (then "exactly one" and "at least one" are the same): branches of pairwise different
+    single types (never both integer and number), or branches that give one required property
+    pairwise different const values. The grammar engine refuses other oneOfs (it cannot
+    enforce "exactly one"), so these two common shapes would otherwise be refused too."""
+    if isinstance(schema, list):
+        return [disjoint_one_of(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    req = list(schema.get("required") or []) if isinstance(schema.get("required"), list) else []
+    out = {k: (v if k in ("enum", "const", "default", "examples") else disjoint_one_of(v)) for k, v in schema.items()}
+    branches = out.get("oneOf")
+    if isinstance(branches, list) and len(branches) > 1 and all(isinstance(b, dict) for b in branches):
+        types = [b.get("type") for b in branches]
+        by_type = (all(isinstance(t, str) for t in types) and len(set(types)) == len(types)
+                   and not {"integer", "number"} <= set(types))
+        by_const = False
+        for key in {k for b in branches for k in (b.get("properties") or {})}:
+            values = [((b.get("properties") or {}).get(key) or {}).get("const", _MISSING) for b in branches]
+            # (required binds objects only: the instance must be an object for this to decide)
+            objects = schema.get("type") == "object" or all(b.get("type") == "object" for b in branches)
+            needed = objects and (key in req or all(key in (b.get("required") or []) for b in branches))
+            if needed and _MISSING not in values and len({json.dumps(v) for v in values}) == len(values):
+                by_const = True
+                break
+        if by_type or by_const:
+            out["anyOf"] = out.pop("oneOf") if "anyOf" not in out else out["anyOf"]
+    return out
+
+
+_MISSING = object()
+
+
 def close_objects(schema: Any, merged: bool = False) -> Any:
     """The schema with every object that lists its properties closed to other keys, unless it
     says what other keys may be. Objects whose properties are merged with others' (a branch of
@@ -192,14 +226,18 @@ def close_objects(schema: Any, merged: bool = False) -> Any:
     for key in _SCHEMA_ONE:
         if key in out:
             out[key] = close_objects(out[key])
+    has_props = isinstance(out.get("properties"), dict)
     for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [close_objects(sub, merged=key == "allOf") for sub in out[key]]
+        if isinstance(out.get(key), list):  # (a branch beside the parent's properties adds to them)
+            out[key] = [close_objects(sub, merged=key == "allOf" or (has_props and key != "prefixItems"))
+                        for sub in out[key]]
     if isinstance(out.get("items"), (dict, list)):
         items = out["items"]
         out["items"] = [close_objects(x) for x in items] if isinstance(items, list) else close_objects(items)
-    opened = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
-    if isinstance(out.get("properties"), dict) and not merged and not any(k in out for k in opened):
+    opened = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref")
+    req = out.get("required") if isinstance(out.get("required"), list) else []
+    listed = isinstance(out.get("properties"), dict) and all(r in out["properties"] for r in req)
+    if listed and not merged and not any(k in out for k in opened):  # (a required key it does not list stays possible)
         out["additionalProperties"] = False
     return out
 
