@@ -392,3 +392,33 @@ def test_a_oneof_that_can_only_match_once_is_accepted_and_kept(lm):
     overlapping = {"type": "object", "properties": {"n": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}}
     with pytest.raises(LMForgeError, match="at #/properties/n: a oneOf whose branches may overlap"):
         lm.generate("x", 5, schema=overlapping)
+
+
+IF_ELSE = {"type": "object", "properties": {"member": {"type": "boolean"}, "code": {"type": "string"}},
+           "required": ["member", "code"], "if": {"properties": {"member": {"const": True}}},
+           "then": {"properties": {"code": {"type": "string", "minLength": 2, "maxLength": 2}}},
+           "else": {"properties": {"code": {"type": "string", "minLength": 4, "maxLength": 5}}}}
+DEPENDENT = {"type": "object", "properties": {"foo": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 99}},
+             "dependentSchemas": {"foo": {"required": ["n"], "properties": {"n": {"minimum": 7}}}}}
+
+
+@pytest.mark.parametrize("schema", [IF_ELSE, DEPENDENT], ids=["if-then-else", "dependentSchemas"])
+def test_conditionals_are_enforced_exactly(lm, schema):
+    """if/then/else on a boolean (or enum) and dependentSchemas are rewritten as anyOf: what is
+    generated validates, and what would break them is refused token by token."""
+    for seed in range(6):
+        jsonschema.validate(json.loads(lm.generate("x", 150, schema=schema, temperature=1.0, seed=seed)), schema)
+    bad = '{"member": true, "code": "abcd"}' if schema is IF_ELSE else '{"foo": true, "n": 3}'
+    good = '{"member": false, "code": "abcd"}' if schema is IF_ELSE else '{"foo": true, "n": 8}'
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(bad), schema)
+    for text, ok in ((good, True), (bad, False)):
+        cons = lm.constraint(Spec.json_schema(schema))
+        try:
+            for tok in lm.tokenizer.encode(text, check=False):
+                cons.accept(tok)
+            accepted = cons.complete
+        except LMForgeError:
+            accepted = False
+        assert accepted is ok, text

@@ -65,14 +65,18 @@ class Spec:
     text: str
 
     @classmethod
-    def json_schema(cls, schema: dict | str | Path) -> "Spec":
-        """A JSON Schema as a dict, JSON text, or the path of a JSON file."""
+    def json_schema(cls, schema: dict | str | Path, closed: bool = True) -> "Spec":
+        """A JSON Schema as a dict, JSON text, or the path of a JSON file.
+
+        closed: an object that lists its properties gets only those, unless it says otherwise.
+        JSON Schema lets extra keys through, and a small model, allowed, invents them until it
+        runs out of tokens; what comes out still validates against the schema as given.
+        closed=False keeps the schema's own meaning exactly."""
         schema = _load_schema(schema)
         check_schema(schema)
-        # An object that lists its properties gets only those, unless it says otherwise: JSON
-        # Schema lets extra keys through, and a small model, allowed, invents them until it
-        # runs out of tokens. What comes out still validates against the schema as given.
-        schema = close_objects(disjoint_one_of(schema))
+        schema = disjoint_one_of(conditionals(schema))
+        if closed:
+            schema = close_objects(schema)
         # (key order is kept: properties are generated in the order the schema gives them)
         return cls("json_schema", json.dumps(schema))
 
@@ -212,6 +216,61 @@ def disjoint_one_of(schema: Any, required: Sequence[str] = ()) -> Any:
 _MISSING = object()
 
 
+def _merge(a: dict, b: dict) -> dict:
+    """Two object schemas that must both hold, as one (properties side by side; a property in
+    both gets allOf of the two; required lists joined)."""
+    out = {**a, **{k: v for k, v in b.items() if k not in ("properties", "required")}}
+    props = dict(a.get("properties") or {})
+    for k, v in (b.get("properties") or {}).items():
+        props[k] = {"allOf": [props[k], v]} if k in props else v
+    if props:
+        out["properties"] = props
+    req = list(dict.fromkeys([*(a.get("required") or []), *(b.get("required") or [])]))
+    if req:
+        out["required"] = req
+    return out
+
+
+def conditionals(schema: Any) -> Any:
+    """if/then/else and dependentSchemas, which the grammar engine does not implement, written
+    as anyOf where that is exact:
+    - dependentSchemas {K: S}: K absent (properties {K: false}), or K present and S holds;
+    - if {properties: {K: {const: v}}} on a required K whose values are a known finite set
+      (boolean, or an enum): branch one has K = v and `then`, branch two K in the other values
+      and `else`.
+    Other shapes are left for the engine to refuse."""
+    if isinstance(schema, list):
+        return [conditionals(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in ("enum", "const", "default", "examples") else conditionals(v)) for k, v in schema.items()}
+    deps = out.get("dependentSchemas")
+    if isinstance(deps, dict) and "anyOf" not in out and "allOf" not in out and \
+            all(isinstance(v, dict) and set(v) <= {"properties", "required", "type"} for v in deps.values()):
+        out.pop("dependentSchemas")
+        out["allOf"] = [{"anyOf": [{"properties": {k: False}}, _merge({"required": [k]}, v)]} for k, v in deps.items()]
+        if len(out["allOf"]) == 1:
+            out["anyOf"] = out.pop("allOf")[0]["anyOf"]
+    cond = out.get("if")
+    props = out.get("properties") if isinstance(out.get("properties"), dict) else {}
+    if isinstance(cond, dict) and set(cond) <= {"properties", "required"} and "anyOf" not in out \
+            and isinstance(cond.get("properties"), dict) and len(cond["properties"]) == 1:
+        (key, test), = cond["properties"].items()
+        base = props.get(key) if isinstance(props.get(key), dict) else {}
+        values = [True, False] if base.get("type") == "boolean" else base.get("enum")
+        then, other = out.get("then", {}), out.get("else", {})
+        if isinstance(test, dict) and set(test) == {"const"} and key in (out.get("required") or []) \
+                and isinstance(values, list) and test["const"] in values and isinstance(then, dict) \
+                and isinstance(other, dict) and set(then) | set(other) <= {"properties", "required"}:
+            rest = [v for v in values if v != test["const"]]
+            for k in ("if", "then", "else"):
+                out.pop(k, None)
+            out["anyOf"] = [_merge({"properties": {key: {"const": test["const"]}}}, then)]
+            if rest:
+                out["anyOf"].append(_merge({"properties": {key: {"enum": rest}}}, other))
+    return out
+
+
 def close_objects(schema: Any, merged: bool = False) -> Any:
     """The schema with every object that lists its properties closed to other keys, unless it
     says what other keys may be. Objects whose properties are merged with others' (a branch of
@@ -235,6 +294,18 @@ def close_objects(schema: Any, merged: bool = False) -> Any:
         items = out["items"]
         out["items"] = [close_objects(x) for x in items] if isinstance(items, list) else close_objects(items)
     opened = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref")
+    # properties beside anyOf/oneOf branches: each branch is closed to its own keys and the
+    # parent's (the instance must fit the parent and a branch, so no other key can come)
+    opening = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+    if has_props and not merged and not any(k in out for k in opening):
+        for key in ("anyOf", "oneOf"):
+            branches = out.get(key)
+            if isinstance(branches, list) and branches and all(
+                    isinstance(b, dict) and not any(k in b for k in (*opening, "anyOf", "oneOf"))
+                    and all(r in {*(b.get("properties") or {}), *out["properties"]} for r in (b.get("required") or []))
+                    for b in branches):
+                out[key] = [{**b, "properties": {**{k: True for k in out["properties"]}, **(b.get("properties") or {})},
+                             "additionalProperties": False} for b in branches]
     req = out.get("required") if isinstance(out.get("required"), list) else []
     listed = isinstance(out.get("properties"), dict) and all(r in out["properties"] for r in req)
     if listed and not merged and not any(k in out for k in opened):  # (a required key it does not list stays possible)
