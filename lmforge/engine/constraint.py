@@ -50,6 +50,9 @@ _KEYWORDS = {
     # what Pydantic adds to the schemas it writes (an OpenAPI annotation)
     "discriminator",
 }
+# How generated JSON is laid out: one space after , and : and no newlines, so a small model
+# cannot spend its tokens on runs of whitespace (it would, given the choice).
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_ONE = ("additionalProperties", "propertyNames", "unevaluatedProperties", "additionalItems",
                "unevaluatedItems", "contains", "not", "if", "then", "else", "contentSchema")
@@ -153,15 +156,10 @@ class Spec:
         from llguidance import LLMatcher
 
         if self.kind == "json_schema":
-            # compact JSON: one space after , and : and no newlines, so a small model cannot
-            # spend its tokens on runs of whitespace (it would, given the choice)
-            return LLMatcher.grammar_from_json_schema(
-                self.text, defaults={"whitespace_flexible": False, "item_separator": ", ",
-                                     "key_separator": ": "})
+            return LLMatcher.grammar_from_json_schema(self.text, defaults=COMPACT_JSON)
         if self.kind == "json":
             # an object or an array, as "JSON mode" means elsewhere (a bare number can run on)
-            return LLMatcher.grammar_from_json_schema(
-                '{"type": ["object", "array"]}', defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "})
+            return LLMatcher.grammar_from_json_schema('{"type": ["object", "array"]}', defaults=COMPACT_JSON)
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.text)
         if self.kind == "choice":
@@ -182,18 +180,35 @@ def _type_name(schema: Any) -> str:
     return str(t) if t else "object" if "properties" in schema else "any"
 
 
-def disjoint_one_of(schema: Any, required: Sequence[str] = ()) -> Any:
+def _map_subschemas(schema: dict, fn: Callable[[Any, str], Any]) -> dict:
+    """A copy of a schema object with fn(subschema, keyword) applied to every place that holds
+    a schema (and nowhere else: not to property names, enum values or defaults)."""
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: fn(sub, key) for name, sub in out[key].items()}
+    for key in _SCHEMA_ONE:
+        if key in out:
+            out[key] = fn(out[key], key)
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [fn(sub, key) for sub in out[key]]
+    if isinstance(out.get("items"), (dict, list)):
+        items = out["items"]
+        out["items"] = [fn(x, "items") for x in items] if isinstance(items, list) else fn(items, "items")
+    return out
+
+
+def disjoint_one_of(schema: Any) -> Any:
     """The schema with each oneOf whose branches can never match together written as anyOf
     (then "exactly one" and "at least one" are the same): branches of pairwise different
     single types (never both integer and number), or branches that give one required property
     pairwise different const values. The grammar engine refuses other oneOfs (it cannot
     enforce "exactly one"), so these two common shapes would otherwise be refused too."""
-    if isinstance(schema, list):
-        return [disjoint_one_of(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
     req = list(schema.get("required") or []) if isinstance(schema.get("required"), list) else []
-    out = {k: (v if k in ("enum", "const", "default", "examples") else disjoint_one_of(v)) for k, v in schema.items()}
+    out = _map_subschemas(schema, lambda sub, _key: disjoint_one_of(sub))
     branches = out.get("oneOf")
     if isinstance(branches, list) and len(branches) > 1 and all(isinstance(b, dict) for b in branches):
         types = [b.get("type") for b in branches]
@@ -239,11 +254,9 @@ def conditionals(schema: Any) -> Any:
       (boolean, or an enum): branch one has K = v and `then`, branch two K in the other values
       and `else`.
     Other shapes are left for the engine to refuse."""
-    if isinstance(schema, list):
-        return [conditionals(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (v if k in ("enum", "const", "default", "examples") else conditionals(v)) for k, v in schema.items()}
+    out = _map_subschemas(schema, lambda sub, _key: conditionals(sub))
     deps = out.get("dependentSchemas")
     if isinstance(deps, dict) and "anyOf" not in out and "allOf" not in out and \
             all(isinstance(v, dict) and set(v) <= {"properties", "required", "type"} for v in deps.values()):
@@ -278,25 +291,14 @@ def close_objects(schema: Any, merged: bool = False) -> Any:
     others bring."""
     if not isinstance(schema, dict):
         return schema
-    out = dict(schema)
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: close_objects(sub) for name, sub in out[key].items()}
-    for key in _SCHEMA_ONE:
-        if key in out:
-            out[key] = close_objects(out[key])
-    has_props = isinstance(out.get("properties"), dict)
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):  # (a branch beside the parent's properties adds to them)
-            out[key] = [close_objects(sub, merged=key == "allOf" or (has_props and key != "prefixItems"))
-                        for sub in out[key]]
-    if isinstance(out.get("items"), (dict, list)):
-        items = out["items"]
-        out["items"] = [close_objects(x) for x in items] if isinstance(items, list) else close_objects(items)
-    opened = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref")
+    has_props = isinstance(schema.get("properties"), dict)
+    # (a branch of allOf, or of anyOf/oneOf beside the parent's properties, adds to others' keys)
+    out = _map_subschemas(schema, lambda sub, key: close_objects(
+        sub, merged=key == "allOf" or (has_props and key in ("anyOf", "oneOf"))))
     # properties beside anyOf/oneOf branches: each branch is closed to its own keys and the
     # parent's (the instance must fit the parent and a branch, so no other key can come)
     opening = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "$ref")
+    opened = (*opening, "anyOf", "oneOf")
     if has_props and not merged and not any(k in out for k in opening):
         for key in ("anyOf", "oneOf"):
             branches = out.get(key)
@@ -567,11 +569,8 @@ class Constraint:
             return True
         if self.vocab.virtual_stop and self.matcher.is_accepting():
             # no stop token the model could pick: end where no real token may come next
-            return not self._mask_words_real_any()
+            return not self.allowed().any()
         return False
-
-    def _mask_words_real_any(self) -> bool:
-        return bool(self.allowed().any())
 
     @property
     def complete(self) -> bool:

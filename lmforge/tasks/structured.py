@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.api import LM, describe_spec
-from lmforge.engine.constraint import Spec, close_objects
+from lmforge.engine.constraint import COMPACT_JSON, Spec, close_objects
 from lmforge.errors import LMForgeError, TruncatedOutput
 
-GUIDANCE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 # ------------------------------------------------------------------------------- extraction
@@ -142,7 +141,7 @@ def _call_schema(tools: list[tuple[str, dict]]) -> dict:
     calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
               "required": ["name", "arguments"], "additionalProperties": False} for name, params in tools]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {"x-guidance": GUIDANCE, **schema}
+    return {"x-guidance": COMPACT_JSON, **schema}
 
 
 def tool_messages(messages: list[dict], tools: list[tuple[str, dict, str]]) -> list[dict]:
