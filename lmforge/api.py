@@ -400,12 +400,18 @@ def _texts(events: Iterator[Event]) -> Iterator[str]:
 def _run_checked(engine: Engine, req: Request) -> Iterator[Event]:
     """The request's events; with a constraint, the last one also says whether the output is a
     whole instance of the specification (`complete`)."""
-    cons = next((p for p in req.processors if isinstance(p, Constraint)), None)
     for ev in engine.run([req]):
-        if ev.finish_reason is not None and cons is not None:
-            # (a stop string cuts the text short of what the matcher saw: never complete)
-            ev.complete = ev.finish_reason in ("stop", "length") and cons.complete
+        if ev.finish_reason is not None:
+            mark_complete(req, ev)
         yield ev
+
+
+def mark_complete(req: Request, last: Event) -> None:
+    """On a constrained request's last event, set whether the output is a whole instance of its
+    specification (a stop string cuts the text short of what the matcher saw: never complete)."""
+    cons = next((p for p in req.processors if isinstance(p, Constraint)), None)
+    if cons is not None:
+        last.complete = last.finish_reason in ("stop", "length") and cons.complete
 
 
 def describe_spec(messages: list[dict], spec: Spec) -> list[dict]:

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from lmforge.cli import encode, lm, retrieval
+from lmforge.cli import encode, lm, retrieval, serve
 from lmforge.cli._common import console, parse_duration
 from lmforge.errors import LMForgeError
 
@@ -23,6 +23,7 @@ app = typer.Typer(
 lm.register(app)
 encode.register(app)
 retrieval.register(app)
+serve.register(app)
 
 
 def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:

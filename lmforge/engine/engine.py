@@ -18,6 +18,8 @@ cached path is tested against.
 from __future__ import annotations
 
 import itertools
+import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +31,7 @@ import torch.nn as nn
 
 from lmforge.config import MAX_NEW_TOKENS
 from lmforge.engine.cache import KVCache, RecurrentSlots
-from lmforge.engine.sampling import SamplingParams, repetition_penalty, sample_next
+from lmforge.engine.sampling import SamplingParams, presence_frequency_penalty, repetition_penalty, sample_next
 from lmforge.errors import LMForgeError
 
 # A logits processor sees one request's ids so far (prompt and output) and its next-token
@@ -41,6 +43,7 @@ from lmforge.errors import LMForgeError
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 FINISH_REASONS = ("stop", "length", "stop_string", "cancelled")
+log = logging.getLogger("lmforge.engine")
 
 
 class TextDecoder(Protocol):
@@ -116,9 +119,12 @@ class Event:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None
-    """On the last event: "stop", "length", "stop_string" or "cancelled"."""
+    """On the last event: "stop", "length", "stop_string", "cancelled" (or "error", from a
+    started engine whose step failed)."""
     usage: Usage | None = None
     """On the last event."""
+    error: str | None = None
+    """With finish reason "error" (a started engine whose step failed): what went wrong."""
     complete: bool | None = None
     """On the last event of a constrained request (LM.events): whether the output is a whole
     instance of its specification (False: truncated)."""
@@ -168,20 +174,29 @@ class Engine:
         self._cancel: set[int] = set()
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # a started engine's thread waits here for work
+        self._sinks: dict[int, Callable[[Event], None]] = {}
+        self._driver: threading.Thread | None = None
+        self._stopping = False
         self.steps = 0
 
     # ---- requests -------------------------------------------------------------------------
-    def submit(self, req: Request) -> int:
-        """Queue a request; it joins at the next step with a free slot. Returns its id."""
-        with self._lock:
+    def submit(self, req: Request, sink: Callable[[Event], None] | None = None) -> int:
+        """Queue a request; it joins at the next step with a free slot. Returns its id. sink:
+        where a started engine (see `start`) sends the request's events, from its own thread."""
+        with self._work:
             req.id = next(self._ids)
+            if sink is not None:
+                self._sinks[req.id] = sink
             self._waiting.append(req)
+            self._work.notify()
         return req.id
 
     def cancel(self, request_id: int) -> None:
         """End a request at the next step (finish reason "cancelled"), freeing its slot."""
-        with self._lock:
+        with self._work:
             self._cancel.add(request_id)
+            self._work.notify()
 
     @property
     def has_work(self) -> bool:
@@ -189,18 +204,103 @@ class Engine:
 
     @property
     def active(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
         return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._waiting)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Event]:
         """Submit the requests, then step until they have all finished, yielding their events
-        as they happen (other requests in the engine advance too)."""
-        mine = {self.submit(r) for r in requests}
-        while mine:
-            for ev in self.step():
-                if ev.request_id in mine:
-                    yield ev
-                    if ev.finish_reason is not None:
-                        mine.discard(ev.request_id)
+        as they happen (other requests in the engine advance too). On a started engine, wait
+        for the driving thread's events instead. Closing the iterator early cancels the
+        requests that have not finished."""
+        reqs = list(requests)
+        if self._driver is not None:
+            return self._run_driven(reqs)
+        return self._run_here(reqs)
+
+    def _run_here(self, reqs: list[Request]) -> Iterator[Event]:
+        mine = {self.submit(r) for r in reqs}
+        try:
+            while mine:
+                for ev in self.step():
+                    if ev.request_id in mine:
+                        yield ev
+                        if ev.finish_reason is not None:
+                            mine.discard(ev.request_id)
+        finally:
+            for rid in mine:  # (left early: their slots are freed at the next step)
+                self.cancel(rid)
+
+    def _run_driven(self, reqs: list[Request]) -> Iterator[Event]:
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        mine = {self.submit(r, events.put) for r in reqs}
+        try:
+            while mine:
+                ev = events.get()
+                if ev.finish_reason == "error":
+                    raise LMForgeError(f"generation failed: {ev.error}")
+                yield ev
+                if ev.finish_reason is not None:
+                    mine.discard(ev.request_id)
+        finally:
+            for rid in mine:
+                self.cancel(rid)
+
+    # ---- a thread that drives the engine (the server) -------------------------------------
+    def start(self) -> None:
+        """From now on a background thread steps the engine whenever it has work: requests
+        submitted from any thread advance together, each one's events going to its sink."""
+        with self._work:
+            if self._driver is None:
+                self._stopping = False
+                self._driver = threading.Thread(target=self._drive, name="lmforge-engine", daemon=True)
+                self._driver.start()
+
+    def stop(self) -> None:
+        """Stop the driving thread (after its current step); requests in flight stay queued."""
+        with self._work:
+            driver, self._stopping = self._driver, True
+            self._work.notify()
+        if driver is not None:
+            driver.join()
+        self._driver = None
+
+    def _drive(self) -> None:
+        while True:
+            with self._work:
+                while not (self._waiting or self._active or self._cancel or self._stopping):
+                    self._work.wait()
+                if self._stopping:
+                    return
+            try:
+                events = self.step()
+            except Exception as e:  # a failed step ends the requests in it, never the thread
+                log.exception("engine step failed")
+                events = self._fail_all(f"{type(e).__name__}: {e}")
+            for ev in events:
+                sink = self._sinks.get(ev.request_id)
+                if ev.finish_reason is not None:
+                    with self._work:
+                        self._sinks.pop(ev.request_id, None)
+                if sink is not None:
+                    sink(ev)
+
+    def _fail_all(self, error: str) -> list[Event]:
+        """End every request with finish reason "error" and forget what the slots held."""
+        events = []
+        for seq in list(self._active.values()):
+            self._slot_tokens[seq.slot] = None
+            self._release(seq)
+            events.append(Event(seq.req.id, finish_reason="error", usage=Usage(seq.req.prompt_len, len(seq.out)),
+                                error=error))
+        with self._work:
+            waiting, self._waiting = list(self._waiting), deque()
+        events += [Event(r.id, finish_reason="error", usage=Usage(r.prompt_len, 0), error=error) for r in waiting]
+        return events
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -345,6 +445,7 @@ class Engine:
             if proc not in masks:
                 logits = proc(seq.ids, logits)
         logits = repetition_penalty(logits, seq.ids, req.params.repetition_penalty)
+        logits = presence_frequency_penalty(logits, seq.out, req.params.presence_penalty, req.params.frequency_penalty)
         # constraints come last, so that sampling (temperature, top-p, ...) sees the masked
         # distribution; under greedy decoding the model's own argmax is kept when every
         # constraint allows it, and the mask is applied only when one does not
@@ -460,13 +561,14 @@ def _find_stop(text: str, stops: Sequence[str]) -> int:
     return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
 
 
-def _process(logits: torch.Tensor, ids: list[int], processors: Sequence[LogitsProcessor],
+def _process(logits: torch.Tensor, ids: list[int], out: list[int], processors: Sequence[LogitsProcessor],
              params: SamplingParams) -> torch.Tensor:
     masks = [p for p in processors if getattr(p, "masks", False)]
     for proc in processors:
         if proc not in masks:
             logits = proc(ids, logits)
     logits = repetition_penalty(logits, ids, params.repetition_penalty)
+    logits = presence_frequency_penalty(logits, out, params.presence_penalty, params.frequency_penalty)
     for m in masks:  # (always the full mask here: this is the reference path)
         logits = m(ids, logits)
     return logits
@@ -486,7 +588,7 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     for _ in range(max_new_tokens):
         window = ids[-ctx:] if ctx else ids
         logits = model(torch.tensor([window], dtype=torch.long, device=device), last_only=True)[0][:, -1]
-        nxt = int(sample_next(_process(logits, ids, processors, params), params, gen)[0])
+        nxt = int(sample_next(_process(logits, ids, out, processors, params), params, gen)[0])
         for proc in processors:
             if hasattr(proc, "accept"):
                 proc.accept(nxt)

@@ -22,10 +22,14 @@ class SamplingParams:
     """Drop tokens whose probability is below min_p times the top token's."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the context (prompt and output)."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the output already holds (OpenAI's meaning)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence in the output (OpenAI's meaning)."""
     seed: int | None = None
 
     def __post_init__(self):
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise LMForgeError(f"{name.replace('_', ' ')} must be a finite number, got {v}")
@@ -39,6 +43,9 @@ class SamplingParams:
             raise LMForgeError("min-p must be in [0, 1)")
         if self.repetition_penalty <= 0:
             raise LMForgeError("repetition penalty must be positive")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise LMForgeError(f"{name.replace('_', ' ')} must be in [-2, 2]")
 
 
 def ban_tokens(logits: torch.Tensor, ids) -> torch.Tensor:
@@ -92,6 +99,16 @@ def repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> torch.
     logits = logits.clone()
     logits[..., idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
+
+
+def presence_frequency_penalty(logits: torch.Tensor, output_ids, presence: float, frequency: float) -> torch.Tensor:
+    """Additive penalties over the tokens generated so far (not the prompt): `presence` once per
+    distinct token, `frequency` once per occurrence."""
+    if (presence == 0 and frequency == 0) or not len(output_ids):
+        return logits
+    counts = torch.bincount(torch.as_tensor(output_ids, device=logits.device), minlength=logits.size(-1))
+    counts = counts[:logits.size(-1)].to(logits.dtype)  # (V,)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.api import LM, describe_spec
+from lmforge.engine import Request
 from lmforge.engine.constraint import COMPACT_JSON, Spec, close_objects
 from lmforge.errors import LMForgeError, TruncatedOutput
 
@@ -160,14 +161,32 @@ def tool_messages(messages: list[dict], tools: list[tuple[str, dict, str]]) -> l
     return msgs
 
 
-def chat_with_tools(lm: LM, messages: list[dict], tools: Sequence[dict], tool_choice: Any = "auto",
-                    max_new_tokens: int = 256, **sampling: Any) -> dict:
-    """The assistant's next message in OpenAI's shape: {"role": "assistant", "content": text}
-    or, when it calls a tool, {"role": "assistant", "content": None, "tool_calls": [{"id",
-    "type": "function", "function": {"name", "arguments": JSON text}}]}. tool_choice: "auto"
-    (the model decides), "none" (text only), "required" (a call to one of the tools) or
-    {"type": "function", "function": {"name": ...}} (a call to that tool). A call's name is
-    always one of the tools and its arguments always satisfy that tool's schema."""
+@dataclass
+class ToolTurn:
+    """The request for an assistant turn that may call tools, and how to read its output."""
+    request: Request
+    tools: list[str]
+    """The names the turn may call."""
+
+    def message(self, text: str, finish_reason: str, complete: bool | None) -> dict:
+        """The assistant message in OpenAI's shape from the turn's generated text."""
+        if text.startswith("{"):
+            if not complete:
+                raise TruncatedOutput("the tool call ran out of tokens before it was complete: raise the token limit",
+                                      text)
+            value = json.loads(text)
+            return {"role": "assistant", "content": None, "finish_reason": "tool_calls", "tool_calls": [{
+                "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}]}
+        # a text answer may end at the token limit, like any chat reply (finish_reason says so)
+        return {"role": "assistant", "content": text, "finish_reason": finish_reason}
+
+
+def tool_turn(lm: LM, messages: list[dict], tools: Sequence[dict], tool_choice: Any = "auto",
+              max_new_tokens: int = 256, stop: Sequence[str] = (), logprobs: bool = False, top_logprobs: int = 0,
+              **sampling: Any) -> ToolTurn:
+    """The engine request for an assistant turn with tools (see chat_with_tools); the server
+    runs it beside others and reads the result with `ToolTurn.message`."""
     if not tools:
         raise LMForgeError("no tools given")
     parsed = [(*_tool_schema(t), (t.get("function") or {}).get("description", "")) for t in tools]
@@ -179,9 +198,10 @@ def chat_with_tools(lm: LM, messages: list[dict], tools: Sequence[dict], tool_ch
     names = [n for n, _, _ in parsed]
     if len(set(names)) != len(names):
         raise LMForgeError("two tools have the same name")
+    sampling.setdefault("temperature", 0)
+    opts = dict(stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, **sampling)
     if tool_choice == "none":
-        evs = list(lm.chat_events(messages, max_new_tokens, **sampling))
-        return {"role": "assistant", "content": "".join(e.text for e in evs), "finish_reason": evs[-1].finish_reason}
+        return ToolTurn(lm.request(prompt_ids(lm, messages), max_new_tokens, **opts), [])
     if isinstance(tool_choice, dict):
         want = (tool_choice.get("function") or {}).get("name")
         if want not in names:
@@ -197,24 +217,24 @@ def chat_with_tools(lm: LM, messages: list[dict], tools: Sequence[dict], tool_ch
     else:
         spec = Spec.grammar(f"start: %json {call}")
     msgs = tool_messages(messages, [p for p in parsed if (p[0], p[1]) in callable_tools])
-    sampling.setdefault("temperature", 0)
-    ids = prompt_ids(lm, msgs)
+    return ToolTurn(lm.request(prompt_ids(lm, msgs), max_new_tokens, spec=spec, **opts), [n for n, _ in callable_tools])
+
+
+def chat_with_tools(lm: LM, messages: list[dict], tools: Sequence[dict], tool_choice: Any = "auto",
+                    max_new_tokens: int = 256, **sampling: Any) -> dict:
+    """The assistant's next message in OpenAI's shape: {"role": "assistant", "content": text}
+    or, when it calls a tool, {"role": "assistant", "content": None, "tool_calls": [{"id",
+    "type": "function", "function": {"name", "arguments": JSON text}}]}. tool_choice: "auto"
+    (the model decides), "none" (text only), "required" (a call to one of the tools) or
+    {"type": "function", "function": {"name": ...}} (a call to that tool). A call's name is
+    always one of the tools and its arguments always satisfy that tool's schema."""
     from lmforge.api import _run_checked
 
+    turn = tool_turn(lm, messages, tools, tool_choice, max_new_tokens, **sampling)
     pieces, last = [], None
-    for last in _run_checked(lm.engine, lm.request(ids, max_new_tokens, spec=spec, **sampling)):
+    for last in _run_checked(lm.engine, turn.request):
         pieces.append(last.text)
-    text = "".join(pieces)
-    if text.startswith("{"):
-        if not last.complete:
-            raise TruncatedOutput("the tool call ran out of tokens before it was complete: raise the token limit",
-                                  text)
-        value = json.loads(text)
-        return {"role": "assistant", "content": None, "finish_reason": "tool_calls", "tool_calls": [{
-            "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}]}
-    # a text answer may end at the token limit, like any chat reply (finish_reason says so)
-    return {"role": "assistant", "content": text, "finish_reason": last.finish_reason}
+    return turn.message("".join(pieces), last.finish_reason, last.complete)
 
 
 def prompt_ids(lm: LM, messages: list[dict]) -> list[int]:
