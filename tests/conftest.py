@@ -70,3 +70,70 @@ def make_tiny_bert(d):
                                                 {"type": "sentence_transformers.models.Pooling"},
                                                 {"type": "sentence_transformers.models.Normalize"}]))
     return d
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tiny_chat_lm(stop: bool = True, seed: int = 0):
+    """A random 2-layer LLaMA-style model with a byte-level BPE tokenizer (300 tokens, trained on
+    Python's docs) and a ChatML template. stop=False: no end-of-turn token and a 4,096-token
+    context, so replies run to their token limit for seconds (for tests that must catch a
+    generation in flight)."""
+    from tokenizers import AddedToken
+
+    from lmforge.api import LM
+    from lmforge.config import ModelConfig
+    from lmforge.models import build_model
+    from lmforge.tokenizer import LMTokenizer
+
+    base = LMTokenizer.train_bpe([pydoc_text(20_000), MIXED], vocab_size=300)
+    base.tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    tok = LMTokenizer(base.tk, "bpe", eos_id=base.tk.token_to_id("<|im_end|>"), chat_template=CHATML)
+    if not stop:
+        tok.stop_ids = []
+    cfg = ModelConfig(n_layer=2 if stop else 4, n_head=4, n_kv_head=2, n_embd=32 if stop else 128,
+                      vocab_size=tok.vocab_size, block_size=512 if stop else 4096,
+                      pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():  # weights large enough that greedy output is varied
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LM(model, tok)
+
+
+class LiveServer:
+    """lmforge's HTTP app served by uvicorn on 127.0.0.1 (a free port) in a background thread."""
+
+    def __init__(self, service, **app_kw):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from lmforge.server.app import create_app
+
+        self.service = service
+        app = create_app(service, **app_kw)
+        service.start()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if time.monotonic() - t0 > 30:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.service.stop()

@@ -16,6 +16,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -186,7 +187,10 @@ class Service:
         return self.models[name]
 
     def _check_queue(self, m: Served, n: int) -> None:
-        if m.lm.engine.waiting + n > self.limits.max_queue:
+        """503 when the request would wait behind a full queue (free slots take it at once)."""
+        engine = m.lm.engine
+        free = max(0, engine.max_slots - engine.active)
+        if engine.waiting + n > self.limits.max_queue + free:
             raise APIError(503, f"the server is busy ({m.lm.engine.waiting} requests waiting); retry shortly",
                            type="server_overloaded", code="queue_full", headers={"Retry-After": "1"})
 
@@ -528,14 +532,20 @@ class Service:
         return result(answer)
 
 
+def _cancel_all(engine, request_ids) -> None:
+    for rid in list(request_ids):
+        engine.cancel(rid)
+
+
 class _Stopped(Exception):
     pass
 
 
 class Call:
-    """One API call's engine requests, submitted together; `events()` yields (choice index,
-    event) as they come, cancelling whatever is left when the client goes away, the time limit
-    passes, or the consumer stops early."""
+    """One API call's engine requests, submitted at once (so that a full queue is seen by the
+    next caller); `events()` yields (choice index, event) as they come, cancelling whatever is
+    left when the client goes away, the time limit passes, or the consumer stops early (or is
+    never started: the requests are cancelled when the call is dropped)."""
 
     def __init__(self, service: Service, served: Served, requests: list[Request], disconnected: Disconnected,
                  t0: float):
@@ -545,18 +555,20 @@ class Call:
         self.texts: list[list[str]] = [[] for _ in requests]
         self.first_token = False
         self._stop_ids = set(served.lm.tokenizer.stop_ids)
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        engine = served.lm.engine
+        put = self._queue.put_nowait
+        self._index = {engine.submit(req, lambda ev: loop.call_soon_threadsafe(put, ev)): i
+                       for i, req in enumerate(requests)}
+        self._left = set(self._index)
+        weakref.finalize(self, _cancel_all, engine, self._left)
 
     def is_stop_token(self, ev: Event) -> bool:
         return ev.finish_reason == "stop" and ev.token in self._stop_ids
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        engine = self.served.lm.engine
-        index = {}
-        for i, req in enumerate(self.requests):
-            index[engine.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))] = i
-        left = set(index)
+        engine, q, left = self.served.lm.engine, self._queue, self._left
         limits, metrics, name = self.service.limits, self.service.metrics, self.served.name
         timed_out = False
         try:
@@ -571,7 +583,7 @@ class Call:
                         for rid in left:
                             engine.cancel(rid)
                     continue
-                i = index[ev.request_id]
+                i = self._index[ev.request_id]
                 if ev.finish_reason == "error":
                     raise APIError(500, "the generation failed on the server", type="server_error",
                                    code="generation_failed")
@@ -592,8 +604,7 @@ class Call:
                 yield i, ev
             metrics.latency.labels(name).observe(time.perf_counter() - self.t0)
         finally:
-            for rid in left:
-                engine.cancel(rid)
+            _cancel_all(engine, left)
 
     def usage(self) -> dict:
         # a prompt is read once however many choices continue it (OpenAI counts it once too)
