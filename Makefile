@@ -36,7 +36,7 @@ pull-for-tests: $(VENV)/.installed
 # torch==2.13.0 (pinned in pyproject.toml) installs the CPU wheel that lies on local disk
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[serve,dev]'
 	touch $@
 
 clean:

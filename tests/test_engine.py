@@ -366,3 +366,64 @@ def test_the_one_call_decoding_step_equals_the_modules(variant, scheme, monkeypa
     without = [solo(model, p, 10) for p in prompts]
     model.invalidate_plan()
     assert with_plan == without
+
+
+def test_a_started_engine_serves_threads_and_equals_solo_runs():
+    """Started, the engine steps in its own thread: requests run from many threads at once (each
+    through the blocking `run`) come out as each one alone; a consumer that stops early cancels
+    its request, freeing the slot."""
+    import threading
+
+    model = tiny_gpt()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(96) for _ in range(rng.randrange(1, 20))] for _ in range(8)]
+    n_new = [rng.randrange(2, 16) for _ in prompts]
+    want = [solo(model, p, n) for p, n in zip(prompts, n_new)]
+    eng = Engine(model, max_slots=4)
+    eng.start()
+    try:
+        got = [None] * len(prompts)
+
+        def one(i):
+            got[i] = [ev.token for ev in eng.run([Request(prompts[i], n_new[i], GREEDY)]) if ev.token is not None]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == want
+        events = eng.run([Request(prompts[0], 200, GREEDY)])
+        next(events)
+        assert eng.active == 1
+        events.close()  # (left early)
+        for _ in range(200):
+            if eng.active == 0:
+                break
+            threading.Event().wait(0.01)
+        assert eng.active == 0 and eng.waiting == 0
+    finally:
+        eng.stop()
+    assert eng._driver is None
+
+
+def test_a_failed_step_ends_its_requests_with_an_error():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny_gpt().config
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, *a, **kw):
+            raise RuntimeError("boom")
+
+    eng = Engine(Broken())
+    eng.start()
+    try:
+        from lmforge.errors import LMForgeError
+
+        with pytest.raises(LMForgeError, match="boom"):
+            list(eng.run([Request([1, 2, 3], 4, GREEDY)]))
+        assert eng.active == 0
+    finally:
+        eng.stop()

@@ -27,7 +27,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 CLI_MAY_USE = ("lmforge.api", "lmforge.encoders", "lmforge.rag.manage", "lmforge.rag.evaluate", "lmforge.tasks",
-               "lmforge.store", "lmforge.config", "lmforge.errors", "lmforge.cli")
+               "lmforge.store", "lmforge.config", "lmforge.errors", "lmforge.cli", "lmforge.server")
 
 
 @pytest.mark.parametrize("path", sorted((PKG / "cli").glob("*.py")), ids=lambda p: p.name)
@@ -40,6 +40,9 @@ def test_the_cli_only_calls_the_python_api(path):
     ("models", ("lmforge.tokenizer", "lmforge.engine", "lmforge.train", "lmforge.api", "lmforge.cli")),
     ("engine", ("lmforge.tokenizer", "lmforge.train", "lmforge.api", "lmforge.cli", "lmforge.rag")),
     ("weights", ("lmforge.engine", "lmforge.train", "lmforge.api", "lmforge.cli", "lmforge.rag")),
+    ("server", ("lmforge.train", "lmforge.cli", "lmforge.models", "lmforge.weights")),
+    ("rag", ("lmforge.cli", "lmforge.server", "lmforge.train")),
+    ("tasks", ("lmforge.cli", "lmforge.server")),
 ])
 def test_lower_layers_do_not_import_upper_ones(layer, banned):
     for path in sorted((PKG / layer).glob("*.py")):
@@ -48,7 +51,14 @@ def test_lower_layers_do_not_import_upper_ones(layer, banned):
 
 
 def test_inference_loads_no_training_code():
-    code = ("import sys, lmforge.api, lmforge.encoders, lmforge.engine, lmforge.rag.manage; "
+    code = ("import sys, lmforge.api, lmforge.encoders, lmforge.engine, lmforge.rag.manage, lmforge.server.app; "
             "print(','.join(m for m in sys.modules if m.startswith('lmforge.train')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == ""
+
+
+def test_server_routes_only_call_the_service():
+    """app.py holds routes, errors and middleware; what a request does lives in service.py."""
+    bad = {m for m in imports_of(PKG / "server" / "app.py")
+           if not m.startswith(("lmforge.server.service", "lmforge.server.protocol", "lmforge.errors"))}
+    assert not bad, f"server/app.py reaches past the service into {sorted(bad)}"

@@ -76,3 +76,14 @@ def test_greedy_matches_torch_argmax_with_ties():
     assert greedy(logits).dtype == torch.int64 and greedy(logits[:1]).shape == (1,)
     assert torch.equal(greedy(logits.bfloat16()), logits.bfloat16().argmax(-1))  # non-float32: torch's own
     assert greedy(logits[0]).item() == logits[0].argmax().item()  # 1-D logits too
+
+
+def test_presence_and_frequency_penalties_count_the_output_only():
+    from lmforge.engine.sampling import presence_frequency_penalty
+
+    logits = torch.zeros(1, 5)
+    out = presence_frequency_penalty(logits, [1, 1, 1, 3], presence=0.5, frequency=0.25)
+    assert out.tolist() == [[0.0, -1.25, 0.0, -0.75, 0.0]]  # 3 x 0.25 + 0.5; 1 x 0.25 + 0.5
+    assert presence_frequency_penalty(logits, [], 1.0, 1.0) is logits
+    with pytest.raises(LMForgeError):
+        SamplingParams(presence_penalty=3.0)

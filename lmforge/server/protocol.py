@@ -84,6 +84,9 @@ class _Sampling(_Body):
     top_k: Optional[int] = Field(None, ge=1)
     min_p: Optional[float] = Field(None, ge=0, lt=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
+    ignore_eos: bool = False
+    """Generate through the end-of-text token, to max_tokens (for benchmarks; vLLM and llama.cpp's
+    server take the same field)."""
 
 
 class ChatRequest(_Sampling):
@@ -119,6 +122,7 @@ class AskRequest(_Body):
     model: Optional[str] = None
     collection: Optional[str] = None
     k: int = Field(3, ge=1, le=20)
-    mode: Literal["hybrid", "bm25", "dense"] = "hybrid"
+    mode: Optional[Literal["hybrid", "bm25", "dense"]] = None
+    """Default: hybrid when the server has an embedding model, else bm25."""
     max_tokens: int = Field(200, ge=1)
     stream: bool = False

@@ -237,6 +237,8 @@ class Service:
 
         # (building may compile a schema or render a long template: off the event loop)
         built = await asyncio.to_thread(lambda: [_api(build, i) for i in range(body.n)])
+        for req, _ in built:
+            _ignore_eos(req, body.ignore_eos)
         self._check_queue(m, body.n)
         call = Call(self, m, [r for r, _ in built], disconnected, t0)
         turns = [t for _, t in built]
@@ -343,6 +345,8 @@ class Service:
             return out
 
         built = await asyncio.to_thread(_api, build)
+        for _, req in built:
+            _ignore_eos(req, body.ignore_eos)
         self._check_queue(m, len(built))
         call = Call(self, m, [r for _, r in built], disconnected, t0)
         rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
@@ -455,8 +459,9 @@ class Service:
                                 f"{', '.join(self.collections)})", param="collection", code="collection_not_found")
         m = self.model(body.model)
         max_tokens = self._max_tokens(body.max_tokens)
-        if body.mode != "bm25" and self.encoder is None:
-            raise APIError(400, f"mode {body.mode!r} needs the embedding model; use mode 'bm25' or start the server "
+        mode = body.mode or ("hybrid" if self.encoder is not None else "bm25")
+        if mode != "bm25" and self.encoder is None:
+            raise APIError(400, f"mode {mode!r} needs the embedding model; use mode 'bm25' or start the server "
                                 f"with --embed-model", param="mode")
         self._check_queue(m, 1)
         loop = asyncio.get_running_loop()
@@ -472,7 +477,7 @@ class Service:
         def run():
             try:
                 col = self._collection(name)
-                ans = ask(body.question, col, m.lm, k=body.k, mode=body.mode, max_new_tokens=max_tokens,
+                ans = ask(body.question, col, m.lm, k=body.k, mode=mode, max_new_tokens=max_tokens,
                           on_text=on_text)
                 loop.call_soon_threadsafe(pieces.put_nowait, ("done", ans))
             except _Stopped:
@@ -631,6 +636,11 @@ def _api(fn, *args):
         msg = str(e)
         code = "context_length_exceeded" if "context" in msg and "tokens" in msg else None
         raise APIError(400, msg, code=code) from None
+
+
+def _ignore_eos(req: Request, ignore: bool) -> None:
+    if ignore:
+        req.stop_ids = ()
 
 
 def _finish(reason: str, ev: Event | None) -> str:
