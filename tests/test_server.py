@@ -320,3 +320,22 @@ def test_serve_command_refuses_bad_input(tmp_path, capsys):
             main(args)
         err = capsys.readouterr().err
         assert e.value.code != 0 and "Traceback" not in err and msg in err
+
+
+def test_a_base_model_gets_the_plain_fallback():
+    from lmforge.tasks.structured import prompt_ids
+
+    lm = tiny_chat_lm()
+    lm.tokenizer.chat_template = None
+    srv = LiveServer(Service({"base": lm}))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        (m,) = c.models.list()
+        assert m.model_extra["kind"] == "completion" and m.model_extra["chat_template"] == "plain fallback"
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        r = c.chat.completions.create(model="base", messages=msgs, max_tokens=10, temperature=0)
+        assert r.usage.prompt_tokens == len(prompt_ids(lm, msgs))  # "System: ...\\nUser: ...\\nAssistant:"
+        evs = list(lm.engine.run([lm.request(prompt_ids(lm, msgs), 10, temperature=0)]))
+        assert r.choices[0].message.content == "".join(e.text for e in evs)
+    finally:
+        srv.close()
