@@ -74,14 +74,15 @@ def start(kind: str, model: str, clients: int, args) -> tuple[subprocess.Popen, 
         binary = args.llama_server if kind == "llama-server" else args.llama_server_avx2
         cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(clients),
                "-c", str(clients * 512), "-t", "2", "-tb", "2", "--cont-batching", "--no-webui", "-lv", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    log = open(f"/tmp/serve-bench-{kind}-{clients}.log", "w")  # (a pipe nobody reads would fill and stall it)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     import httpx2 as httpx
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < 120:
         if proc.poll() is not None:
-            raise SystemExit(f"{kind} exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"{kind} exited: {Path(log.name).read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -131,7 +132,10 @@ async def load(url: str, model: str, clients: int, requests: int, max_time: floa
                 i = next(counter)
                 if i >= requests:
                     return
-                results.append(await one_request(client, url, model, i, max_tokens))
+                try:
+                    results.append(await one_request(client, url, model, i, max_tokens))
+                except httpx.HTTPError as e:  # (a server that drops the connection: counted, not fatal)
+                    results.append({"status": -1, "error": str(e)})
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0

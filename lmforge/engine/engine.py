@@ -174,29 +174,28 @@ class Engine:
         self._cancel: set[int] = set()
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)  # a started engine's thread waits here for work
         self._sinks: dict[int, Callable[[Event], None]] = {}
-        self._driver: threading.Thread | None = None
-        self._stopping = False
+        self._driver: threading.Thread | None = None  # the background thread of `start`
+        self._wake: threading.Event | None = None  # set by `drive`: the engine is stepped elsewhere
         self.steps = 0
 
     # ---- requests -------------------------------------------------------------------------
     def submit(self, req: Request, sink: Callable[[Event], None] | None = None) -> int:
         """Queue a request; it joins at the next step with a free slot. Returns its id. sink:
         where a started engine (see `start`) sends the request's events, from its own thread."""
-        with self._work:
+        with self._lock:
             req.id = next(self._ids)
             if sink is not None:
                 self._sinks[req.id] = sink
             self._waiting.append(req)
-            self._work.notify()
+        self._wake_up()
         return req.id
 
     def cancel(self, request_id: int) -> None:
         """End a request at the next step (finish reason "cancelled"), freeing its slot."""
-        with self._work:
+        with self._lock:
             self._cancel.add(request_id)
-            self._work.notify()
+        self._wake_up()
 
     @property
     def has_work(self) -> bool:
@@ -218,7 +217,7 @@ class Engine:
         for the driving thread's events instead. Closing the iterator early cancels the
         requests that have not finished."""
         reqs = list(requests)
-        if self._driver is not None:
+        if self._wake is not None:
             return self._run_driven(reqs)
         return self._run_here(reqs)
 
@@ -250,44 +249,53 @@ class Engine:
             for rid in mine:
                 self.cancel(rid)
 
-    # ---- a thread that drives the engine (the server) -------------------------------------
+    # ---- driven from another thread (the server) -------------------------------------------
+    # A driven engine is stepped by one loop (`drive`) whenever it has work; requests submitted
+    # from any thread advance together, and each one's events go to its sink. The server runs
+    # that loop on the main thread: OpenMP (PyTorch's and the C kernels' threads) keeps its
+    # workers spinning between the many small parallel regions of a decoding step only while
+    # the process has no more OpenMP threads than cores, and a second thread doing parallel work
+    # (the first, main one having made its pool at load time) halves decoding speed on 2 cores.
     def start(self) -> None:
-        """From now on a background thread steps the engine whenever it has work: requests
-        submitted from any thread advance together, each one's events going to its sink."""
-        with self._work:
-            if self._driver is None:
-                self._stopping = False
-                self._driver = threading.Thread(target=self._drive, name="lmforge-engine", daemon=True)
-                self._driver.start()
+        """Drive the engine from a background thread (simple, for tools and tests; the server
+        drives its engines from the main thread with `drive`)."""
+        if self._driver is None:
+            stop, self._wake = threading.Event(), threading.Event()
+            self._driver = threading.Thread(target=drive, args=([self], stop, self._wake), name="lmforge-engine",
+                                            daemon=True)
+            self._driver.stop_event = stop
+            self._driver.start()
 
     def stop(self) -> None:
-        """Stop the driving thread (after its current step); requests in flight stay queued."""
-        with self._work:
-            driver, self._stopping = self._driver, True
-            self._work.notify()
+        """Stop the background thread (after its current step); requests in flight stay queued."""
+        driver, self._driver = self._driver, None
         if driver is not None:
+            driver.stop_event.set()
+            self._wake_up()
             driver.join()
-        self._driver = None
+        self._wake = None
 
-    def _drive(self) -> None:
-        while True:
-            with self._work:
-                while not (self._waiting or self._active or self._cancel or self._stopping):
-                    self._work.wait()
-                if self._stopping:
-                    return
-            try:
-                events = self.step()
-            except Exception as e:  # a failed step ends the requests in it, never the thread
-                log.exception("engine step failed")
-                events = self._fail_all(f"{type(e).__name__}: {e}")
-            for ev in events:
-                sink = self._sinks.get(ev.request_id)
-                if ev.finish_reason is not None:
-                    with self._work:
-                        self._sinks.pop(ev.request_id, None)
-                if sink is not None:
-                    sink(ev)
+    def _wake_up(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+
+    def _pending(self) -> bool:
+        return bool(self._waiting or self._active or self._cancel)
+
+    def _drive_step(self) -> None:
+        try:
+            events = self.step()
+        except Exception as e:  # a failed step ends the requests in it, never the loop
+            log.exception("engine step failed")
+            events = self._fail_all(f"{type(e).__name__}: {e}")
+        for ev in events:
+            sink = self._sinks.get(ev.request_id)
+            if ev.finish_reason is not None:
+                with self._lock:
+                    self._sinks.pop(ev.request_id, None)
+            if sink is not None:
+                sink(ev)
 
     def _fail_all(self, error: str) -> list[Event]:
         """End every request with finish reason "error" and forget what the slots held."""
@@ -297,7 +305,7 @@ class Engine:
             self._release(seq)
             events.append(Event(seq.req.id, finish_reason="error", usage=Usage(seq.req.prompt_len, len(seq.out)),
                                 error=error))
-        with self._work:
+        with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         events += [Event(r.id, finish_reason="error", usage=Usage(r.prompt_len, 0), error=error) for r in waiting]
         return events
@@ -557,6 +565,27 @@ class Engine:
         return out
 
 
+def drive(engines: Sequence[Engine], stop: threading.Event, wake: threading.Event | None = None) -> None:
+    """Step every engine that has work until `stop` is set; sleep while none has. Each engine's
+    `run`, from any thread, then waits for this loop's events instead of stepping."""
+    wake = wake or threading.Event()
+    for e in engines:
+        e._wake = wake
+    try:
+        while not stop.is_set():
+            wake.clear()  # (before looking: a request submitted after this sets it again)
+            busy = False
+            for e in engines:
+                if e._pending():
+                    e._drive_step()
+                    busy = True
+            if not busy:
+                wake.wait(0.5)
+    finally:
+        for e in engines:
+            e._wake = None
+
+
 def _find_stop(text: str, stops: Sequence[str]) -> int:
     return min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
 
@@ -599,5 +628,5 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     return out
 
 
-__all__ = ["Engine", "Event", "FINISH_REASONS", "LogitsProcessor", "Request", "TextDecoder", "Usage",
+__all__ = ["Engine", "Event", "drive", "FINISH_REASONS", "LogitsProcessor", "Request", "TextDecoder", "Usage",
            "generate_naive"]

@@ -66,25 +66,49 @@ def serve(models: Sequence[str] = (DEFAULT_MODEL,), *, embed_model: str | None =
           collections: Sequence[str] = (), host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors: Sequence[str] = (), limits: Limits | None = None, device: str = "auto", quantize: str = "auto",
           log: Callable[[str], None] = print) -> None:
-    """Load the models and serve them until interrupted."""
+    """Load the models and serve them until interrupted. The HTTP side runs in a thread of its
+    own; the main thread steps the engines (Engine.start says why)."""
+    import threading
+    import time
+
     import uvicorn
 
+    from lmforge.engine.engine import drive
     from lmforge.server.app import create_app
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
     _check_port(host, port)
     service = load_service(models or (DEFAULT_MODEL,), embed_model, collections, limits, device, quantize, log)
     app = create_app(service, api_key=api_key, cors=cors)
-    service.start()
+    service.configure()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=3))
+    stop = threading.Event()
+
+    def http():
+        try:
+            server.run()
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=http, name="lmforge-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if stop.is_set():
+            raise LMForgeError(f"the server could not start on {host}:{port}")
+        time.sleep(0.05)
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     log(f"chat page: http://{shown}:{port}/   API: http://{shown}:{port}/v1"
         + ("   (API key required)" if api_key else ""))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log("warning: listening beyond this machine without --api-key: anyone who can reach it can use it")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+        drive(service.engines, stop)
+    except KeyboardInterrupt:
+        log("stopping")
     finally:
-        service.stop()
+        server.should_exit = True
+        thread.join(10)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -146,14 +146,24 @@ class Service:
         self.started = int(time.time())
 
     # ---- life --------------------------------------------------------------------------------
+    @property
+    def engines(self) -> list:
+        return [m.lm.engine for m in self.models.values()]
+
+    def configure(self) -> None:
+        for e in self.engines:
+            e.max_slots = self.limits.parallel
+
     def start(self) -> None:
-        for m in self.models.values():
-            m.lm.engine.max_slots = self.limits.parallel
-            m.lm.engine.start()
+        """Drive each engine from a background thread (tests, embedding in an app); `lmforge
+        serve` drives them from its main thread instead (see Engine.start on why)."""
+        self.configure()
+        for e in self.engines:
+            e.start()
 
     def stop(self) -> None:
-        for m in self.models.values():
-            m.lm.engine.stop()
+        for e in self.engines:
+            e.stop()
 
     def busy_slots(self) -> dict[str, int]:
         return {n: m.lm.engine.active for n, m in self.models.items()}
