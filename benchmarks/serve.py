@@ -6,7 +6,7 @@ chat requests back to back, streaming: a distinct ~200-token prompt (a number fi
 prompt cache helps either server), 128 output tokens (`ignore_eos`, greedy). A level ends after
 its request count or its time bound, whichever first. Reported per server and level: aggregate
 output tok/s, per-stream tok/s (decode only: after the first token), p50/p95 time to first token
-and p50/p95 latency, and lmforge's ratios to llama-server. `--solo` also times lmforge's own
+and p50/p95 latency, and lmforge's ratios to llama-server (per-stream: the median request). `--solo` also times lmforge's own
 `LM.generate` on the same prompt in-process, so the 1-client row shows what the server costs.
 
     lmforge pull smollm2-135m-instruct && lmforge pull gemma3-270m
@@ -122,7 +122,10 @@ async def load(url: str, model: str, clients: int, requests: int, max_time: floa
 
     results, counter = [], iter(range(10**9))
     deadline = time.perf_counter() + max_time
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as client:
+    # a new connection per request, for both servers: a kept-alive connection that the server
+    # closes between requests would otherwise show up as a failed request
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)) \
+            as client:
         # warm-up: one request, not counted
         await one_request(client, url, model, -1, 8)
         t0 = time.perf_counter()
@@ -142,7 +145,8 @@ async def load(url: str, model: str, clients: int, requests: int, max_time: floa
     ok = [r for r in results if r["status"] == 200]
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
     return {"requests": len(ok), "errors": len(results) - len(ok), "agg": sum(r["tokens"] for r in ok) / wall,
-            "stream": statistics.mean(max(r["tokens"] - 1, 1) / max(r["latency"] - r["ttft"], 1e-6) for r in ok),
+            "stream": statistics.median(max(r["tokens"] - 1, 1) / max(r["latency"] - r["ttft"], 1e-6) for r in ok),
+            "first_error": next((r.get("error") or r["status"] for r in results if r["status"] != 200), None),
             "ttft50": q([r["ttft"] for r in ok], 50), "ttft95": q([r["ttft"] for r in ok], 95),
             "lat50": q([r["latency"] for r in ok], 50), "lat95": q([r["latency"] for r in ok], 95)}
 
@@ -154,8 +158,8 @@ def solo_speed(model: str, max_tokens: int) -> float:
 
     lm = LM.load(model)
     ids = lm.chat_ids([{"role": "user", "content": prompt(10**6)}])
-    best = 0.0
-    for _ in range(2):
+    speeds = []
+    for _ in range(3):
         req = lm.request(ids, max_tokens, temperature=0)
         req.stop_ids = ()
         t_first = None
@@ -165,8 +169,8 @@ def solo_speed(model: str, max_tokens: int) -> float:
                 n += 1
                 if t_first is None:
                     t_first = time.perf_counter()
-        best = max(best, (n - 1) / (time.perf_counter() - t_first))
-    return best
+        speeds.append((n - 1) / (time.perf_counter() - t_first))
+    return statistics.median(speeds)
 
 
 def cpu_line() -> str:
@@ -191,14 +195,15 @@ def benchmark(args) -> None:
         for kind in kinds:
             proc, url = start(kind, args.model, c, args)
             try:
-                n = max(args.requests_per_client * c, 4)
+                n = max(args.requests_per_client * c, 6)
                 table[(kind, c)] = r = asyncio.run(load(url, args.model, c, n, args.max_time, args.max_tokens))
             finally:
                 proc.terminate()
                 proc.wait(10)
             print(f"{kind:18} clients={c:2}  agg {r['agg']:6.1f} tok/s  stream {r['stream']:5.1f} tok/s  "
                   f"ttft p50 {r['ttft50']:6.2f} s p95 {r['ttft95']:6.2f} s  latency p50 {r['lat50']:6.2f} s "
-                  f"p95 {r['lat95']:6.2f} s  ({r['requests']} requests, {r['errors']} errors)", flush=True)
+                  f"p95 {r['lat95']:6.2f} s  ({r['requests']} requests, {r['errors']} errors"
+                  + (f": {r['first_error']}" if r['errors'] else "") + ")", flush=True)
     print("\n| server | clients | aggregate tok/s | per-stream tok/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) |"
           " agg vs llama-server | TTFT p95 vs llama-server |")
     print("|---|---|---|---|---|---|---|---|")

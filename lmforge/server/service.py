@@ -72,7 +72,6 @@ class Served:
     name: str
     lm: LM
     created: int = field(default_factory=lambda: int(time.time()))
-    _pieces: list[str] | None = None
     _bytes: list[bytes] | None = None
 
     @property
@@ -267,7 +266,7 @@ class Service:
                 {"role": "assistant", "content": text, "finish_reason": last.finish_reason}
             finish = msg.pop("finish_reason")
             choices.append({"index": i, "message": msg, "logprobs": {"content": lps[i]} if body.logprobs else None,
-                            "finish_reason": _finish(finish, last)})
+                            "finish_reason": _finish(finish)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": m.name, "choices": choices,
                 "usage": call.usage(), "system_fingerprint": None}
 
@@ -304,9 +303,9 @@ class Service:
                         msg = _api(turns[i].message, "".join(held[i]), ev.finish_reason, ev.complete)
                         calls = [dict(c, index=k) for k, c in enumerate(msg.get("tool_calls") or [])]
                         yield chunk(i, {"tool_calls": calls} if calls else {"content": msg["content"]})
-                        yield chunk(i, {}, _finish(msg["finish_reason"], ev))
+                        yield chunk(i, {}, _finish(msg["finish_reason"]))
                     else:
-                        yield chunk(i, {}, _finish(ev.finish_reason, ev))
+                        yield chunk(i, {}, _finish(ev.finish_reason))
             if include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": m.name,
                            "system_fingerprint": None, "choices": [], "usage": call.usage()})
@@ -396,7 +395,7 @@ class Service:
                         if e:
                             yield chunk(choice(i, e, [], None, 0))
                     async for i, ev in call.events():
-                        finish = _finish(ev.finish_reason, ev) if ev.finish_reason else None
+                        finish = _finish(ev.finish_reason) if ev.finish_reason else None
                         if ev.text or finish or (want_lp and ev.token is not None and not call.is_stop_token(ev)):
                             yield chunk(choice(i, ev.text, [ev], finish, offsets[i]))
                         offsets[i] += len(ev.text)
@@ -411,7 +410,7 @@ class Service:
         async for i, ev in call.events():
             evs[i].append(ev)
         choices = [choice(i, echo[i] + "".join(e.text for e in evs[i]), evs[i],
-                          _finish(call.last[i].finish_reason, call.last[i]), len(echo[i])) for i in range(len(built))]
+                          _finish(call.last[i].finish_reason), len(echo[i])) for i in range(len(built))]
         return {"id": rid, "object": "text_completion", "created": created, "model": m.name, "choices": choices,
                 "usage": call.usage()}
 
@@ -653,7 +652,8 @@ def _ignore_eos(req: Request, ignore: bool) -> None:
         req.stop_ids = ()
 
 
-def _finish(reason: str, ev: Event | None) -> str:
+def _finish(reason: str) -> str:
+    """OpenAI's finish_reason for lmforge's (a stop string is a "stop"; a cut is a "length")."""
     if reason == "tool_calls":
         return reason
     return "length" if reason in ("length", "cancelled") else "stop"
