@@ -339,3 +339,39 @@ def test_a_base_model_gets_the_plain_fallback():
         assert r.choices[0].message.content == "".join(e.text for e in evs)
     finally:
         srv.close()
+
+
+def test_a_growing_chat_reuses_its_cached_prefix(client):
+    msgs = [{"role": "system", "content": "You answer in one line."}, {"role": "user", "content": "First question?"}]
+    first = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And a second one?"}]
+    second = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # the whole first prompt was kept in its slot and is not computed again
+    assert cached >= first.usage.prompt_tokens and cached < second.usage.prompt_tokens
+
+
+def test_the_time_limit_ends_a_generation_as_length():
+    lm = tiny_chat_lm(stop=False)
+    srv = LiveServer(Service({MODEL: lm}, limits=Limits(max_tokens=4000, timeout=1.0)))
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 4000, "messages": [
+            {"role": "user", "content": "go"}]}, timeout=60).json()
+        assert time.monotonic() - t0 < 5
+        assert r["choices"][0]["finish_reason"] == "length" and 0 < r["usage"]["completion_tokens"] < 4000
+        assert lm.engine.active == 0
+    finally:
+        srv.close()
+
+
+def test_metrics_count_requests_tokens_and_first_token_times(live, client):
+    chat(client, "Count me", max_tokens=5)
+    text = httpx.get(live.url + "/metrics").text
+    assert 'lmforge_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert _metric(live, "lmforge_completion_tokens_total") >= 5
+    assert _metric(live, "lmforge_time_to_first_token_seconds_count") >= 1
+    for name in ("lmforge_queue_depth", "lmforge_busy_slots", "lmforge_tokens_per_second",
+                 "lmforge_request_seconds_bucket", "lmforge_prompt_tokens_total"):
+        assert name in text

@@ -569,34 +569,59 @@ class Call:
         self.texts: list[list[str]] = [[] for _ in requests]
         self.first_token = False
         self._stop_ids = set(served.lm.tokenizer.stop_ids)
-        loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # events arrive from the engine's thread into a deque; the event loop is woken once per
+        # batch (a decoding step's events), not once per token
+        self._loop = asyncio.get_running_loop()
+        self._events: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self._woken = False
         engine = served.lm.engine
-        put = self._queue.put_nowait
-        self._index = {engine.submit(req, lambda ev: loop.call_soon_threadsafe(put, ev)): i
-                       for i, req in enumerate(requests)}
+        self._index = {engine.submit(req, self._sink): i for i, req in enumerate(requests)}
         self._left = set(self._index)
         weakref.finalize(self, _cancel_all, engine, self._left)
 
     def is_stop_token(self, ev: Event) -> bool:
         return ev.finish_reason == "stop" and ev.token in self._stop_ids
 
+    def _sink(self, ev: Event) -> None:  # (the engine's thread)
+        self._events.append(ev)
+        if not self._woken:
+            self._woken = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:  # (the event loop)
+        self._woken = False
+        self._ready.set()
+
+    async def _next(self, timeout: float) -> Event | None:
+        while not self._events:
+            self._ready.clear()
+            if self._events:
+                break
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        return self._events.popleft()
+
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        engine, q, left = self.served.lm.engine, self._queue, self._left
+        engine, left = self.served.lm.engine, self._left
         limits, metrics, name = self.service.limits, self.service.metrics, self.served.name
-        timed_out = False
+        timed_out, checked = False, time.perf_counter()
         try:
             while left:
-                try:
-                    ev = await asyncio.wait_for(q.get(), 0.5)
-                except asyncio.TimeoutError:
+                ev = self._events.popleft() if self._events else await self._next(0.5)
+                now = time.perf_counter()
+                if ev is None or now - checked > 0.5:  # (twice a second, even while tokens flow)
+                    checked = now
                     if await self.disconnected():
                         return
-                    if not timed_out and time.perf_counter() - self.t0 > limits.timeout:
+                    if not timed_out and now - self.t0 > limits.timeout:
                         timed_out = True  # (the cancelled events come back and end the requests)
                         for rid in left:
                             engine.cancel(rid)
-                    continue
+                    if ev is None:
+                        continue
                 i = self._index[ev.request_id]
                 if ev.finish_reason == "error":
                     raise APIError(500, "the generation failed on the server", type="server_error",
