@@ -155,9 +155,10 @@ def solo_speed(model: str, max_tokens: int) -> float:
     """lmforge's own generate on one request, in this process (what the server adds nothing to)."""
     sys.path.insert(0, str(ROOT))
     from lmforge.api import LM
+    from lmforge.tasks.structured import prompt_ids
 
     lm = LM.load(model)
-    ids = lm.chat_ids([{"role": "user", "content": prompt(10**6)}])
+    ids = prompt_ids(lm, [{"role": "user", "content": prompt(10**6)}])  # (as the server renders it)
     speeds = []
     for _ in range(3):
         req = lm.request(ids, max_tokens, temperature=0)
