@@ -375,3 +375,45 @@ def test_metrics_count_requests_tokens_and_first_token_times(live, client):
     for name in ("lmforge_queue_depth", "lmforge_busy_slots", "lmforge_tokens_per_second",
                  "lmforge_request_seconds_bucket", "lmforge_prompt_tokens_total"):
         assert name in text
+
+
+@pytest.mark.slow
+def test_the_serve_command_end_to_end(tmp_path):
+    """`lmforge serve FOLDER` as a user runs it: the main thread drives the engine, HTTP runs in
+    its own thread; it prints the page's URL, answers, and stops cleanly on Ctrl-C."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    folder = tiny_chat_lm().export(tmp_path / "tiny-hf")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, LMFORGE_HOME=str(tmp_path / "home"))
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(folder), "--port", str(port),
+                             "--embed-model", "none", "--api-key", "k"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() - t0 < 60, "the server did not start"
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["tiny-hf"]
+        r = c.chat.completions.create(model="tiny-hf", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                      temperature=0)
+        assert r.usage.completion_tokens > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in err
+    assert f"http://localhost:{port}/" in err
