@@ -287,17 +287,19 @@ class Service:
                 yield chunk(i, {"role": "assistant", "content": ""})
             # a tool turn's text is held until its first characters tell a call ("{") from an answer
             held: list[list[str] | None] = [[] if t is not None else None for t in turns]
+            held_lps: list[list[dict]] = [[] for _ in turns]
             async for i, ev in call.events():
-                lp = {"content": [self._chat_logprob(m, ev)]} if body.logprobs and ev.token is not None and \
-                    not call.is_stop_token(ev) else None
+                lp = [self._chat_logprob(m, ev)] if body.logprobs and ev.token is not None and \
+                    not call.is_stop_token(ev) else []
                 if held[i] is not None:
                     held[i].append(ev.text)
+                    held_lps[i] += lp
                     pending = "".join(held[i])
                     if pending and not pending.startswith("{"):  # an answer: stream it from here on
                         held[i] = None
-                        yield chunk(i, {"content": pending}, logprobs=lp)
+                        yield chunk(i, {"content": pending}, logprobs={"content": held_lps[i]} if lp else None)
                 elif ev.text or lp:
-                    yield chunk(i, {"content": ev.text}, logprobs=lp)
+                    yield chunk(i, {"content": ev.text}, logprobs={"content": lp} if lp else None)
                 if ev.finish_reason is not None:
                     if held[i] is not None and "".join(held[i]):
                         msg = _api(turns[i].message, "".join(held[i]), ev.finish_reason, ev.complete)
