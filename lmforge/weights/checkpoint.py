@@ -190,18 +190,7 @@ def load_optimizer_state(ckpt: Checkpoint, optimizer: torch.optim.Optimizer) -> 
     if not ckpt.has_optimizer:
         raise LMForgeError(f"checkpoint {ckpt.path} has no optimizer state, so it cannot be resumed")
     state = load_json(ckpt.path / "trainer_state.json")
-    tensors = _load_tensors(ckpt.path / "optimizer.safetensors")
-    opt_state: dict[int, dict[str, Any]] = {}
-    for key, t in tensors.items():
-        _, idx, name = key.split(".", 2)
-        opt_state.setdefault(int(idx), {})[name] = t
-    for key, v in state["optimizer"]["scalars"].items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = v
-    try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise LMForgeError(f"optimizer state in {ckpt.path} does not fit this model ({e})") from None
+    restore_optimizer(optimizer, _load_tensors(ckpt.path / "optimizer.safetensors"), state["optimizer"], ckpt.path)
     return state
 
 
