@@ -417,3 +417,35 @@ def test_the_serve_command_end_to_end(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err
     assert f"http://localhost:{port}/" in err
+
+
+def test_encoder_work_runs_on_the_driving_thread(tmp_path, monkeypatch, encoder):
+    """Embeddings and a question's vector are computed by the thread that steps the engines:
+    a second thread that ran a parallel region would slow decoding for as long as it lives."""
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    from lmforge.rag.collection import Collection
+
+    seen = []
+
+    class Recording:
+        def __init__(self, enc):
+            self.enc = enc
+
+        def embed(self, texts, *a, **kw):
+            seen.append(threading.current_thread().name)
+            return self.enc.embed(texts, *a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.enc, name)
+
+    with Collection.open("notes", create=True, encoder=encoder) as col:
+        col.add_documents([("music.txt", "A violin has four strings tuned in fifths.")])
+    srv = LiveServer(Service({MODEL: tiny_chat_lm()}, Recording(encoder), "tiny-bert", ["notes"]))
+    try:
+        assert httpx.post(srv.url + "/v1/embeddings", json={"model": "tiny-bert", "input": ["a", "b"]}).status_code == 200
+        r = httpx.post(srv.url + "/v1/rag/ask", json={"question": "violin strings?", "mode": "hybrid", "max_tokens": 8},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(seen) >= 2 and set(seen) == {"lmforge-driver"}
+    finally:
+        srv.close()

@@ -565,9 +565,13 @@ class Engine:
         return out
 
 
-def drive(engines: Sequence[Engine], stop: threading.Event, wake: threading.Event | None = None) -> None:
+def drive(engines: Sequence[Engine], stop: threading.Event, wake: threading.Event | None = None,
+          jobs: "queue.SimpleQueue | None" = None) -> None:
     """Step every engine that has work until `stop` is set; sleep while none has. Each engine's
-    `run`, from any thread, then waits for this loop's events instead of stepping."""
+    `run`, from any thread, then waits for this loop's events instead of stepping. jobs: (fn,
+    concurrent.futures.Future) pairs to run here between steps -- other work that uses OpenMP
+    (an encoder's forward) belongs on this thread too (see Engine.start); set `wake` after
+    putting one."""
     wake = wake or threading.Event()
     for e in engines:
         e._wake = wake
@@ -575,6 +579,14 @@ def drive(engines: Sequence[Engine], stop: threading.Event, wake: threading.Even
         while not stop.is_set():
             wake.clear()  # (before looking: a request submitted after this sets it again)
             busy = False
+            while jobs is not None and not jobs.empty():
+                fn, fut = jobs.get_nowait()
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # (handed to whoever waits on the future)
+                        fut.set_exception(e)
+                busy = True
             for e in engines:
                 if e._pending():
                     e._drive_step()

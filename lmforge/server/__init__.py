@@ -73,7 +73,6 @@ def serve(models: Sequence[str] = (DEFAULT_MODEL,), *, embed_model: str | None =
 
     import uvicorn
 
-    from lmforge.engine.engine import drive
     from lmforge.server.app import create_app
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
@@ -103,7 +102,7 @@ def serve(models: Sequence[str] = (DEFAULT_MODEL,), *, embed_model: str | None =
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log("warning: listening beyond this machine without --api-key: anyone who can reach it can use it")
     try:
-        drive(service.engines, stop)
+        service.drive(stop)
     except KeyboardInterrupt:
         log("stopping")
     finally:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import json
+import queue
 import threading
 import time
 import uuid
@@ -140,9 +142,11 @@ class Service:
         self.encoder, self.encoder_name = encoder, encoder_name
         self.collections = list(collections)
         self.metrics = Metrics()
-        self._encoder_lock = threading.Lock()
         self._local = threading.local()  # each worker thread's open collections (sqlite is per thread)
         self.started = int(time.time())
+        self.wake = threading.Event()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # work for the driving thread (encoder forwards)
+        self._driver: threading.Thread | None = None
 
     # ---- life --------------------------------------------------------------------------------
     @property
@@ -153,16 +157,40 @@ class Service:
         for e in self.engines:
             e.max_slots = self.limits.parallel
 
+    def drive(self, stop: threading.Event) -> None:
+        """Step the engines and run the encoder's work on this thread until `stop` is set: all
+        that uses OpenMP stays on one thread (see Engine.start: a second thread that ran a
+        parallel region, even once, halves decoding on 2 cores for as long as it lives)."""
+        from lmforge.engine.engine import drive
+
+        drive(self.engines, stop, self.wake, self.jobs)
+
     def start(self) -> None:
-        """Drive each engine from a background thread (tests, embedding in an app); `lmforge
-        serve` drives them from its main thread instead (see Engine.start on why)."""
+        """Drive from a background thread (tests, embedding the app elsewhere); `lmforge serve`
+        calls `drive` from its main thread instead."""
         self.configure()
-        for e in self.engines:
-            e.start()
+        self._stop = threading.Event()
+        for e in self.engines:  # (driven from now on, before the thread has started)
+            e._wake = self.wake
+        self._driver = threading.Thread(target=self.drive, args=(self._stop,), name="lmforge-driver", daemon=True)
+        self._driver.start()
 
     def stop(self) -> None:
-        for e in self.engines:
-            e.stop()
+        if self._driver is not None:
+            self._stop.set()
+            self.wake.set()
+            self._driver.join()
+            self._driver = None
+
+    async def on_driver(self, fn: Callable[[], Any]) -> Any:
+        """fn's result, computed on the driving thread between engine steps."""
+        return await asyncio.wrap_future(self.submit_job(fn))
+
+    def submit_job(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((fn, fut))
+        self.wake.set()
+        return fut
 
     def busy_slots(self) -> dict[str, int]:
         return {n: m.lm.engine.active for n, m in self.models.items()}
@@ -433,11 +461,10 @@ class Service:
                                 f"{body.dimensions}", param="dimensions")
 
         def run():
-            with self._encoder_lock:
-                n_tokens = sum(len(t) for t in self.encoder.tokenize(texts))
-                return self.encoder.embed(texts).astype(np.float32), n_tokens
+            n_tokens = sum(len(t) for t in self.encoder.tokenize(texts))
+            return self.encoder.embed(texts).astype(np.float32), n_tokens
 
-        vecs, n_tokens = await asyncio.to_thread(_api, run)
+        vecs, n_tokens = await self.on_driver(lambda: _api(run))
         data = []
         for i, v in enumerate(vecs):
             emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" \
@@ -454,7 +481,8 @@ class Service:
         if open_ is None:
             open_ = self._local.collections = {}
         if name not in open_:
-            open_[name] = Collection.open(name, encoder=self.encoder if self.encoder is not None else None)
+            encoder = _OnDriver(self.encoder, self.submit_job) if self.encoder is not None else None
+            open_[name] = Collection.open(name, encoder=encoder)
         return open_[name]
 
     async def ask(self, body: AskRequest, disconnected: Disconnected) -> dict | AsyncIterator[str]:
@@ -546,6 +574,20 @@ class Service:
             raise APIError(408, "the answer was cancelled", code="cancelled")
         self.metrics.latency.labels(m.name).observe(time.perf_counter() - t0)
         return result(answer)
+
+
+class _OnDriver:
+    """An encoder whose forward passes run on the driving thread (a query's embedding, asked
+    for from a worker thread by a collection's search)."""
+
+    def __init__(self, encoder, submit: Callable):
+        self._encoder, self._submit = encoder, submit
+
+    def embed(self, texts, *args, **kwargs):
+        return self._submit(lambda: self._encoder.embed(texts, *args, **kwargs)).result()
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
 
 
 def _cancel_all(engine, request_ids) -> None:
