@@ -449,3 +449,19 @@ def test_encoder_work_runs_on_the_driving_thread(tmp_path, monkeypatch, encoder)
         assert len(seen) >= 2 and set(seen) == {"lmforge-driver"}
     finally:
         srv.close()
+
+
+def test_a_collection_without_vectors_is_searched_by_bm25_and_left_as_it_is(tmp_path, monkeypatch, encoder):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    from lmforge.rag.collection import Collection
+
+    with Collection.open("plain", create=True) as col:  # (no encoder: BM25 only)
+        col.add_documents([("music.txt", "A violin has four strings tuned in fifths.")])
+    srv = LiveServer(Service({MODEL: tiny_chat_lm()}, encoder, "tiny-bert", ["plain"]))
+    try:
+        r = httpx.post(srv.url + "/v1/rag/ask", json={"question": "violin strings?", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200 and r.json()["sources"][0]["source"] == "music.txt"
+    finally:
+        srv.close()
+    with Collection.open("plain") as col:
+        assert col.embed_model is None  # (serving it did not embed it)

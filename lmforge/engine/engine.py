@@ -17,6 +17,7 @@ cached path is tested against.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -175,8 +176,8 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._sinks: dict[int, Callable[[Event], None]] = {}
-        self._driver: threading.Thread | None = None  # the background thread of `start`
-        self._wake: threading.Event | None = None  # set by `drive`: the engine is stepped elsewhere
+        self._driver: Driver | None = None  # the background driver of `start`
+        self._wake: threading.Event | None = None  # set by a Driver: the engine is stepped elsewhere
         self.steps = 0
 
     # ---- requests -------------------------------------------------------------------------
@@ -250,30 +251,24 @@ class Engine:
                 self.cancel(rid)
 
     # ---- driven from another thread (the server) -------------------------------------------
-    # A driven engine is stepped by one loop (`drive`) whenever it has work; requests submitted
+    # A driven engine is stepped by one loop (`Driver`) whenever it has work; requests submitted
     # from any thread advance together, and each one's events go to its sink. The server runs
     # that loop on the main thread: OpenMP (PyTorch's and the C kernels' threads) keeps its
     # workers spinning between the many small parallel regions of a decoding step only while
     # the process has no more OpenMP threads than cores, and a second thread doing parallel work
     # (the first, main one having made its pool at load time) halves decoding speed on 2 cores.
     def start(self) -> None:
-        """Drive the engine from a background thread (simple, for tools and tests; the server
-        drives its engines from the main thread with `drive`)."""
+        """Drive this engine from a background thread (for tools and tests; the server runs a
+        Driver over its engines on the main thread)."""
         if self._driver is None:
-            stop, self._wake = threading.Event(), threading.Event()
-            self._driver = threading.Thread(target=drive, args=([self], stop, self._wake), name="lmforge-engine",
-                                            daemon=True)
-            self._driver.stop_event = stop
+            self._driver = Driver([self])
             self._driver.start()
 
     def stop(self) -> None:
         """Stop the background thread (after its current step); requests in flight stay queued."""
         driver, self._driver = self._driver, None
         if driver is not None:
-            driver.stop_event.set()
-            self._wake_up()
-            driver.join()
-        self._wake = None
+            driver.stop()
 
     def _wake_up(self) -> None:
         wake = self._wake
@@ -565,37 +560,69 @@ class Engine:
         return out
 
 
-def drive(engines: Sequence[Engine], stop: threading.Event, wake: threading.Event | None = None,
-          jobs: "queue.SimpleQueue | None" = None) -> None:
-    """Step every engine that has work until `stop` is set; sleep while none has. Each engine's
-    `run`, from any thread, then waits for this loop's events instead of stepping. jobs: (fn,
-    concurrent.futures.Future) pairs to run here between steps -- other work that uses OpenMP
-    (an encoder's forward) belongs on this thread too (see Engine.start); set `wake` after
-    putting one."""
-    wake = wake or threading.Event()
-    for e in engines:
-        e._wake = wake
-    try:
-        while not stop.is_set():
-            wake.clear()  # (before looking: a request submitted after this sets it again)
-            busy = False
-            while jobs is not None and not jobs.empty():
-                fn, fut = jobs.get_nowait()
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # (handed to whoever waits on the future)
-                        fut.set_exception(e)
-                busy = True
-            for e in engines:
-                if e._pending():
-                    e._drive_step()
+class Driver:
+    """The loop that steps engines for requests from any thread: it steps every engine that has
+    work and sleeps while none has; each engine's `run` then waits for this loop's events
+    instead of stepping. It also runs jobs (`submit`) between steps: other work that uses
+    OpenMP (an encoder's forward) belongs on this thread too (see Engine.start). Run it on the
+    calling thread (`run`, until `halt`) or on a background one (`start` / `stop`)."""
+
+    def __init__(self, engines: Sequence[Engine]):
+        self.engines = list(engines)
+        self.wake, self._halt = threading.Event(), threading.Event()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _attach(self) -> None:
+        for e in self.engines:  # (driven from now on, so that their `run` never steps them itself)
+            e._wake = self.wake
+
+    def submit(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """fn's result, computed on the driving thread between engine steps."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((fn, fut))
+        self.wake.set()
+        return fut
+
+    def run(self) -> None:
+        self._attach()
+        try:
+            while not self._halt.is_set():
+                self.wake.clear()  # (before looking: a request submitted after this sets it again)
+                busy = False
+                while not self._jobs.empty():
+                    fn, fut = self._jobs.get_nowait()
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as e:  # (handed to whoever waits on the future)
+                            fut.set_exception(e)
                     busy = True
-            if not busy:
-                wake.wait(0.5)
-    finally:
-        for e in engines:
-            e._wake = None
+                for e in self.engines:
+                    if e._pending():
+                        e._drive_step()
+                        busy = True
+                if not busy:
+                    self.wake.wait(0.5)
+        finally:
+            for e in self.engines:
+                e._wake = None
+
+    def halt(self) -> None:
+        """End `run` after its current step."""
+        self._halt.set()
+        self.wake.set()
+
+    def start(self) -> None:
+        self._attach()  # (before the thread runs: a `run` called right after must not step)
+        self._thread = threading.Thread(target=self.run, name="lmforge-driver", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.halt()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int:
@@ -640,5 +667,5 @@ def generate_naive(model: nn.Module, prompt_ids: Sequence[int], max_new_tokens: 
     return out
 
 
-__all__ = ["Engine", "Event", "drive", "FINISH_REASONS", "LogitsProcessor", "Request", "TextDecoder", "Usage",
+__all__ = ["Driver", "Engine", "Event", "FINISH_REASONS", "LogitsProcessor", "Request", "TextDecoder", "Usage",
            "generate_naive"]

@@ -37,14 +37,7 @@ def load_service(models: Sequence[str] = (DEFAULT_MODEL,), embed_model: str | No
     from lmforge import store
     from lmforge.api import LM
 
-    lms = {}
-    for spec in models:
-        name = model_name(spec)
-        if name in lms:
-            raise LMForgeError(f"two models would be served as {name!r}")
-        log(f"loading {spec}")
-        lms[name] = LM.load(spec, device=device, quantize=quantize)
-    encoder, enc_name = None, None
+    encoder, enc_name = None, None  # (the encoder and collections first: their errors come before a long load)
     if embed_model == "auto":
         embed_model = DEFAULT_EMBED if store.find(DEFAULT_EMBED) is not None else None
     if embed_model not in (None, "none"):
@@ -55,10 +48,17 @@ def load_service(models: Sequence[str] = (DEFAULT_MODEL,), embed_model: str | No
     from lmforge.rag.manage import open_for_search
 
     for name in collections:
-        with open_for_search(name, encoder is not None, log) as col:  # (checks it exists and its encoder fits)
-            if encoder is not None and col.embed_model is not None and col.embed_model != encoder.spec:
-                raise LMForgeError(f"collection {name!r} was embedded with {col.embed_model}; serve it with "
-                                   f"--embed-model {col.embed_model}")
+        with open_for_search(name, use_vectors=False, log=log) as col:  # (it exists; the default one is built once)
+            have = col.embed_model
+        if encoder is not None and have is not None and have != str(encoder.spec):
+            raise LMForgeError(f"collection {name!r} was embedded with {have}; serve it with --embed-model {have}")
+    lms = {}
+    for spec in models:
+        name = model_name(spec)
+        if name in lms:
+            raise LMForgeError(f"two models would be served as {name!r}")
+        log(f"loading {spec}")
+        lms[name] = LM.load(spec, device=device, quantize=quantize)
     return Service(lms, encoder, enc_name, list(collections), limits)
 
 
@@ -79,7 +79,6 @@ def serve(models: Sequence[str] = (DEFAULT_MODEL,), *, embed_model: str | None =
     _check_port(host, port)
     service = load_service(models or (DEFAULT_MODEL,), embed_model, collections, limits, device, quantize, log)
     app = create_app(service, api_key=api_key, cors=cors)
-    service.configure()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            timeout_graceful_shutdown=3))
     stop = threading.Event()
@@ -89,6 +88,7 @@ def serve(models: Sequence[str] = (DEFAULT_MODEL,), *, embed_model: str | None =
             server.run()
         finally:
             stop.set()
+            service.driver.halt()
 
     thread = threading.Thread(target=http, name="lmforge-http", daemon=True)
     thread.start()
@@ -102,7 +102,7 @@ def serve(models: Sequence[str] = (DEFAULT_MODEL,), *, embed_model: str | None =
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log("warning: listening beyond this machine without --api-key: anyone who can reach it can use it")
     try:
-        service.drive(stop)
+        service.driver.run()  # (the main thread: see Engine.start)
     except KeyboardInterrupt:
         log("stopping")
     finally:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-from importlib import resources
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LMForgeError
@@ -124,26 +125,15 @@ def create_app(service: Service, api_key: str | None = None, cors: list[str] | t
 
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    static = resources.files("lmforge.server") / "static"
+    static = Path(__file__).parent / "static"
+    page = (static / "index.html").read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return HTMLResponse(static.joinpath("index.html").read_text(encoding="utf-8"))
+    async def index():
+        return HTMLResponse(page)
 
-    @app.get("/static/{name:path}")
-    async def asset(name: str):
-        # (only the files shipped in the package: no path leaves the static folder)
-        parts = name.split("/")
-        if any(p in ("", ".", "..") or "\\" in p for p in parts):
-            raise APIError(404, "no such file", code="not_found")
-        f = static
-        for p in parts:
-            f = f / p
-        if not f.is_file():
-            raise APIError(404, "no such file", code="not_found")
-        kind = {"js": "text/javascript", "css": "text/css", "svg": "image/svg+xml", "txt": "text/plain",
-                "html": "text/html"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
-        return Response(f.read_bytes(), media_type=kind, headers={"Cache-Control": "max-age=3600"})
+    # only the files shipped in the package (StaticFiles keeps every path inside the folder)
+    app.mount("/static", StaticFiles(directory=static), name="static")
 
     _register_gauges(service)
     return app

@@ -1,20 +1,19 @@
 """What the HTTP server does, as plain async functions over lmforge's Python API; the routes in
 app.py only parse a body and call one of these.
 
-Every generation goes through a model's engine, started in its own thread (Engine.start): the
-requests of all clients are decoded together, one forward pass a step, joining and leaving
-between steps (continuous batching), each with its own sampling settings, stops and
-constraint. Events come back to the event loop through a per-call asyncio queue; a client that
-goes away, or a request past its time limit, is cancelled and frees its slot at the next step.
+Every generation goes through a model's engine, stepped by one Driver loop (on `lmforge
+serve`'s main thread): the requests of all clients are decoded together, one forward pass a
+step, joining and leaving between steps (continuous batching), each with its own sampling
+settings, stops and constraint. A call's events come back to the event loop once per step; a
+client that goes away, or a request past its time limit, is cancelled and frees its slot at
+the next step. The encoder's forward passes run on the same driving thread, between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import json
-import queue
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ import numpy as np
 
 from lmforge.api import LM, describe_spec, mark_complete
 from lmforge.engine import Event, Request
+from lmforge.engine.engine import Driver
 from lmforge.engine.constraint import Spec
 from lmforge.errors import LMForgeError
 from lmforge.server.protocol import AskRequest, ChatRequest, CompletionRequest, EmbeddingRequest, Message
@@ -74,7 +74,6 @@ class Served:
     name: str
     lm: LM
     created: int = field(default_factory=lambda: int(time.time()))
-    _bytes: list[bytes] | None = None
 
     @property
     def chat_template(self) -> str:
@@ -82,9 +81,8 @@ class Served:
 
     def token_piece(self, token_id: int) -> tuple[str, list[int]]:
         """A token's text and bytes, as OpenAI's logprobs show them (control tokens by name)."""
-        if self._bytes is None:
-            self._bytes = self.lm.tokenizer.token_byte_strings()
-        raw = self._bytes[token_id] if token_id < len(self._bytes) else b""
+        pieces = self.lm.tokenizer.token_byte_strings()  # (computed once, kept by the tokenizer)
+        raw = pieces[token_id] if token_id < len(pieces) else b""
         if not raw:
             name = self.lm.tokenizer.tk.id_to_token(token_id) or ""
             return name, list(name.encode())
@@ -144,53 +142,28 @@ class Service:
         self.metrics = Metrics()
         self._local = threading.local()  # each worker thread's open collections (sqlite is per thread)
         self.started = int(time.time())
-        self.wake = threading.Event()
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # work for the driving thread (encoder forwards)
-        self._driver: threading.Thread | None = None
+        for e in self.engines:
+            e.max_slots = self.limits.parallel
+        self.driver = Driver(self.engines)  # steps the engines and runs the encoder's forwards
 
     # ---- life --------------------------------------------------------------------------------
     @property
     def engines(self) -> list:
         return [m.lm.engine for m in self.models.values()]
 
-    def configure(self) -> None:
-        for e in self.engines:
-            e.max_slots = self.limits.parallel
-
-    def drive(self, stop: threading.Event) -> None:
-        """Step the engines and run the encoder's work on this thread until `stop` is set: all
-        that uses OpenMP stays on one thread (see Engine.start: a second thread that ran a
-        parallel region, even once, halves decoding on 2 cores for as long as it lives)."""
-        from lmforge.engine.engine import drive
-
-        drive(self.engines, stop, self.wake, self.jobs)
-
     def start(self) -> None:
-        """Drive from a background thread (tests, embedding the app elsewhere); `lmforge serve`
-        calls `drive` from its main thread instead."""
-        self.configure()
-        self._stop = threading.Event()
-        for e in self.engines:  # (driven from now on, before the thread has started)
-            e._wake = self.wake
-        self._driver = threading.Thread(target=self.drive, args=(self._stop,), name="lmforge-driver", daemon=True)
-        self._driver.start()
+        """Drive the engines from a background thread (tests, embedding the app elsewhere);
+        `lmforge serve` runs `self.driver` on its main thread instead."""
+        self.driver.start()
 
     def stop(self) -> None:
-        if self._driver is not None:
-            self._stop.set()
-            self.wake.set()
-            self._driver.join()
-            self._driver = None
+        self.driver.stop()
 
     async def on_driver(self, fn: Callable[[], Any]) -> Any:
-        """fn's result, computed on the driving thread between engine steps."""
-        return await asyncio.wrap_future(self.submit_job(fn))
-
-    def submit_job(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self.jobs.put((fn, fut))
-        self.wake.set()
-        return fut
+        """fn's result, computed on the driving thread between engine steps: all that uses
+        OpenMP stays on one thread (see Engine.start: a second thread that ran a parallel
+        region, even once, halves decoding on 2 cores for as long as it lives)."""
+        return await asyncio.wrap_future(self.driver.submit(fn))
 
     def busy_slots(self) -> dict[str, int]:
         return {n: m.lm.engine.active for n, m in self.models.items()}
@@ -228,7 +201,7 @@ class Service:
         engine = m.lm.engine
         free = max(0, engine.max_slots - engine.active)
         if engine.waiting + n > self.limits.max_queue + free:
-            raise APIError(503, f"the server is busy ({m.lm.engine.waiting} requests waiting); retry shortly",
+            raise APIError(503, f"the server is busy ({engine.waiting} requests waiting); retry shortly",
                            type="server_overloaded", code="queue_full", headers={"Retry-After": "1"})
 
     def _max_tokens(self, asked: int | None) -> int:
@@ -393,7 +366,7 @@ class Service:
         echo = [prompt_text[p] if body.echo else "" for p, _ in built]
         want_lp = body.logprobs is not None
 
-        def logprobs(i: int, evs: list[Event], offset: int) -> dict | None:
+        def logprobs(evs: list[Event], offset: int) -> dict | None:
             if not want_lp:
                 return None
             out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top else None, "text_offset": []}
@@ -410,7 +383,7 @@ class Service:
             return out
 
         def choice(i: int, text: str, evs, finish, offset: int) -> dict:
-            return {"text": text, "index": i, "logprobs": logprobs(i, evs, offset), "finish_reason": finish}
+            return {"text": text, "index": i, "logprobs": logprobs(evs, offset), "finish_reason": finish}
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -481,8 +454,13 @@ class Service:
         if open_ is None:
             open_ = self._local.collections = {}
         if name not in open_:
-            encoder = _OnDriver(self.encoder, self.submit_job) if self.encoder is not None else None
-            open_[name] = Collection.open(name, encoder=encoder)
+            col = Collection.open(name)
+            # dense search where the collection holds this encoder's vectors; BM25 alone where it
+            # has none (given an encoder, a collection would embed all its chunks on the spot)
+            if self.encoder is not None and col.embed_model == str(self.encoder.spec):
+                col.close()
+                col = Collection.open(name, encoder=_OnDriver(self.encoder, self.driver.submit))
+            open_[name] = col
         return open_[name]
 
     async def ask(self, body: AskRequest, disconnected: Disconnected) -> dict | AsyncIterator[str]:
