@@ -12,6 +12,7 @@ import pytest
 from lmforge.encoders import Encoder
 from lmforge.errors import LMForgeError
 from lmforge.train.classify import ClassifyConfig, TextClassifier, finetune, read_rows, score
+from lmforge.train.holdout import whole_text_split
 
 from conftest import make_tiny_bert
 from test_cli import run_cli
@@ -74,6 +75,50 @@ def test_learns_a_lexical_rule_with_three_string_classes(bert, tmp_path, kind):
     preds = clf.predict([t for t, _ in rows(20, seed=11, classes=("pos",))])
     assert sum(p["label"] == "pos" for p in preds) >= 15  # unseen rows of one class
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
+
+
+def _is_span(row: str, text: str) -> bool:
+    return f" {' '.join(row.lower().split())} " in f" {' '.join(text.lower().split())} "
+
+
+def test_whole_text_split_holds_out_sentences_and_none_of_their_phrases():
+    # SST-2's shape: sentences, plus phrases cut from them as rows of their own (in another case)
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(400)]
+    sentences = [" ".join(rng.choice(vocab) for _ in range(rng.randint(8, 20))) for _ in range(200)]
+    texts, labels = [], []
+    for k, sent in enumerate(sentences):
+        words, label = sent.split(), str(k % 2)
+        texts.append(sent)
+        labels.append(label)
+        for _ in range(6):
+            a = rng.randrange(len(words))
+            b = rng.randint(a + 1, min(len(words), a + 6))
+            texts.append(" ".join(words[a:b]).upper())
+            labels.append(label)
+    split = whole_text_split(texts, labels, 0.1, random.Random(0))
+    assert split.whole == 200  # every phrase lies inside its sentence
+    held = [texts[i] for i in split.val]
+    assert set(held) <= set(sentences) and len(held) == 20
+    assert sorted(labels[i] for i in split.val) == ["0"] * 10 + ["1"] * 10
+    # no training row is part of a held-out sentence, and nothing else was left out
+    for i in split.train:
+        assert not any(_is_span(texts[i], h) for h in held), texts[i]
+    rest = set(range(len(texts))) - set(split.val) - set(split.train)
+    assert len(rest) == split.dropped > 20 and all(any(_is_span(texts[i], h) for h in held) for i in rest)
+
+
+def test_whole_text_split_of_independent_rows_drops_only_copies():
+    data = rows(100)
+    texts, labels = [t for t, _ in data], [lb for _, lb in data]
+    texts.append(texts[0].upper())  # a copy of a row, in another case
+    labels.append(labels[0])
+    for seed in range(20):
+        split = whole_text_split(texts, labels, 0.1, random.Random(seed))
+        assert split.whole == 101 and len(split.val) == 10
+        copy_held = 0 in split.val or 100 in split.val
+        assert split.dropped == (1 if copy_held and not (0 in split.val and 100 in split.val) else 0)
+        assert len(split.train) + len(split.val) + split.dropped == 101
 
 
 def test_scores_match_a_hand_count():
@@ -159,6 +204,19 @@ def test_zero_shot_baseline(bert, tmp_path, capsys):
         zero_shot(enc, ["x"], {"only": "one"})
     code, o, err = run_cli(["classify", bert, "good great", "--zero-shot", "pos=good great,neg=bad awful"], capsys)
     assert code == 0 and o.startswith("pos"), (o, err)
+
+
+def test_time_budget_ends_the_schedule_on_the_clock(bert, tmp_path):
+    data = write(tmp_path / "train.csv", rows(480))
+    out = tmp_path / "run"
+    report = finetune(Encoder.load(bert), data, "text", "label", out,
+                      ClassifyConfig(**{**FAST, "epochs": 1000, "eval_every": 10_000, "time_budget": 3.0}),
+                      progress=False, log=lambda m: None)
+    assert report["stopped"] == "time budget" and 0 < report["steps"] < 1000 * 27
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log if r["kind"] == "train"]
+    assert lrs[-1] < 0.5 * max(lrs)  # the linear decay followed the clock, not the 27,000 planned steps
+    assert log[-1]["kind"] == "eval" and log[-1]["step"] == report["steps"]  # the last weights were validated
 
 
 def test_lora_trains_only_adapters_and_merges(bert, tmp_path):

@@ -53,6 +53,22 @@ def test_training_writes_checkpoint_metrics_and_plot(tmp_path, corpus_file):
         assert r["val_bpb"] > 0
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res.tokens_per_s > 0
+    # the final figure scores every validation token (in windows of block_size), not sampled batches
+    final = [r for r in rows if r["kind"] == "final"]
+    assert len(final) == 1 and final[0]["step"] == 20
+    lm = api.LM.load(run, quantize="none")
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    val = torch.from_numpy(np.fromfile(run / "data" / "tokens.bin", dtype=meta["dtype"])[meta["n_train"]:].astype(np.int64))
+    n_val = len(val)
+    assert final[0]["val_all_tokens"] == n_val - 1
+    T = lm.config.block_size
+    nll = 0.0
+    with torch.no_grad():
+        for s in range(0, n_val - 1, T):
+            x, y = val[s:min(s + T, n_val - 1)], val[s + 1:min(s + T, n_val - 1) + 1]
+            nll += torch.nn.functional.cross_entropy(lm.model(x[None])[0][0], y, reduction="sum").item()
+    assert final[0]["val_all_loss"] == pytest.approx(nll / (n_val - 1), rel=1e-5)
+    assert res.final_eval["val_all_loss"] == final[0]["val_all_loss"]
     # no temporary folders left behind
     assert not [p for p in run.rglob(".*") if p.is_dir()]
 

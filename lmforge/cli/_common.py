@@ -29,7 +29,10 @@ def parse_duration(text: str | None) -> float | None:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
     if not m:
         raise LMForgeError(f"cannot read time budget {text!r}; use e.g. 90, 90s, 3m or 1h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if seconds <= 0:
+        raise LMForgeError(f"a time budget must be positive, got {text!r}")
+    return seconds
 
 
 def choice(value: str, allowed, what: str) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmforge.cli._common import Device, console, progress
+from lmforge.cli._common import Device, console, parse_duration, progress
 from lmforge.errors import LMForgeError
 
 
@@ -48,6 +48,8 @@ def finetune_classify(
     val: Annotated[Optional[Path], typer.Option(help="Validation rows (default: a stratified split of --train).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of --train held out when no --val is given.")] = 0.1,
     epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 2,
+    time_budget: Annotated[Optional[str], typer.Option(
+        help="Stop after this long (e.g. 25m), the LR schedule following the clock.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per optimizer step.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the encoder (the head uses 1e-3).")] = 5e-5,
     max_len: Annotated[int, typer.Option(help="Tokens kept per text.")] = 64,
@@ -76,7 +78,7 @@ def finetune_classify(
             raise LMForgeError(f"--{name} must be positive, got {v}")
     cfg = tasks.make_config(epochs=epochs, batch_size=batch_size, lr=lr, max_len=max_len, val_fraction=val_fraction,
                          eval_every=eval_every, patience=patience, class_weights=class_weights, max_train=max_train,
-                         seed=seed, skip_empty=skip_empty, lora_rank=lora)
+                         seed=seed, skip_empty=skip_empty, lora_rank=lora, time_budget=parse_duration(time_budget))
     con = console()
     report = tasks.finetune(model, train, out, cfg, text_col, label_col, val, resume, pooling, device,
                             log=lambda m: con.print(m, markup=False))

@@ -94,8 +94,10 @@ def train(
     if not master:
         return
     ev = result.final_eval
-    con.print(f"\n[bold]done[/] ({result.stopped}) at step {result.step}: val loss {ev['val_loss']:.4f}, "
-              f"perplexity {ev['val_ppl']:.2f}, {ev['val_bpb']:.4f} bits/byte; "
+    k = "val_all_" if "val_all_loss" in ev else "val_"  # every validation token, else the sampled batches
+    con.print(f"\n[bold]done[/] ({result.stopped}) at step {result.step}: val loss {ev[k + 'loss']:.4f}, "
+              f"perplexity {ev[k + 'ppl']:.2f}, {ev[k + 'bpb']:.4f} bits/byte on {ev[k + 'tokens']:,} validation "
+              f"tokens; "
               f"{result.tokens_per_s:,.0f} tokens/s over {result.train_seconds:.1f}s")
     con.print(f"checkpoint: {result.checkpoint}\nmetrics:    {out / 'metrics.jsonl'}\n"
               f"loss curve: {out / 'loss.png'}")

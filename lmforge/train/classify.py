@@ -29,7 +29,8 @@ from lmforge.common import atomic_dir, seed_everything
 from lmforge.config import EncoderConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import POOLING, BertEncoder
-from lmforge.train.loop import Task, fit
+from lmforge.train.holdout import whole_text_split
+from lmforge.train.loop import Task, append_metrics, fit
 
 
 # ---------------------------------------------------------------- data
@@ -128,6 +129,8 @@ class ClassifyConfig:
     projections (and the head) train; the adapters are merged into the saved weights."""
     skip_empty: bool = False
     """Drop rows whose text or label is empty instead of stopping with an error."""
+    time_budget: float | None = None
+    """Seconds of training: the schedule follows the clock and training stops when it runs out."""
     labels: list[str] = field(default_factory=list)
 
 
@@ -238,18 +241,12 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     rng = random.Random(cfg.seed)
     if val_path is not None:
         val_texts, val_labels = read_rows(val_path, text_col, label_col, cfg.skip_empty)
-    else:  # a held-out split, stratified so that every class is represented in it
-        by_class: dict[str, list[int]] = {}
-        for i, lb in enumerate(labels):
-            by_class.setdefault(lb, []).append(i)
-        held: set[int] = set()
-        for lb, idx in by_class.items():
-            rng.shuffle(idx)
-            held.update(idx[:max(1, round(len(idx) * cfg.val_fraction))] if len(idx) > 1 else [])
-        val_texts = [texts[i] for i in sorted(held)]
-        val_labels = [labels[i] for i in sorted(held)]
-        texts = [t for i, t in enumerate(texts) if i not in held]
-        labels = [lb for i, lb in enumerate(labels) if i not in held]
+        dropped = 0
+    else:  # whole texts held out, stratified by label, and none of their phrases trained on
+        split = whole_text_split(texts, labels, cfg.val_fraction, rng)
+        val_texts, val_labels = [texts[i] for i in split.val], [labels[i] for i in split.val]
+        texts, labels = [texts[i] for i in split.train], [labels[i] for i in split.train]
+        dropped = split.dropped
     classes = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
     if len(classes) < 2:
         raise LMForgeError(f"{train_path}: only one class ({classes[0]!r}) in {label_col!r}; a classifier needs two or more")
@@ -295,6 +292,8 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
         + (f" (LoRA rank {cfg.lora_rank})" if cfg.lora_rank else ""))
     log(f"{len(ids):,} training rows, {len(val_ids):,} validation rows, {len(classes)} classes "
         f"({', '.join(f'{c}: {counts[lab[c]]}' for c in classes)}); {total:,} steps on {dev}")
+    if dropped:
+        log(f"{dropped:,} training rows left out: they are phrases or copies of held-out texts")
 
     from safetensors.torch import load_file
 
@@ -319,12 +318,16 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     t0 = time.perf_counter()
     try:
         res = fit(model, model, opt, task, steps=total, start_step=step, grad_clip=1.0, log_interval=10,
-                  seed=cfg.seed, items_per_step=cfg.batch_size, unit="rows", label="finetune", device=dev,
+                  time_budget=cfg.time_budget, seed=cfg.seed, items_per_step=cfg.batch_size, unit="rows", label="finetune", device=dev,
                   metrics_path=part / "metrics.jsonl", show_progress=progress, log=log, stop_after=stop_after)
     except BaseException:
         if not (ckpt_dir / "progress.json").is_file():
             shutil.rmtree(part, ignore_errors=True)  # nothing worth resuming
         raise
+    if res.stopped == "time budget" and not task.eval_due(res.step):
+        row, _, _ = task.evaluate(res.step)  # the weights at the end of the schedule may be the best
+        append_metrics(part / "metrics.jsonl", {"kind": "eval", "step": res.step, **row})
+        log(f"time budget spent at step {res.step} of {total}; best validation accuracy {task.best:.4f}")
     if res.stopped == "early stop":
         log(f"early stop at step {res.step}: no better validation accuracy in {task.stale} checks")
     if res.stopped == "stop_after":  # as if killed here: the checkpoint of the last validation stays for --resume
@@ -348,7 +351,8 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
         (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
         save_confusion_png(final, classes, tmp / "confusion.png")
         report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
-                  "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "steps": res.step,
+                  "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "dropped_rows": dropped,
+                  "steps": res.step,
                   "stopped": res.stopped, "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(part, ignore_errors=True)
