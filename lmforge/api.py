@@ -46,6 +46,10 @@ class LM:
         self.engine = Engine(self.model)
         self.quantized: str | None = None
         self._vocabulary: Vocabulary | None = None
+        self.vision = None
+        """A vision run's image encoder + projector (models.vision.VisionTower), or None."""
+        self.vision_chat = False
+        """The prompt layout the tower was trained with (chat template or plain)."""
 
     @classmethod
     def load(cls, spec: str | Path, device: str = "auto", quantize: str = "auto", compile: bool = False) -> "LM":
@@ -67,6 +71,16 @@ class LM:
         from lmforge.sources import resolve
 
         src = resolve(spec)
+        if src.kind == "vision":  # the decoder it names, and the tower beside it
+            from lmforge.weights.vision import load_vision
+
+            tower, meta = load_vision(src.path, dev)
+            lm = cls.load(meta["lm"], device, quantize, compile)
+            lm.vision, lm.vision_chat = tower, bool(meta.get("chat"))
+            if tower.config.lm_embd != lm.config.n_embd:
+                raise LMForgeError(f"{src.path} was trained for a decoder {tower.config.lm_embd} wide, but "
+                                   f"{meta['lm']} is {lm.config.n_embd} wide")
+            return lm
         if src.kind == "encoder":
             raise LMForgeError(f"{spec} is a sentence encoder, not a language model: use lmforge embed "
                                f"(or lmforge.encoders.Encoder)")
@@ -197,13 +211,23 @@ class LM:
 
     def events(self, prompt: str, max_new_tokens: int = 200, *, stop: Sequence[str] = (), logprobs: bool = False,
                top_logprobs: int = 0, processors: Sequence = (), spec: Spec | None = None,
-               **sampling: Any) -> Iterator[Event]:
+               images: Sequence | None = None, **sampling: Any) -> Iterator[Event]:
         """Generate from a text prompt as the engine's events: token id, text delta,
         log-probability (and top alternatives) when asked, and on the last one the finish
         reason ("stop", "length", "stop_string", "cancelled") and token usage. With `spec` the
-        output follows it; the last event's `complete` tells whether it is a whole instance."""
-        req = self.request(self.encode_prompt(prompt), max_new_tokens, stop=stop, logprobs=logprobs,
-                           top_logprobs=top_logprobs, processors=processors, spec=spec, **sampling)
+        output follows it; the last event's `complete` tells whether it is a whole instance.
+        images (a vision run only): image paths, bytes or uint8 (3, S, S) tensors; the prompt is
+        then a question about them, laid out as in training, unless it marks where each image
+        goes with "<image>"."""
+        if images:
+            from lmforge.images import IMAGE_MARK, ids_with_images, question_ids
+
+            ids = ids_with_images(self.tokenizer, prompt, bos=True) if IMAGE_MARK in prompt else \
+                question_ids(self.tokenizer, prompt, self.vision_chat, len(images))
+        else:
+            ids = self.encode_prompt(prompt)
+        req = self.request(ids, max_new_tokens, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                           processors=processors, spec=spec, images=images, **sampling)
         return _run_checked(self.engine, req)
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
@@ -213,31 +237,73 @@ class LM:
 
     def chat_events(self, messages: list[dict], max_new_tokens: int = 256, *, stop: Sequence[str] = (),
                     logprobs: bool = False, top_logprobs: int = 0, processors: Sequence = (),
-                    spec: Spec | None = None, **sampling: Any) -> Iterator[Event]:
+                    spec: Spec | None = None, images: Sequence | None = None, **sampling: Any) -> Iterator[Event]:
         """The assistant's reply as the engine's events (see `events`). With `spec`, the reply
-        follows it, and the model is also told in the conversation what it must produce."""
+        follows it, and the model is also told in the conversation what it must produce.
+        images (a vision run only): they go where the messages say "<image>", or else before
+        the text of the first user message."""
         sampling.setdefault("temperature", 0.7)
         if spec is not None:
             messages = describe_spec(messages, spec)
-        req = self.request(self.chat_ids(messages), max_new_tokens, stop=stop, logprobs=logprobs,
-                           top_logprobs=top_logprobs, processors=processors, spec=spec, **sampling)
+        if images:
+            from lmforge.images import IMAGE_MARK, ids_with_images
+
+            if not any(IMAGE_MARK in str(m.get("content", "")) for m in messages):
+                first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+                if first is None:
+                    raise LMForgeError("images need a user message to go with")
+                messages = [dict(m) for m in messages]
+                messages[first]["content"] = IMAGE_MARK * len(images) + "\n" + str(messages[first]["content"])
+            ids = ids_with_images(self.tokenizer, self.tokenizer.render_chat(messages, add_generation_prompt=True),
+                                  bos=False)
+        else:
+            ids = self.chat_ids(messages)
+        req = self.request(ids, max_new_tokens, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
+                           processors=processors, spec=spec, images=images, **sampling)
         return _run_checked(self.engine, req)
 
     def request(self, ids: list[int], max_new_tokens: int, *, stop: Sequence[str] = (), logprobs: bool = False,
                 top_logprobs: int = 0, processors: Sequence = (), spec: Spec | None = None,
-                **sampling: Any) -> Request:
+                images: Sequence | None = None, **sampling: Any) -> Request:
         """An engine request for prompt ids with this model's stops, banned tokens and streaming
         decoder (for callers that run many requests through `self.engine` at once); with `spec`,
-        a fresh constraint matcher of its own."""
+        a fresh constraint matcher of its own. With images, ids hold one models.vision.IMAGE
+        placeholder per image, and the request carries the spliced prompt embeddings."""
         params = self._params(max_new_tokens, sampling)
+        embeds = self.image_embeds(ids, images) if images else None
+        n = len(ids) if embeds is None else embeds.size(0)
+        if embeds is not None:
+            self._check_length(n)
         if self.context_limit is not None:
-            max_new_tokens = max(1, min(max_new_tokens, self.context_limit - len(ids)))
+            max_new_tokens = max(1, min(max_new_tokens, self.context_limit - n))
         banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
         procs = ([lambda _ids, logits: ban_tokens(logits, banned)] if banned else []) + list(processors)
         if spec is not None:
             procs.append(self.constraint(spec))
-        return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids, [s for s in stop if s],
-                       StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs)
+        return Request(ids if embeds is None else None, max_new_tokens, params, self.tokenizer.stop_ids,
+                       [s for s in stop if s], StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs,
+                       embeds=embeds)
+
+    def image_embeds(self, ids: Sequence[int], images: Sequence) -> torch.Tensor:
+        """(T', C) prompt embeddings: ids with IMAGE placeholders, each replaced by one image's
+        vectors (images: paths, bytes or uint8 (3, S, S) tensors)."""
+        from lmforge.engine.vision import image_prompt
+        from lmforge.images import load_image
+        from lmforge.models.vision import IMAGE
+
+        if self.vision is None:
+            raise LMForgeError("this model takes no images (train a vision run: lmforge finetune vision)")
+        marks = sum(1 for i in ids if i == IMAGE)
+        if marks != len(images):
+            raise LMForgeError(f"the prompt has {marks} place(s) for images but {len(images)} image(s) were given")
+        size = self.vision.config.image_size
+        pixels = torch.stack([img if isinstance(img, torch.Tensor) else load_image(img, size) for img in images])
+        ctx = self.context_limit
+        need = len(ids) + len(images) * (self.vision.config.n_tokens + 1)
+        if ctx is not None and need >= ctx:
+            raise LMForgeError(f"{len(images)} image(s) and the text take {need} positions, over the model's "
+                               f"context of {ctx}; give fewer images or a shorter prompt")
+        return image_prompt(self.model, self.vision, ids, pixels)[0]
 
     @staticmethod
     def _params(max_new_tokens: int, sampling: dict[str, Any]) -> SamplingParams:
@@ -362,9 +428,17 @@ class Conversation:
     turns; the oldest turns are dropped (never the system prompt) when the conversation
     outgrows the context."""
 
-    def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int = 512, **sampling: Any):
+    def __init__(self, lm: LM, system: str | None = None, max_new_tokens: int = 512, images: Sequence | None = None,
+                 **sampling: Any):
         if not lm.tokenizer.chat_template:
             raise LMForgeError("this model has no chat template (a base model); use: lmforge generate MODEL \"...\"")
+        if images:  # read once, up front: a bad file fails before the first turn
+            from lmforge.images import load_image
+
+            if lm.vision is None:
+                raise LMForgeError("this model takes no images (train a vision run: lmforge finetune vision)")
+            images = [load_image(p, lm.vision.config.image_size) for p in images]
+            sampling["images"] = images
         self.lm, self.system, self.max_new_tokens, self.sampling = lm, system, max_new_tokens, sampling
         self.history: list[dict] = []
 

@@ -266,6 +266,52 @@ class EncoderConfig:
         return cls(**_known(cls, d, "encoder config"))
 
 
+@dataclass
+class VisionConfig:
+    """An image encoder (a small CNN) and a projector into a decoder's embedding space, plus the
+    image preprocessing that travels with them: RGB, resized to image_size x image_size
+    (bilinear), scaled to [0, 1], then (x - mean) / std per channel."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128)
+    """Output channels of the convolution stages; each stage halves the side."""
+    shuffle: int = 2
+    """Pixel-shuffle factor: s x s neighbouring grid cells become one image token."""
+    lm_embd: int = 576
+    """The decoder's embedding width (the projector's output)."""
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+    def __post_init__(self) -> None:
+        self.channels, self.mean, self.std = tuple(self.channels), tuple(self.mean), tuple(self.std)
+        if self.image_size <= 0 or self.lm_embd <= 0 or self.shuffle <= 0 or not self.channels:
+            raise LMForgeError("vision config: image_size, lm_embd, shuffle and channels must be positive")
+        if any(c <= 0 for c in self.channels):
+            raise LMForgeError(f"vision config: channels must be positive, got {self.channels}")
+        if self.image_size % (2 ** len(self.channels) * self.shuffle):
+            raise LMForgeError(f"vision config: image_size {self.image_size} must be divisible by "
+                               f"2^stages x shuffle = {2 ** len(self.channels) * self.shuffle}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(not (s > 0) for s in self.std):
+            raise LMForgeError("vision config: mean and std need 3 values each, std positive")
+
+    @property
+    def grid(self) -> int:
+        """Side of the encoder's output grid."""
+        return self.image_size // 2 ** len(self.channels)
+
+    @property
+    def n_tokens(self) -> int:
+        """Image tokens per image, markers excluded."""
+        return (self.grid // self.shuffle) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
+        return cls(**_known(cls, d, "vision config"))
+
+
 def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise LMForgeError(f"{what} must be a JSON object")

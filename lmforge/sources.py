@@ -8,6 +8,7 @@ stored model's files against its manifest); `LM.load` and `Encoder.load` then lo
 | a .gguf file                              | gguf         |
 | a sentence-transformers / BertModel folder | encoder      |
 | a Hugging Face decoder folder             | hf           |
+| a vision run (vision.json: a tower + the decoder it names) | vision |
 | a store folder (manifest.json) or a pulled name: GGUF | store-gguf |
 | ... the same, holding a Hugging Face folder | hf or encoder |
 | anything else                             | checkpoint (an lmforge run or checkpoint folder) |
@@ -27,7 +28,7 @@ from lmforge.errors import LMForgeError
 @dataclass
 class Source:
     kind: str
-    """gguf, hf, encoder, store-gguf, or checkpoint."""
+    """gguf, hf, encoder, vision, store-gguf, or checkpoint."""
     path: Path
     stored: object | None = None
     """The store.StoredModel for pulled models."""
@@ -71,6 +72,8 @@ def resolve(spec: str | Path) -> Source:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return Source("gguf", path)
     if path.is_dir():
+        if (path / "vision.json").is_file():
+            return Source("vision", path)
         kind = _folder_kind(path)
         if kind is not None:
             return Source(kind, path)

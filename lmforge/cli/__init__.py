@@ -46,7 +46,7 @@ def _expand_multi(argv: list[str], flags=("--data",)) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _expand_multi(list(sys.argv[1:] if argv is None else argv))
-    if args[:2] in (["eval", "retrieval"], ["eval", "qa"]):  # `lmforge eval CHECKPOINT` stays as it was
+    if args[:2] in (["eval", "retrieval"], ["eval", "qa"], ["eval", "vqa"]):  # `lmforge eval CHECKPOINT` stays as it was
         args = [f"eval-{args[1]}", *args[2:]]
     try:
         app(args=args, prog_name="lmforge")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lmforge.cli import vision
 from lmforge.cli._common import Device, console, parse_duration, progress
 from lmforge.errors import LMForgeError
 
@@ -16,6 +17,7 @@ def register(app: typer.Typer) -> None:
     app.command()(classify)
     finetune_app = typer.Typer(help="Fine-tune a pretrained model on your labelled data.", no_args_is_help=True)
     finetune_app.command("classify")(finetune_classify)
+    vision.register(app, finetune_app)
     app.add_typer(finetune_app, name="finetune")
 
 

@@ -123,6 +123,8 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop before this text (repeatable).")] = None,
     seed: Seed = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image the prompt asks about (a vision run; repeatable). The prompt is then not echoed.")] = None,
     json_schema: JsonSchema = None,
     json_mode: JsonMode = False,
     regex: Regex = None,
@@ -171,8 +173,10 @@ def generate(
         print(text)
         return
     pieces = lm.stream(prompt, max_new_tokens=max_tokens, stop=stop or (), temperature=temperature, top_k=top_k,
-                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, spec=spec)
-    sys.stdout.write(prompt)
+                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, spec=spec,
+                       images=image or None)
+    if not image:
+        sys.stdout.write(prompt)
     if stream:
         stream_out(pieces)
     else:
@@ -276,6 +280,8 @@ def chat(
     regex: Regex = None,
     choices: Choices = None,
     grammar: Grammar = None,
+    image: Annotated[Optional[list[Path]], typer.Option(
+        help="An image the conversation is about (a vision run; repeatable).")] = None,
     quantize: Quantize = "auto",
     device: Device = "auto",
     compile: Compile = False,
@@ -293,7 +299,7 @@ def chat(
     spec = LM.spec(schema=json_schema, json=json_mode, regex=regex, choices=choices, grammar=grammar)
     lm = LM.load(model, device=device, quantize=quantize, compile=compile)
     conv = Conversation(lm, system=system, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed, spec=spec)
+                        seed=seed, spec=spec, images=image or None)
     con.print(f"[bold]{model}[/]: chatting (/reset, /exit)")
     while True:
         try:

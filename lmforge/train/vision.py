@@ -1,0 +1,257 @@
+"""Teaching a frozen decoder to see: an image encoder + projector trained on a CPU, LLaVA's recipe
+in two stages, in the shared training loop.
+
+1. align: image-caption pairs; the encoder and projector learn to write vectors that the frozen
+   decoder reads as a description of the image.
+2. instruct: image-question-answer triples; the same parts learn to answer questions.
+
+The loss is the cross-entropy of the reply tokens only (the prompt, image and question, is given).
+The decoder never changes, so a run stores only the tower (weights/vision.py) and names its
+decoder. Data: the easy-vqa package (64x64 shapes, 13 answers; MIT) when no folder is given, or a
+folder with train.jsonl (and optionally test.jsonl) of {"image": path, "question": q, "answer": a}
+or {"image": path, "caption": c} rows, image paths relative to the folder. Validation holds out
+whole images (all their questions), 5% of the training images.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.common import atomic_dir, seed_everything
+from lmforge.config import VisionConfig
+from lmforge.engine import Engine
+from lmforge.errors import LMForgeError
+from lmforge.images import answer_ids, question_ids
+from lmforge.models.vision import VisionTower, build_tower, splice
+from lmforge.train.loop import Task, append_metrics, fit
+from lmforge.train.optim import lr_at
+from lmforge.vqa import VQAData, load_data, vqa_accuracy
+
+# ---------------------------------------------------------------- training
+@dataclass
+class VisionTrainConfig:
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 30
+    align_frac: float = 0.15
+    """Share of the steps spent on captions (the align stage), when the data has captions."""
+    time_budget: float | None = None
+    """Seconds: the schedule follows the clock and training stops when it runs out."""
+    eval_every: int = 250
+    val_images: float = 0.05
+    """Share of the training images held out (with all their questions) for validation."""
+    val_questions: int = 300
+    """Validation questions answered at each evaluation (a fixed sample of the held-out ones)."""
+    seed: int = 1337
+    vision: dict = field(default_factory=dict)
+    """VisionConfig overrides (image_size, channels, shuffle, ...)."""
+
+
+def _rows_split(data: VQAData, share: float, rng: random.Random) -> tuple[list, list]:
+    imgs = sorted({r[0] for r in data.rows})
+    rng.shuffle(imgs)
+    held = set(imgs[:max(1, round(len(imgs) * share))]) if len(imgs) > 1 else set()
+    return [r for r in data.rows if r[0] not in held], [r for r in data.rows if r[0] in held and r[3] != "caption"]
+
+
+class VisionTask(Task):
+    def __init__(self, lm_model, tok, tower: VisionTower, opt, cfg: VisionTrainConfig, data: VQAData, train_rows,
+                 val_rows, chat: bool, ckpt_dir: Path, steps: int):
+        self.lm, self.tok, self.tower, self.opt, self.cfg, self.data = lm_model, tok, tower, opt, cfg, data
+        self.chat, self.ckpt_dir, self.steps = chat, ckpt_dir, steps
+        self.qa = [r for r in train_rows if r[3] != "caption"]
+        self.caps = [r for r in train_rows if r[3] == "caption"]
+        self.align_steps = int(steps * cfg.align_frac) if self.caps else 0
+        self.val = val_rows
+        self._prompt_cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self.best, self.best_state = -1.0, None
+        self.sched = SimpleNamespace(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, steps=steps)
+        self.engine: Engine | None = None
+
+    def _ids(self, q: str, a: str) -> tuple[list[int], list[int]]:
+        key = (q, a)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = (question_ids(self.tok, q, self.chat), answer_ids(self.tok, a, self.chat))
+        return self._prompt_cache[key]
+
+    def batch(self, step: int, micro: int):
+        rng = random.Random(self.cfg.seed * 1_000_003 + step * 8_191 + micro)  # a function of the step: exact resume
+        pool = self.caps if step < self.align_steps else self.qa
+        return [pool[rng.randrange(len(pool))] for _ in range(self.cfg.batch_size)]
+
+    def loss(self, model: nn.Module, rows) -> torch.Tensor:
+        dev = next(self.tower.parameters()).device
+        vecs = self.tower(self.data.images[[r[0] for r in rows]].to(dev))  # (B, N + 2, C)
+        seqs, targets = [], []
+        for k, (_, q, a, _) in enumerate(rows):
+            p_ids, a_ids = self._ids(q, a)
+            ids = torch.tensor(p_ids + a_ids, device=dev)
+            tok = self.lm.embed(ids.clamp(min=0)[None])[0]  # (P + A, C)
+            seq, _ = splice(tok, ids, vecs[k:k + 1])  # (P' + A, C)
+            tgt = torch.full((seq.size(0),), -1, dtype=torch.long, device=dev)
+            first = seq.size(0) - len(a_ids)  # position of the first reply token
+            tgt[first - 1:seq.size(0) - 1] = torch.tensor(a_ids, device=dev)  # each position predicts the next
+            seqs.append(seq)
+            targets.append(tgt)
+        T = max(s.size(0) for s in seqs)
+        x = torch.stack([F.pad(s, (0, 0, 0, T - s.size(0))) for s in seqs])  # (B, T, C), right-padded
+        y = torch.stack([F.pad(t, (0, T - t.size(0)), value=-1) for t in targets])  # (B, T)
+        hidden = self.lm(input_embeds=x, return_hidden=True)[0]  # (B, T, C)
+        keep = y >= 0
+        logits = self.lm.lm_head(hidden[keep])  # (M, V): the reply positions only
+        return F.cross_entropy(logits.float(), y[keep])
+
+    def set_lr(self, opt, progress_step: float) -> float:
+        lr = lr_at(progress_step, self.sched)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0
+
+    def validate(self) -> tuple[float, dict[str, float]]:
+        if not self.val:
+            return float("nan"), {}
+        rng = random.Random(self.cfg.seed)
+        rows = self.val if len(self.val) <= self.cfg.val_questions else rng.sample(self.val, self.cfg.val_questions)
+        acc = vqa_accuracy(self.engine_for(), self.tower, self.tok, self.chat, self.data.images, rows)
+        self.tower.train()
+        return acc["all"], acc
+
+    def engine_for(self) -> Engine:
+        if self.engine is None:
+            self.engine = Engine(self.lm)
+        return self.engine
+
+    def evaluate(self, step: int):
+        acc, per = self.validate()
+        if acc > self.best:
+            self.best = acc
+            self.best_state = {k: v.detach().clone() for k, v in self.tower.state_dict().items()}
+        row = {"val_accuracy": acc, **{f"val_acc_{k}": v for k, v in per.items() if k != "all"}}
+        stage = "align" if step <= self.align_steps else "instruct"
+        return row, f"step {step} ({stage}): validation accuracy {acc:.4f} (best {self.best:.4f})", False
+
+    def checkpoint_due(self, step: int) -> bool:
+        return self.eval_due(step)
+
+    def checkpoint(self, step: int) -> Path:
+        from safetensors.torch import save_file
+
+        from lmforge.weights.checkpoint import optimizer_tensors
+
+        with atomic_dir(self.ckpt_dir) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tower.state_dict().items()}, str(tmp / "tower.safetensors"))
+            if self.best_state is not None:
+                save_file({k: v.contiguous() for k, v in self.best_state.items()}, str(tmp / "best.safetensors"))
+            tensors, rest = optimizer_tensors(self.opt)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "progress.json").write_text(json.dumps({"step": step, "best": self.best, "optimizer": rest,
+                                                           "settings": asdict(self.cfg)}), encoding="utf-8")
+        return self.ckpt_dir
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def train_vision(lm_model, tok, lm_spec: str, chat: bool, out: Path, cfg: VisionTrainConfig,
+                 data_dir: Path | None = None, log=print, progress: bool = True, resume: bool = False,
+                 stop_after: int | None = None) -> dict[str, Any]:
+    """Train a tower for a loaded, frozen decoder (float weights); writes the run folder `out`
+    (vision.json, vision.safetensors, metrics.jsonl, loss.png, report.json). Returns the report."""
+    from safetensors.torch import load_file
+
+    from lmforge.weights.checkpoint import restore_optimizer
+    from lmforge.weights.vision import save_vision
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
+    part = partial_dir(out)
+    ckpt_dir = part / "checkpoint"
+    if resume and not (ckpt_dir / "progress.json").is_file():
+        raise LMForgeError(f"nothing to resume: no interrupted run for {out}")
+    if not resume and part.exists():
+        if (ckpt_dir / "progress.json").is_file():
+            raise LMForgeError(f"an interrupted run for {out} exists; add --resume to continue it, or delete {part}")
+        shutil.rmtree(part)
+    vcfg = VisionConfig(**{**cfg.vision, "lm_embd": lm_model.config.n_embd})
+    t_load = time.perf_counter()
+    data = load_data(data_dir, "train", vcfg.image_size)
+    train_rows, val_rows = _rows_split(data, cfg.val_images, random.Random(cfg.seed))
+    log(f"data: {len(data.images):,} images, {sum(r[3] != 'caption' for r in train_rows):,} training questions, "
+        f"{sum(r[3] == 'caption' for r in train_rows):,} captions, {len(val_rows):,} validation questions on held-out "
+        f"images (read in {time.perf_counter() - t_load:.1f} s)")
+
+    seed_everything(cfg.seed)
+    dev = next(iter(lm_model.state_dict().values())).device
+    lm_model.eval().requires_grad_(False)
+    embed_std = float(lm_model.embed.weight.float().std())
+    tower = build_tower(vcfg, dev, embed_std)
+    opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    task = VisionTask(lm_model, tok, tower, opt, cfg, data, train_rows, val_rows, chat, ckpt_dir, cfg.steps)
+    step = 0
+    if resume:
+        saved = json.loads((ckpt_dir / "progress.json").read_text(encoding="utf-8"))
+        if saved.get("settings") != json.loads(json.dumps(asdict(cfg))):
+            raise LMForgeError(f"the settings differ from the interrupted run in {part}; resume with the same ones")
+        tower.load_state_dict(load_file(str(ckpt_dir / "tower.safetensors"), device=str(dev)))
+        if (ckpt_dir / "best.safetensors").is_file():
+            task.best_state = load_file(str(ckpt_dir / "best.safetensors"), device=str(dev))
+        restore_optimizer(opt, load_file(str(ckpt_dir / "optimizer.safetensors"), device=str(dev)),
+                          saved["optimizer"], ckpt_dir)
+        task.best, step = saved["best"], saved["step"]
+        log(f"resuming at step {step} of {cfg.steps}")
+    log(f"tower: {sum(p.numel() for p in tower.parameters()):,} trainable parameters, {vcfg.n_tokens} image tokens "
+        f"+ 2 markers per image; decoder frozen; {task.align_steps} align steps, then instruct")
+    part.mkdir(parents=True, exist_ok=True)
+    tower.train()
+    t0 = time.perf_counter()
+    try:
+        res = fit(tower, tower, opt, task, steps=cfg.steps, start_step=step, grad_clip=1.0, log_interval=10,
+                  time_budget=cfg.time_budget, seed=cfg.seed, items_per_step=cfg.batch_size, unit="rows",
+                  label="vision", device=dev, metrics_path=part / "metrics.jsonl", show_progress=progress, log=log,
+                  stop_after=stop_after)
+    except BaseException:
+        if not (ckpt_dir / "progress.json").is_file():
+            shutil.rmtree(part, ignore_errors=True)
+        raise
+    if res.stopped == "stop_after":
+        return {"stopped_at": res.step, "checkpoint": str(part)}
+    if res.stopped == "interrupted":
+        task.checkpoint(res.step)
+        raise LMForgeError(f"interrupted at step {res.step}; continue with the same command and --resume")
+    if res.evaluated_at != res.step:
+        row, line, _ = task.evaluate(res.step)
+        append_metrics(part / "metrics.jsonl", {"kind": "eval", "step": res.step, **row})
+        log(line)
+    seconds = time.perf_counter() - t0
+    with atomic_dir(out) as tmp:
+        from lmforge.train.plot import plot_loss
+
+        shutil.copyfile(part / "metrics.jsonl", tmp / "metrics.jsonl")
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title="vision tower (reply tokens)",
+                  ylabel="cross-entropy (nats/token)")
+        if task.best_state is not None:
+            tower.load_state_dict(task.best_state)
+        report = {"val_accuracy": task.best, "steps": res.step, "stopped": res.stopped, "seconds": round(seconds, 1),
+                  "train_questions": len(task.qa), "captions": len(task.caps), "val_questions": len(val_rows)}
+        save_vision(tmp, tower.eval(), lm_spec, chat, {"train": asdict(cfg), "report": report})
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(part, ignore_errors=True)
+    return report

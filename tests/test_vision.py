@@ -1,0 +1,223 @@
+"""Images as prompts on a tiny synthetic decoder and tower: image vectors reach the decoder, cached
+and batched generation agree with the naive path, runs round-trip with their preprocessing,
+training overfits a handful of pairs and resumes exactly, and bad input fails cleanly."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lmforge.api import LM
+from lmforge.config import VisionConfig
+from lmforge.engine.vision import image_prompt
+from lmforge.errors import LMForgeError
+from lmforge.images import decode_data_uri, load_image, question_ids
+from lmforge.models.vision import IMAGE, build_tower, splice
+from lmforge.weights.checkpoint import save_checkpoint
+from lmforge.weights.vision import load_vision, save_vision
+
+from conftest import tiny_chat_lm
+from test_cli import run_cli
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 180, 30), "black": (0, 0, 0)}
+SHAPES = ("circle", "square")
+
+
+def draw(color: str, shape: str, size: int = 32) -> Image.Image:
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (size, size), (250, 245, 240))
+    d = ImageDraw.Draw(im)
+    box = (6, 6, size - 6, size - 6)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLORS[color])
+    return im
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """The tiny chat decoder saved as an lmforge checkpoint (a vision run names it by path)."""
+    lm = tiny_chat_lm()
+    path = tmp_path_factory.mktemp("decoder") / "ckpt"
+    save_checkpoint(path, lm.model, step=0, tokenizer_json=lm.tokenizer.to_str(), train_config=None,
+                    meta={"tokenizer": "bpe"})
+    lm.tokenizer.save(path / "tokenizer.json")  # with tokenizer_extra.json: the chat template
+    return path
+
+
+@pytest.fixture(scope="module")
+def vqa_folder(tmp_path_factory):
+    """8 image-question pairs in the folder format (train.jsonl and test.jsonl)."""
+    d = tmp_path_factory.mktemp("vqa")
+    rows = []
+    for k, (color, shape) in enumerate([(c, s) for c in COLORS for s in SHAPES]):
+        draw(color, shape).save(d / f"{k}.png")
+        rows.append({"image": f"{k}.png", "question": "what color is the shape?", "answer": color, "type": "color"})
+    for name in ("train.jsonl", "test.jsonl"):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return d
+
+
+def tower_for(lm: LM, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_tower(VisionConfig(image_size=32, channels=(8, 16), shuffle=2, lm_embd=lm.config.n_embd),
+                       embed_std=0.3)
+
+
+def pixels(*specs) -> torch.Tensor:
+    return torch.stack([load_image(_png(draw(c, s)), 32) for c, s in specs])
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_splice_places_each_image_between_its_markers():
+    tok = torch.arange(5 * 4, dtype=torch.float32).view(5, 4)
+    ids = torch.tensor([7, IMAGE, 8, IMAGE, 9])
+    imgs = torch.full((2, 3, 4), -1.0)
+    imgs[1] = -2.0
+    out, starts = splice(tok, ids, imgs)
+    assert out.shape == (3 + 2 * 3, 4) and starts == [1, 5]
+    assert torch.equal(out[0], tok[0]) and torch.equal(out[4], tok[2]) and torch.equal(out[8], tok[4])
+    assert (out[1:4] == -1).all() and (out[5:8] == -2).all()
+    with pytest.raises(ValueError, match="placeholder"):
+        splice(tok, ids, imgs[:1])
+
+
+def test_image_tokens_reach_the_decoder():
+    lm = tiny_chat_lm()
+    lm.vision, lm.vision_chat = tower_for(lm), True
+    ids = question_ids(lm.tokenizer, "what color is the shape?", chat=True)
+    assert ids.count(IMAGE) == 1
+    runs = {}
+    for name, spec in (("red", ("red", "circle")), ("blue", ("blue", "square"))):
+        emb, _ = image_prompt(lm.model, lm.vision, ids, pixels(spec))
+        with torch.no_grad():
+            runs[name] = lm.model(input_embeds=emb[None])[0][0, -1]
+    assert not torch.allclose(runs["red"], runs["blue"], atol=1e-4)  # the image changes the next-token logits
+    # the text-only positions are the decoder's own token embeddings
+    emb, starts = image_prompt(lm.model, lm.vision, ids, pixels(("red", "circle")))
+    k = ids.index(IMAGE)
+    assert starts == [k] and emb.shape[0] == len(ids) - 1 + lm.vision.config.n_tokens + 2
+    assert torch.allclose(emb[:k], lm.model.embed(torch.tensor(ids[:k])).float())
+
+
+def test_cached_and_batched_generation_equal_the_naive_path():
+    lm = tiny_chat_lm()
+    lm.vision, lm.vision_chat = tower_for(lm), True
+    specs = [("red", "circle"), ("blue", "square"), ("green", "circle"), ("black", "square")]
+    solo = []
+    for spec in specs:
+        ids = question_ids(lm.tokenizer, "describe it", chat=True)
+        emb, _ = image_prompt(lm.model, lm.vision, ids, pixels(spec))
+        seq, naive = emb[None], []
+        with torch.no_grad():  # no cache: the whole sequence again for every token
+            for _ in range(12):
+                nxt = int(lm.model(input_embeds=seq)[0][0, -1].argmax())
+                naive.append(nxt)
+                seq = torch.cat([seq, lm.model.embed(torch.tensor([[nxt]])).float()], 1)
+        ev = list(lm.events("describe it", max_new_tokens=12, temperature=0.0, images=[pixels(spec)[0]]))
+        got = [e.token for e in ev if e.token is not None]
+        assert got == naive[:len(got)] and (len(got) == 12 or got[-1] in lm.tokenizer.stop_ids)
+        solo.append(got)
+    # the four at once through the engine (one decode forward per step for all of them)
+    reqs = [lm.request(question_ids(lm.tokenizer, "describe it", chat=True), 12, temperature=0.0,
+                       images=[pixels(s)[0]]) for s in specs]
+    out: dict[int, list[int]] = {}
+    for e in lm.engine.run(reqs):
+        if e.token is not None:
+            out.setdefault(e.request_id, []).append(e.token)
+    assert [out[r.id] for r in reqs] == solo
+    assert len({tuple(s) for s in solo}) > 1  # different images, different replies
+
+
+def test_a_run_round_trips_with_its_preprocessing(tmp_path, decoder):
+    lm = LM.load(decoder, quantize="none")
+    tower = tower_for(lm, seed=3)
+    save_vision(tmp_path, tower.eval(), str(decoder), chat=True)
+    meta = json.loads((tmp_path / "vision.json").read_text())
+    assert meta["vision"]["image_size"] == 32 and meta["vision"]["mean"] == [0.5, 0.5, 0.5]
+    loaded, _ = load_vision(tmp_path)
+    px = pixels(("red", "circle"), ("blue", "square"))
+    assert torch.equal(loaded(px), tower(px))
+    run = LM.load(tmp_path, quantize="none")  # the decoder it names, plus the tower
+    assert run.vision is not None and run.vision_chat
+    a = run.generate("what color?", max_new_tokens=6, temperature=0.0, images=[px[0]])
+    b = run.generate("what color?", max_new_tokens=6, temperature=0.0, images=[_png(draw("red", "circle"))])
+    assert a == b  # a tensor and the same image's PNG bytes, preprocessed alike
+    # a damaged weights file is one clear error
+    (tmp_path / "vision.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(LMForgeError, match="corrupt"):
+        LM.load(tmp_path)
+
+
+def test_training_overfits_eight_pairs_and_resumes_exactly(tmp_path, decoder, vqa_folder):
+    from lmforge.tasks import vision
+
+    common = dict(steps=120, batch_size=8, lr=3e-3, eval_every=60, progress=False, log=lambda m: None)
+    rep = vision.finetune(str(decoder), tmp_path / "full", vqa_folder, **common)
+    assert rep["steps"] == 120
+    res = vision.evaluate(tmp_path / "full", vqa_folder, quantize="none")
+    assert res["questions"] == 8 and res["accuracy"]["all"] >= 7 / 8, res  # chance is 1/4
+    metrics = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if m["kind"] == "train"]
+    assert losses[-1] < 0.2 * losses[0]
+    # killed after 70 steps (the checkpoint of step 60 stays), then resumed: the same weights
+    part = vision.finetune(str(decoder), tmp_path / "part", vqa_folder, stop_after=70, **common)
+    assert part["stopped_at"] == 70
+    vision.finetune(str(decoder), tmp_path / "part", vqa_folder, resume=True, **common)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "full" / "vision.safetensors")), load_file(str(tmp_path / "part" / "vision.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_generate_and_eval_vqa(tmp_path, decoder, vqa_folder, capsys):
+    lm = LM.load(decoder, quantize="none")
+    save_vision(tmp_path, tower_for(lm).eval(), str(decoder), chat=True)
+    img = vqa_folder / "0.png"
+    code, out, err = run_cli(["generate", tmp_path, "what color is the shape?", "--image", img, "--max-tokens", "5",
+                              "--temperature", "0", "--quantize", "none"], capsys)
+    assert code == 0, err
+    want = LM.load(tmp_path, quantize="none").generate("what color is the shape?", max_new_tokens=5,
+                                                       temperature=0.0, images=[img])
+    assert out == want + "\n"
+    code, out, err = run_cli(["eval", "vqa", tmp_path, "--data", vqa_folder, "--quantize", "none"], capsys)
+    assert code == 0 and "8 questions on 8 images" in out and "color" in out, err
+
+
+def test_bad_images_and_requests(tmp_path, decoder, capsys):
+    lm = LM.load(decoder, quantize="none")
+    (tmp_path / "run").mkdir()
+    save_vision(tmp_path / "run", tower_for(lm).eval(), str(decoder), chat=True)
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = _png(draw("red", "circle"))
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    Image.new("1", (8000, 6000)).save(tmp_path / "huge.png")  # 48 M pixels, a small file
+    cases = {
+        "notes.txt": "not an image",
+        "cut.png": "truncated or corrupt",
+        "huge.png": "over the limit",
+        "missing.png": "no such image file",
+    }
+    for name, msg in cases.items():
+        code, _, err = run_cli(["generate", tmp_path / "run", "what?", "--image", tmp_path / name], capsys)
+        assert code == 1 and msg in err and "Traceback" not in err, (name, err)
+    (tmp_path / "ok.png").write_bytes(good)
+    code, _, err = run_cli(["generate", decoder, "what?", "--image", tmp_path / "ok.png"], capsys)
+    assert code == 1 and "takes no images" in err
+    run = LM.load(tmp_path / "run", quantize="none")
+    with pytest.raises(LMForgeError, match="context"):
+        run.generate("what?", images=[good] * 40, max_new_tokens=2)  # 40 x 18 positions > 512
+    with pytest.raises(LMForgeError, match="not fetched"):
+        decode_data_uri("https://example.com/cat.png")
+    with pytest.raises(LMForgeError, match="base64"):
+        decode_data_uri("data:image/png;base64,@@@")
+    assert decode_data_uri("data:image/png;base64," + base64.b64encode(good).decode()) == good
