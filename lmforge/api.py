@@ -241,23 +241,12 @@ class LM:
         """The assistant's reply as the engine's events (see `events`). With `spec`, the reply
         follows it, and the model is also told in the conversation what it must produce.
         images (a vision run only): they go where the messages say "<image>", or else before
-        the text of the first user message."""
+        the text of the first user message; a conversation without a system message gets
+        images.VISION_SYSTEM, as in training."""
         sampling.setdefault("temperature", 0.7)
         if spec is not None:
             messages = describe_spec(messages, spec)
-        if images:
-            from lmforge.images import IMAGE_MARK, ids_with_images
-
-            if not any(IMAGE_MARK in str(m.get("content", "")) for m in messages):
-                first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-                if first is None:
-                    raise LMForgeError("images need a user message to go with")
-                messages = [dict(m) for m in messages]
-                messages[first]["content"] = IMAGE_MARK * len(images) + "\n" + str(messages[first]["content"])
-            ids = ids_with_images(self.tokenizer, self.tokenizer.render_chat(messages, add_generation_prompt=True),
-                                  bos=False)
-        else:
-            ids = self.chat_ids(messages)
+        ids = self.chat_ids(messages, len(images or ()))
         req = self.request(ids, max_new_tokens, stop=stop, logprobs=logprobs, top_logprobs=top_logprobs,
                            processors=processors, spec=spec, images=images, **sampling)
         return _run_checked(self.engine, req)
@@ -334,7 +323,15 @@ class LM:
                 return msgs  # the last message alone is too long: chat_ids reports it
             del msgs[drop]
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], n_images: int = 0) -> list[int]:
+        """A conversation as prompt ids, ready for the reply. With images, one IMAGE
+        placeholder each (see images.chat_ids_with_images; `request` takes the images)."""
+        if n_images:
+            from lmforge.images import chat_ids_with_images
+
+            if self.vision is None:
+                raise LMForgeError("this model takes no images (train a vision run: lmforge finetune vision)")
+            return chat_ids_with_images(self.tokenizer, messages, n_images)
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, check=False)
         self._check_length(len(ids))

@@ -24,6 +24,9 @@ MAX_PIXELS = 40_000_000
 """Largest image accepted (width x height), checked before decoding."""
 IMAGE_MARK = "<image>"
 """Where an image goes in a prompt's text; each is replaced by the image's vectors."""
+VISION_SYSTEM = "Answer questions about the image."
+"""The system message of image chats that bring none (shorter than a chat model's default, which
+every training example would otherwise carry)."""
 
 
 def _open(data: bytes | Path, what: str):
@@ -108,9 +111,23 @@ def question_ids(tok, question: str, chat: bool, n_images: int = 1) -> list[int]
     build prompts here, so they cannot drift apart."""
     marks = IMAGE_MARK * n_images
     if chat:
-        text = tok.render_chat([{"role": "user", "content": f"{marks}\n{question}"}], add_generation_prompt=True)
-        return ids_with_images(tok, text, bos=False)
+        return chat_ids_with_images(tok, [{"role": "user", "content": question}], n_images)
     return ids_with_images(tok, f"{marks}\nQuestion: {question}\nAnswer:", bos=True)
+
+
+def chat_ids_with_images(tok, messages: list[dict], n_images: int) -> list[int]:
+    """A conversation about images as prompt ids (ready for the reply): the images go where the
+    messages say IMAGE_MARK, or else before the first user message's text; VISION_SYSTEM is the
+    system message when there is none."""
+    msgs = [dict(m) for m in messages]
+    if not any(IMAGE_MARK in str(m.get("content", "")) for m in msgs):
+        first = next((i for i, m in enumerate(msgs) if m.get("role") == "user"), None)
+        if first is None:
+            raise LMForgeError("images need a user message to go with")
+        msgs[first]["content"] = IMAGE_MARK * n_images + "\n" + str(msgs[first]["content"])
+    if not msgs or msgs[0].get("role") != "system":
+        msgs.insert(0, {"role": "system", "content": VISION_SYSTEM})
+    return ids_with_images(tok, tok.render_chat(msgs, add_generation_prompt=True), bos=False)
 
 
 def answer_ids(tok, answer: str, chat: bool) -> list[int]:

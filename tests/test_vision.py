@@ -161,17 +161,17 @@ def test_a_run_round_trips_with_its_preprocessing(tmp_path, decoder):
 def test_training_overfits_eight_pairs_and_resumes_exactly(tmp_path, decoder, vqa_folder):
     from lmforge.tasks import vision
 
-    common = dict(steps=120, batch_size=8, lr=3e-3, eval_every=60, progress=False, log=lambda m: None)
+    common = dict(steps=200, batch_size=8, lr=1e-2, eval_every=100, progress=False, log=lambda m: None)
     rep = vision.finetune(str(decoder), tmp_path / "full", vqa_folder, **common)
-    assert rep["steps"] == 120
+    assert rep["steps"] == 200
     res = vision.evaluate(tmp_path / "full", vqa_folder, quantize="none")
     assert res["questions"] == 8 and res["accuracy"]["all"] >= 7 / 8, res  # chance is 1/4
     metrics = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if m["kind"] == "train"]
     assert losses[-1] < 0.2 * losses[0]
-    # killed after 70 steps (the checkpoint of step 60 stays), then resumed: the same weights
-    part = vision.finetune(str(decoder), tmp_path / "part", vqa_folder, stop_after=70, **common)
-    assert part["stopped_at"] == 70
+    # killed after 130 steps (the checkpoint of step 100 stays), then resumed: the same weights
+    part = vision.finetune(str(decoder), tmp_path / "part", vqa_folder, stop_after=130, **common)
+    assert part["stopped_at"] == 130
     vision.finetune(str(decoder), tmp_path / "part", vqa_folder, resume=True, **common)
     from safetensors.torch import load_file
 
@@ -221,3 +221,43 @@ def test_bad_images_and_requests(tmp_path, decoder, capsys):
     with pytest.raises(LMForgeError, match="base64"):
         decode_data_uri("data:image/png;base64,@@@")
     assert decode_data_uri("data:image/png;base64," + base64.b64encode(good).decode()) == good
+
+
+def test_server_takes_data_uri_images_and_refuses_urls():
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from conftest import LiveServer
+
+    from lmforge.server.service import Service
+
+    lm = tiny_chat_lm()
+    lm.vision, lm.vision_chat = tower_for(lm), True
+    text = tiny_chat_lm()  # a text-only model beside it
+    srv = LiveServer(Service({"see": lm, "text": text}))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        replies = {}
+        for color in ("red", "blue"):
+            uri = "data:image/png;base64," + base64.b64encode(_png(draw(color, "circle"))).decode()
+            msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                 {"type": "text", "text": "what color is it?"}]}]
+            r = client.chat.completions.create(model="see", messages=msgs, max_tokens=8, temperature=0)
+            want = "".join(lm.chat([{"role": "user", "content": "<image>what color is it?"}], max_new_tokens=8,
+                                   temperature=0.0, images=[_png(draw(color, "circle"))]))
+            replies[color] = r.choices[0].message.content
+            assert replies[color] == want
+        assert replies["red"] != replies["blue"]
+        url_msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}},
+                                                {"type": "text", "text": "what is it?"}]}]
+        with pytest.raises(openai.BadRequestError, match="not fetched"):
+            client.chat.completions.create(model="see", messages=url_msg, max_tokens=4)
+        ok = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(_png(draw("red", "square"))).decode()}}]}]
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            client.chat.completions.create(model="text", messages=ok, max_tokens=4)
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}}]}]
+        with pytest.raises(openai.BadRequestError, match="not an image"):
+            client.chat.completions.create(model="see", messages=bad, max_tokens=4)
+    finally:
+        srv.close()

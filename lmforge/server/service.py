@@ -30,6 +30,7 @@ from lmforge.engine import Event, Request
 from lmforge.engine.engine import Driver
 from lmforge.engine.constraint import Spec
 from lmforge.errors import LMForgeError
+from lmforge.images import IMAGE_MARK, decode_data_uri
 from lmforge.server.protocol import AskRequest, ChatRequest, CompletionRequest, EmbeddingRequest, Message
 from lmforge.tasks.structured import ToolTurn, prompt_ids, tool_turn
 
@@ -222,7 +223,13 @@ class Service:
         m = self.model(body.model)
         self._n(body.n)
         max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens)
-        messages = chat_messages(body.messages)
+        images: list[bytes] = []
+        messages = chat_messages(body.messages, images)
+        if images and m.lm.vision is None:
+            raise APIError(400, f"model {m.name!r} takes no images (serve a run made by lmforge finetune vision)",
+                           param="messages")
+        if images and body.tools:
+            raise APIError(400, "tools with images are not supported", param="tools")
         spec = response_spec(body)
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
         if tools and spec is not None:
@@ -241,7 +248,13 @@ class Service:
                 turn = tool_turn(m.lm, messages, tools, choice, max_tokens, stop=_stops(body.stop),
                                  logprobs=body.logprobs, top_logprobs=top, **opts)
                 return turn.request, turn
-            ids = prompt_ids(m.lm, describe_spec(messages, spec) if spec is not None else messages)
+            msgs = describe_spec(messages, spec) if spec is not None else messages
+            if images:  # the image encoder's forward runs on the driving thread, like every forward
+                ids = m.lm.chat_ids(msgs, len(images))
+                return self.driver.submit(lambda: m.lm.request(
+                    ids, max_tokens, stop=_stops(body.stop), logprobs=body.logprobs, top_logprobs=top, spec=spec,
+                    images=images, **opts)).result(), None
+            ids = prompt_ids(m.lm, msgs)
             return m.lm.request(ids, max_tokens, stop=_stops(body.stop), logprobs=body.logprobs, top_logprobs=top,
                                 spec=spec, **opts), None
 
@@ -729,18 +742,33 @@ def _prompts(prompt) -> list:
     return list(prompt)
 
 
-def chat_messages(messages: list[Message]) -> list[dict]:
+def chat_messages(messages: list[Message], images: list[bytes] | None = None) -> list[dict]:
     """OpenAI messages as the chat template takes them: text parts joined, "developer" as
     "system", an assistant's tool calls written as the JSON the model was told to emit, and a
-    tool's result as a user turn that names the call."""
+    tool's result as a user turn that names the call. image_url parts (data: URIs only; nothing
+    is fetched) become images.IMAGE_MARK in the text, their bytes appended to `images`."""
     out = []
+    images = [] if images is None else images
     for k, msg in enumerate(messages):
         if isinstance(msg.content, list):
             kinds = {p.type for p in msg.content}
-            if kinds - {"text"}:
-                raise APIError(400, f"messages[{k}]: content of type {', '.join(sorted(kinds - {'text'}))} is not "
-                                    f"supported by this model (text only)", param=f"messages[{k}].content")
-            text = "".join(p.text or "" for p in msg.content)
+            if kinds - {"text", "image_url"}:
+                raise APIError(400, f"messages[{k}]: content of type {', '.join(sorted(kinds - {'text', 'image_url'}))} "
+                                    f"is not supported (text and image_url only)", param=f"messages[{k}].content")
+            parts = []
+            for p in msg.content:
+                if p.type == "text":
+                    parts.append(p.text or "")
+                    continue
+                url = p.image_url.get("url") if isinstance(p.image_url, dict) else p.image_url
+                if not isinstance(url, str):
+                    raise APIError(400, f"messages[{k}]: an image_url part needs a url", param=f"messages[{k}].content")
+                try:
+                    images.append(decode_data_uri(url))
+                except LMForgeError as e:
+                    raise APIError(400, f"messages[{k}]: {e}", param=f"messages[{k}].content") from None
+                parts.append(IMAGE_MARK)
+            text = "".join(parts)
         else:
             text = msg.content or ""
         role = "system" if msg.role == "developer" else msg.role
