@@ -182,7 +182,8 @@ class Service:
         for m in self.models.values():
             data.append({"id": m.name, "object": "model", "created": m.created, "owned_by": "lmforge",
                          "kind": "chat" if m.lm.tokenizer.chat_template else "completion",
-                         "chat_template": m.chat_template, "context_length": m.lm.context_limit})
+                         "chat_template": m.chat_template, "context_length": m.lm.context_limit,
+                         "vision": m.lm.vision is not None})
         if self.encoder is not None:
             data.append({"id": self.encoder_name, "object": "model", "created": self.started, "owned_by": "lmforge",
                          "kind": "embedding", "dimensions": self.encoder.dim})

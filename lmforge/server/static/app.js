@@ -94,6 +94,7 @@ async function loadModels() {
       return o;
     }));
     if (keep && state.models.some((m) => m.id === keep)) sel.value = keep;
+    showAttach();
     $("collection").replaceChildren(...state.collections.map((n) => {
       const o = document.createElement("option"); o.value = o.textContent = n; return o;
     }));
@@ -177,7 +178,11 @@ function sourcesView(msg) {
 function bubbleFor(msg, streaming) {
   const b = document.createElement("div");
   b.className = "bubble" + (msg.error ? " error" : "");
-  if (msg.role === "user") { b.textContent = msg.content; return b; }
+  if (msg.role === "user") {
+    if (msg.image) { const im = document.createElement("img"); im.src = msg.image; im.className = "thumb"; im.alt = "image"; b.appendChild(im); }
+    b.appendChild(document.createTextNode(msg.content));
+    return b;
+  }
   if (msg.error && !msg.content) { b.textContent = msg.error; return b; }
   if ($("show-probs").checked && msg.tokens && msg.tokens.length) b.appendChild(tokenView(msg.tokens));
   else {
@@ -304,8 +309,34 @@ async function send(text) {
   const c = conv() || newConversation();
   if (c.messages.length === 0) c.title = text.trim().slice(0, 48);
   c.mode = currentMode();
-  c.messages.push({ role: "user", content: text });
+  const m = { role: "user", content: text };
+  if (state.image) { m.image = state.image; setImage(null); }
+  c.messages.push(m);
   await generate(c);
+}
+
+// An attached image goes to the server inline as a data: URI (it never fetches URLs), scaled
+// in the browser so that its longer side is at most 256 pixels (the model reads 64x64).
+function setImage(uri) {
+  state.image = uri;
+  const p = $("attach-preview");
+  p.hidden = !uri;
+  if (uri) p.src = uri; else p.removeAttribute("src");
+}
+function attachImage(file) {
+  if (!file) return;
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.onload = () => {
+    const k = Math.min(1, 256 / Math.max(img.width, img.height));
+    const cv = document.createElement("canvas");
+    cv.width = Math.max(1, Math.round(img.width * k)); cv.height = Math.max(1, Math.round(img.height * k));
+    cv.getContext("2d").drawImage(img, 0, 0, cv.width, cv.height);
+    URL.revokeObjectURL(url);
+    setImage(cv.toDataURL("image/png"));
+  };
+  img.onerror = () => { URL.revokeObjectURL(url); setStatus("that file is not an image", false); };
+  img.src = url;
 }
 
 async function generate(c) {
@@ -330,7 +361,8 @@ async function generate(c) {
         });
     } else {
       const history = c.messages.slice(0, -1).filter((m) => !m.error || m.content)
-        .map((m) => ({ role: m.role, content: m.content }));
+        .map((m) => ({ role: m.role, content: m.image
+          ? [{ type: "image_url", image_url: { url: m.image } }, { type: "text", text: m.content }] : m.content }));
       const system = $("system").value.trim();
       if (system) history.unshift({ role: "system", content: system });
       await streamPost("/v1/chat/completions", { model: $("model").value, messages: history, stream: true,
@@ -411,6 +443,14 @@ $("input").addEventListener("keydown", (ev) => {
 });
 $("input").addEventListener("input", autosize);
 $("stop").addEventListener("click", stop);
+function showAttach() {
+  const m = (state.models || []).find((x) => x.id === $("model").value);
+  $("attach").hidden = !(m && m.vision);
+  if ($("attach").hidden) setImage(null);
+}
+$("model").addEventListener("change", showAttach);
+$("image-file").addEventListener("change", (ev) => { attachImage(ev.target.files[0]); ev.target.value = ""; });
+$("attach-preview").addEventListener("click", () => setImage(null));
 $("new-chat").addEventListener("click", () => { if (!state.busy) { newConversation(); render(); $("input").focus(); } });
 $("mode-chat").addEventListener("click", () => setMode("chat"));
 $("mode-docs").addEventListener("click", () => setMode("docs"));
