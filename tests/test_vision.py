@@ -261,3 +261,26 @@ def test_server_takes_data_uri_images_and_refuses_urls():
             client.chat.completions.create(model="see", messages=bad, max_tokens=4)
     finally:
         srv.close()
+
+
+def test_attention_map_picture(tmp_path, decoder, capsys):
+    lm = LM.load(decoder, quantize="none")
+    save_vision(tmp_path, tower_for(lm).eval(), str(decoder), chat=True)
+    (tmp_path / "red.png").write_bytes(_png(draw("red", "circle")))
+    from lmforge.tasks.vision import attention_map
+
+    run = LM.load(tmp_path, quantize="none")
+    res = attention_map(run, tmp_path / "red.png", "what color?", tmp_path / "att.png", max_new_tokens=4)
+    want = run.generate("what color?", max_new_tokens=4, temperature=0.0, images=[tmp_path / "red.png"])
+    assert res["answer"] == want
+    side = run.vision.config.grid // run.vision.config.shuffle
+    for t in res["tokens"]:
+        w = torch.tensor(t["weights"])
+        assert w.shape == (side, side) and (w >= 0).all() and 0 < t["image_share"] <= 1
+        assert abs(float(w.sum()) - t["image_share"]) < 1e-5
+    assert (tmp_path / "att.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run_cli(["generate", tmp_path, "what color?", "--image", tmp_path / "red.png", "--attention-map",
+                              tmp_path / "cli.png", "--max-tokens", "4", "--quantize", "none"], capsys)
+    assert code == 0 and (tmp_path / "cli.png").is_file() and "on the image" in err, err
+    code, _, err = run_cli(["generate", tmp_path, "what?", "--attention-map", tmp_path / "x.png"], capsys)
+    assert code == 1 and "exactly one --image" in err

@@ -125,6 +125,9 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     image: Annotated[Optional[list[Path]], typer.Option(
         help="An image the prompt asks about (a vision run; repeatable). The prompt is then not echoed.")] = None,
+    attention_map: Annotated[Optional[Path], typer.Option(
+        help="With one --image: answer greedily and save a PNG of the image cells each answer token attended "
+             "to.")] = None,
     json_schema: JsonSchema = None,
     json_mode: JsonMode = False,
     regex: Regex = None,
@@ -152,7 +155,17 @@ def generate(
     if (think_until is not None or explain) and spec is None:
         raise LMForgeError("--think-until and --explain need a specification (--json-schema, --json, --regex, "
                            "--choice or --grammar)")
+    if attention_map is not None and (not image or len(image) != 1):
+        raise LMForgeError("--attention-map needs exactly one --image")
     lm = LM.load(checkpoint, device=device, quantize=quantize, compile=compile)
+    if attention_map is not None:
+        from lmforge.tasks.vision import attention_map as draw_attention
+
+        res = draw_attention(lm, image[0], prompt, attention_map, max_tokens)
+        print(res["answer"])
+        console(stderr=True).print(f"attention map: {attention_map} (" + ", ".join(
+            f"{t['token']!r} {100 * t['image_share']:.0f}% on the image" for t in res["tokens"]) + ")", markup=False)
+        return
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=seed)
     if think_until is not None:

@@ -48,3 +48,69 @@ def evaluate(run: str | Path, data: Path | None = None, split: str = "test", lim
         rows = random.Random(0).sample(rows, limit)
     acc = vqa_accuracy(lm.engine, lm.vision, lm.tokenizer, lm.vision_chat, ds.images, rows)
     return {"accuracy": acc, "questions": len(rows), "images": len({r[0] for r in rows})}
+
+
+def attention_map(lm, image, question: str, out: Path, max_new_tokens: int = 8) -> dict[str, Any]:
+    """Answer a question about an image greedily, then save a picture of where each answer
+    token looked: for the position that produced it, the attention its queries paid to each of
+    the image's tokens (mean over layers and heads, from the decoder's reference attention path),
+    drawn over the image as a grid of the projector's cells. Returns the answer and, per token,
+    the image-token weights and their share of all attention."""
+    import numpy as np
+    import torch
+
+    from lmforge.common import atomic_write_bytes
+    from lmforge.engine.vision import image_prompt
+    from lmforge.images import load_image, question_ids
+
+    if lm.vision is None:
+        raise LMForgeError("this model takes no images (train a vision run: lmforge finetune vision)")
+    cfg = lm.vision.config
+    pixels = load_image(image, cfg.image_size) if not isinstance(image, torch.Tensor) else image
+    ids = question_ids(lm.tokenizer, question, lm.vision_chat)
+    embeds, starts = image_prompt(lm.model, lm.vision, ids, pixels[None])
+    events = list(lm.events(question, max_new_tokens, temperature=0.0, images=[pixels]))
+    stops = set(lm.tokenizer.stop_ids)
+    answer = [e.token for e in events if e.token is not None and e.token not in stops]
+    if not answer:
+        raise LMForgeError("the model answered nothing, so there is no answer token to map")
+    with torch.no_grad():
+        tok = lm.model.embed(torch.tensor([answer[:-1]], dtype=torch.long)).float()[0] if len(answer) > 1 else \
+            embeds[:0]
+        seq = torch.cat([embeds, tok], 0)[None]  # (1, T, C): the prompt and the answer fed back
+        _, _, extra = lm.model(input_embeds=seq, output_attentions=True)
+    att = torch.stack([a[0].float().mean(0) for a in extra["attentions"]]).mean(0)  # (T, T) mean over layers, heads
+    first, n, side = starts[0] + 1, cfg.n_tokens, cfg.grid // cfg.shuffle
+    P = embeds.size(0)
+    rows = []
+    for k, t in enumerate(answer):
+        w = att[P - 1 + k, first:first + n]  # the query that produced answer token k, over the image's tokens
+        rows.append({"token": lm.tokenizer.decode([t]), "weights": w.reshape(side, side).tolist(),
+                     "image_share": float(w.sum())})
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = pixels.permute(1, 2, 0).numpy()
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(2.4 * (len(rows) + 1), 2.8), dpi=110)
+    axes = np.atleast_1d(axes)
+    axes[0].imshow(img)
+    axes[0].set_title(question if len(question) < 28 else question[:26] + "…", fontsize=8)
+    for ax, r in zip(axes[1:], rows):
+        w = np.asarray(r["weights"])
+        ax.imshow(img)
+        ax.imshow(w / max(w.max(), 1e-12), cmap="magma", alpha=0.6, extent=(0, img.shape[1], img.shape[0], 0),
+                  interpolation="nearest")
+        ax.set_title(f"{r['token']!r}: {100 * r['image_share']:.0f}% on the image", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(out), buf.getvalue())
+    return {"answer": lm.tokenizer.decode(answer), "tokens": rows, "picture": str(out)}
