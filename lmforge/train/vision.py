@@ -53,7 +53,7 @@ class VisionTrainConfig:
     eval_every: int = 250
     val_images: float = 0.05
     """Share of the training images held out (with all their questions) for validation."""
-    val_questions: int = 300
+    val_questions: int = 200
     """Validation questions answered at each evaluation (a fixed sample of the held-out ones)."""
     seed: int = 1337
     vision: dict = field(default_factory=dict)
@@ -80,6 +80,7 @@ class VisionTask(Task):
         self.best, self.best_state = -1.0, None
         self.sched = SimpleNamespace(lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, steps=steps)
         self.engine: Engine | None = None
+        self._t0: float | None = None
 
     def _ids(self, q: str, a: str) -> tuple[list[int], list[int]]:
         key = (q, a)
@@ -87,9 +88,20 @@ class VisionTask(Task):
             self._prompt_cache[key] = (question_ids(self.tok, q, self.chat), answer_ids(self.tok, a, self.chat))
         return self._prompt_cache[key]
 
+    def aligning(self, step: int) -> bool:
+        """In the caption stage? By steps, or on a time budget by the share of the time spent
+        (the step count is then not known in advance)."""
+        if not self.caps:
+            return False
+        if self.cfg.time_budget:
+            if self._t0 is None:
+                self._t0 = time.perf_counter()
+            return (time.perf_counter() - self._t0) < self.cfg.align_frac * self.cfg.time_budget
+        return step < self.align_steps
+
     def batch(self, step: int, micro: int):
         rng = random.Random(self.cfg.seed * 1_000_003 + step * 8_191 + micro)  # a function of the step: exact resume
-        pool = self.caps if step < self.align_steps else self.qa
+        pool = self.caps if self.aligning(step) else self.qa
         return [pool[rng.randrange(len(pool))] for _ in range(self.cfg.batch_size)]
 
     def loss(self, model: nn.Module, rows) -> torch.Tensor:
@@ -143,7 +155,7 @@ class VisionTask(Task):
             self.best = acc
             self.best_state = {k: v.detach().clone() for k, v in self.tower.state_dict().items()}
         row = {"val_accuracy": acc, **{f"val_acc_{k}": v for k, v in per.items() if k != "all"}}
-        stage = "align" if step <= self.align_steps else "instruct"
+        stage = "align" if self.aligning(step - 1) else "instruct"
         return row, f"step {step} ({stage}): validation accuracy {acc:.4f} (best {self.best:.4f})", False
 
     def checkpoint_due(self, step: int) -> bool:
@@ -218,7 +230,9 @@ def train_vision(lm_model, tok, lm_spec: str, chat: bool, out: Path, cfg: Vision
         task.best, step = saved["best"], saved["step"]
         log(f"resuming at step {step} of {cfg.steps}")
     log(f"tower: {sum(p.numel() for p in tower.parameters()):,} trainable parameters, {vcfg.n_tokens} image tokens "
-        f"+ 2 markers per image; decoder frozen; {task.align_steps} align steps, then instruct")
+        f"+ 2 markers per image; decoder frozen; "
+        + (f"captions for the first {cfg.align_frac:.0%} of the time, then questions" if cfg.time_budget and task.caps
+           else f"{task.align_steps} caption steps, then questions"))
     part.mkdir(parents=True, exist_ok=True)
     tower.train()
     t0 = time.perf_counter()
