@@ -269,7 +269,12 @@ class LM:
         procs = ([lambda _ids, logits: ban_tokens(logits, banned)] if banned else []) + list(processors)
         if spec is not None:
             procs.append(self.constraint(spec))
-        return Request(ids if embeds is None else None, max_new_tokens, params, self.tokenizer.stop_ids,
+        if embeds is not None:  # one id per embedding row: each image's rows marked IMAGE (prefix reuse stops there)
+            from lmforge.models.vision import IMAGE
+
+            rows = self.vision.config.n_tokens + 2
+            ids = [j for i in ids for j in ([i] * rows if i == IMAGE else [i])]
+        return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids,
                        [s for s in stop if s], StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs,
                        embeds=embeds)
 

@@ -284,3 +284,16 @@ def test_attention_map_picture(tmp_path, decoder, capsys):
     assert code == 0 and (tmp_path / "cli.png").is_file() and "on the image" in err, err
     code, _, err = run_cli(["generate", tmp_path, "what?", "--attention-map", tmp_path / "x.png"], capsys)
     assert code == 1 and "exactly one --image" in err
+
+
+def test_the_text_before_an_image_is_reused_from_the_cache():
+    lm = tiny_chat_lm()
+    lm.vision, lm.vision_chat = tower_for(lm), True
+    ids = question_ids(lm.tokenizer, "what color is the shape?", chat=True)
+    before = ids.index(IMAGE)
+    runs = []
+    for spec in (("red", "circle"), ("blue", "square"), ("red", "circle")):
+        ev = list(lm.events("what color is the shape?", 6, temperature=0.0, images=[pixels(spec)[0]]))
+        runs.append(([e.token for e in ev if e.token is not None], ev[-1].usage.cached_tokens))
+    assert runs[0][1] == 0 and runs[1][1] == runs[2][1] == before  # the same image is not assumed the same
+    assert runs[2][0] == runs[0][0] and runs[1][0] != runs[0][0]

@@ -74,8 +74,10 @@ class Request:
     """Also report this many most likely alternatives per step."""
     processors: Sequence[LogitsProcessor] = ()
     embeds: torch.Tensor | None = None
-    """(T, C) prompt embeddings in the token table's space, instead of (or beside: same length,
-    used for penalties only) the prompt ids: e.g. image features spliced between text tokens."""
+    """(T, C) prompt embeddings in the token table's space, instead of the prompt ids or beside
+    them (the same length, one id per row; a negative id marks a row that is no token, e.g. an
+    image's vectors): the ids then serve prefix reuse up to the first negative one, penalties
+    and processors."""
     id: int = -1
     """Set by the engine when the request is submitted."""
 
@@ -136,7 +138,8 @@ class _Seq:
 
     def __init__(self, req: Request, slot: int, reused: int, device):
         self.req, self.slot, self.reused = req, slot, reused
-        self.ids: list[int] = list(req.prompt) if req.prompt is not None else []
+        # (placeholders of spliced embeddings are negative: no token for penalties or processors)
+        self.ids: list[int] = [i for i in req.prompt if i >= 0] if req.prompt is not None else []
         self.fed = reused  # prompt positions already in the cache
         self.out: list[int] = []
         self.logits: torch.Tensor | None = None  # (1, V) next-token logits, once the prompt is in
@@ -363,7 +366,7 @@ class Engine:
         """The free slot whose cached tokens share the longest prefix with the prompt, and how
         many tokens to reuse (never the whole prompt: its last token must run to give logits)."""
         ctx = self.cfg.context_window
-        if req.embeds is not None or self.cfg.recurrent or (ctx is not None and req.prompt_len > ctx):
+        if req.prompt is None or self.cfg.recurrent or (ctx is not None and req.prompt_len > ctx):
             return self._free[0], 0
         best, best_n = self._free[0], 0
         prompt = req.prompt
@@ -371,7 +374,7 @@ class Engine:
             held = self._slot_tokens[slot] or []
             n = 0
             for a, b in zip(held, prompt):
-                if a != b:
+                if a != b or a < 0:  # a placeholder's vectors (an image) are not known to be the same
                     break
                 n += 1
             if n > best_n:
@@ -398,10 +401,10 @@ class Engine:
         else:
             kw = {"idx": torch.tensor([list(req.prompt[seq.fed:end])], dtype=torch.long, device=self.device)}  # (1, T)
         logits = self._run([seq.slot], kw, end - seq.fed)
-        if req.prompt is not None and req.embeds is None:
+        if req.prompt is not None:
             self._slot_tokens[seq.slot].extend(req.prompt[seq.fed:end])
         else:
-            self._slot_tokens[seq.slot] = None  # embeddings: nothing a later prompt can match
+            self._slot_tokens[seq.slot] = None  # embeddings alone: nothing a later prompt can match
         seq.fed = end
         if not seq.prefilling:
             seq.logits = logits[0]  # (1, V)
