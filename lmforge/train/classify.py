@@ -318,8 +318,8 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     t0 = time.perf_counter()
     try:
         res = fit(model, model, opt, task, steps=total, start_step=step, grad_clip=1.0, log_interval=10,
-                  time_budget=cfg.time_budget, seed=cfg.seed, items_per_step=cfg.batch_size, unit="rows", label="finetune", device=dev,
-                  metrics_path=part / "metrics.jsonl", show_progress=progress, log=log, stop_after=stop_after)
+                  time_budget=cfg.time_budget, seed=cfg.seed, items_per_step=cfg.batch_size, unit="rows",
+                  label="finetune", device=dev, metrics_path=part / "metrics.jsonl", show_progress=progress, log=log, stop_after=stop_after)
     except BaseException:
         if not (ckpt_dir / "progress.json").is_file():
             shutil.rmtree(part, ignore_errors=True)  # nothing worth resuming
@@ -352,8 +352,7 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
         save_confusion_png(final, classes, tmp / "confusion.png")
         report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
                   "labels": classes, "train_rows": len(ids), "val_rows": len(val_ids), "dropped_rows": dropped,
-                  "steps": res.step,
-                  "stopped": res.stopped, "seconds": round(time.perf_counter() - t0, 1)}
+                  "steps": res.step, "stopped": res.stopped, "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(part, ignore_errors=True)
     return report
