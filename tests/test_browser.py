@@ -129,7 +129,7 @@ def test_chat_stop_and_documents_in_a_browser(page, server):
     assert len(pg.evaluate("JSON.parse(localStorage.getItem('lmforge.conversations.v1'))")) == 2
 
 
-def test_an_image_attached_in_the_browser_reaches_a_vision_model(tmp_path):
+def test_an_image_attached_in_the_browser_reaches_a_vision_model(tmp_path, page):
     import torch
     from PIL import Image, ImageDraw
 
@@ -146,39 +146,37 @@ def test_an_image_attached_in_the_browser_reaches_a_vision_model(tmp_path):
     img.save(tmp_path / "red.png")
     srv = LiveServer(Service({"text": text, "see": lm}))
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            pg = browser.new_page(viewport={"width": 1000, "height": 700})
-            errors = []
-            pg.on("pageerror", lambda e: errors.append(str(e)))
-            pg.goto(srv.url + "/")
-            pg.wait_for_selector("#status.ok")
-            pg.select_option("#model", "text")
-            assert pg.locator("#attach").is_hidden()  # a text-only model offers no upload
-            pg.select_option("#model", "see")
-            assert pg.locator("#attach").is_visible()
-            pg.set_input_files("#image-file", str(tmp_path / "red.png"))
-            pg.wait_for_selector("#attach-preview:not([hidden])")
-            pg.click("#settings-btn")
-            pg.fill("#max_tokens", "8")
-            pg.fill("#temperature", "0")
-            pg.click("#settings-btn")
-            pg.fill("#input", "what color is it?")
-            pg.keyboard.press("Enter")
-            pg.wait_for_selector(".msg.assistant .meta:has-text('tokens')", timeout=60_000)
-            assert pg.locator(".msg.user img.thumb").count() == 1 and pg.locator("#attach-preview").is_hidden()
-            reply = pg.locator(".msg.assistant .bubble").last.inner_text()
-            # the same conversation through the Python API, with the image the page sent (scaled to 256 wide)
-            sent = pg.evaluate("JSON.parse(localStorage.getItem('lmforge.conversations.v1'))[0].messages[0].image")
-            import base64
+        pg = page.context.browser.new_page(viewport={"width": 1000, "height": 700})  # the module's browser
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(srv.url + "/")
+        pg.wait_for_selector("#status.ok")
+        pg.select_option("#model", "text")
+        assert pg.locator("#attach").is_hidden()  # a text-only model offers no upload
+        pg.select_option("#model", "see")
+        assert pg.locator("#attach").is_visible()
+        pg.set_input_files("#image-file", str(tmp_path / "red.png"))
+        pg.wait_for_selector("#attach-preview:not([hidden])")
+        pg.click("#settings-btn")
+        pg.fill("#max_tokens", "8")
+        pg.fill("#temperature", "0")
+        pg.click("#settings-btn")
+        pg.fill("#input", "what color is it?")
+        pg.keyboard.press("Enter")
+        pg.wait_for_selector(".msg.assistant .meta:has-text('tokens')", timeout=60_000)
+        assert pg.locator(".msg.user img.thumb").count() == 1 and pg.locator("#attach-preview").is_hidden()
+        reply = pg.locator(".msg.assistant .bubble").last.inner_text()
+        # the same conversation through the Python API, with the image the page sent (scaled to 256 wide)
+        sent = pg.evaluate("JSON.parse(localStorage.getItem('lmforge.conversations.v1'))[0].messages[0].image")
+        import base64
 
-            png = base64.b64decode(sent.split(",", 1)[1])
-            want = "".join(lm.chat([{"role": "user", "content": "<image>what color is it?"}], max_new_tokens=8,
-                                   temperature=0.0, images=[png]))
-            assert Image.open(__import__("io").BytesIO(png)).size == (256, 171)
-            assert reply.strip() == want.strip()
-            pg.screenshot(path=str(shots() / "image.png"))
-            browser.close()
-            assert not errors, errors
+        png = base64.b64decode(sent.split(",", 1)[1])
+        want = "".join(lm.chat([{"role": "user", "content": "<image>what color is it?"}], max_new_tokens=8,
+                               temperature=0.0, images=[png]))
+        assert Image.open(__import__("io").BytesIO(png)).size == (256, 171)
+        assert reply.strip() == want.strip()
+        pg.screenshot(path=str(shots() / "image.png"))
+        pg.close()
+        assert not errors, errors
     finally:
         srv.close()

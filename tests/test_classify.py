@@ -210,7 +210,8 @@ def test_time_budget_ends_the_schedule_on_the_clock(bert, tmp_path):
     data = write(tmp_path / "train.csv", rows(480))
     out = tmp_path / "run"
     report = finetune(Encoder.load(bert), data, "text", "label", out,
-                      ClassifyConfig(**{**FAST, "epochs": 1000, "eval_every": 10_000, "time_budget": 3.0}),
+                      ClassifyConfig(**{**FAST, "epochs": 1000, "eval_every": 10_000, "patience": 100_000,
+                                        "time_budget": 3.0}),
                       progress=False, log=lambda m: None)
     assert report["stopped"] == "time budget" and 0 < report["steps"] < 1000 * 27
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

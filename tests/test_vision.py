@@ -297,3 +297,19 @@ def test_the_text_before_an_image_is_reused_from_the_cache():
         runs.append(([e.token for e in ev if e.token is not None], ev[-1].usage.cached_tokens))
     assert runs[0][1] == 0 and runs[1][1] == runs[2][1] == before  # the same image is not assumed the same
     assert runs[2][0] == runs[0][0] and runs[1][0] != runs[0][0]
+
+
+def test_the_encoder_warm_up_learns_caption_words():
+    from lmforge.train.vision import warm_up_encoder
+    from lmforge.vqa import VQAData
+
+    specs = [(c, s) for c in COLORS for s in SHAPES]
+    data = VQAData(pixels(*specs), [(k, "Describe the image.", f"a {c} {s}", "caption") for k, (c, s) in enumerate(specs)])
+    torch.manual_seed(0)
+    tower = build_tower(VisionConfig(image_size=32, channels=(8, 16), lm_embd=32))
+    before = {k: v.clone() for k, v in tower.encoder.state_dict().items()}
+    first = warm_up_encoder(tower, data, data.rows, 1, 0, log=lambda m: None)
+    last = warm_up_encoder(tower, data, data.rows, 300, 0, log=lambda m: None)
+    assert last < 0.1 < first  # "a" is in every caption; colour and shape words are told apart
+    assert any(not torch.equal(before[k], v) for k, v in tower.encoder.state_dict().items())
+    assert warm_up_encoder(tower, VQAData(data.images, []), [], 300, 0) is None  # no captions: nothing to do

@@ -55,6 +55,9 @@ class VisionTrainConfig:
     """Share of the training images held out (with all their questions) for validation."""
     val_questions: int = 200
     """Validation questions answered at each evaluation (a fixed sample of the held-out ones)."""
+    encoder_warmup: int = 600
+    """Steps (batches of 64 images) that first teach the encoder alone to name the words of each
+    image's caption, before the decoder is involved (cheap: no decoder forward)."""
     seed: int = 1337
     vision: dict = field(default_factory=dict)
     """VisionConfig overrides (image_size, channels, shuffle, ...)."""
@@ -177,6 +180,42 @@ class VisionTask(Task):
         return self.ckpt_dir
 
 
+def warm_up_encoder(tower: VisionTower, data: VQAData, rows, steps: int, seed: int, log=print) -> float | None:
+    """Multi-label training of the encoder on its own: from the pooled grid features, predict
+    which words of the caption vocabulary (words in 2+ captions) each image's captions hold. The
+    decoder-backed stages then start from features that already tell colours and shapes apart."""
+    caps = [(r[0], set(r[2].lower().split())) for r in rows if r[3] == "caption"]
+    counts: dict[str, int] = {}
+    for _, ws in caps:
+        for w in ws:
+            counts[w] = counts.get(w, 0) + 1
+    vocab = sorted(w for w, c in counts.items() if c >= 2)[:512]
+    if steps <= 0 or len(caps) < 8 or len(vocab) < 2:
+        return None
+    index = {w: i for i, w in enumerate(vocab)}
+    dev = next(tower.parameters()).device
+    target = torch.zeros(len(caps), len(vocab), device=dev)
+    for k, (_, ws) in enumerate(caps):
+        for w in ws:
+            if w in index:
+                target[k, index[w]] = 1.0
+    head = nn.Linear(tower.config.channels[-1], len(vocab)).to(dev)
+    opt = torch.optim.AdamW([*tower.encoder.parameters(), *head.parameters()], lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    imgs = torch.tensor([c[0] for c in caps])
+    t0, loss = time.perf_counter(), torch.zeros(())
+    for _ in range(steps):
+        pick = torch.randint(len(caps), (64,), generator=gen)
+        feats = tower.encoder(tower.normalize(data.images[imgs[pick]].to(dev))).mean((2, 3))  # (64, C)
+        loss = F.binary_cross_entropy_with_logits(head(feats), target[pick.to(dev)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    log(f"encoder warm-up: {steps} steps on {len(caps):,} captions ({len(vocab)} words), loss {float(loss):.4f}, "
+        f"{time.perf_counter() - t0:.1f} s")
+    return float(loss)
+
+
 def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
@@ -218,6 +257,8 @@ def train_vision(lm_model, tok, lm_spec: str, chat: bool, out: Path, cfg: Vision
     opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     task = VisionTask(lm_model, tok, tower, opt, cfg, data, train_rows, val_rows, chat, ckpt_dir, cfg.steps)
     step = 0
+    if not resume:
+        warm_up_encoder(tower, data, train_rows, cfg.encoder_warmup, cfg.seed, log)
     if resume:
         saved = json.loads((ckpt_dir / "progress.json").read_text(encoding="utf-8"))
         if saved.get("settings") != json.loads(json.dumps(asdict(cfg))):
