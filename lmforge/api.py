@@ -259,28 +259,23 @@ class LM:
         a fresh constraint matcher of its own. With images, ids hold one models.vision.IMAGE
         placeholder per image, and the request carries the spliced prompt embeddings."""
         params = self._params(max_new_tokens, sampling)
-        embeds = self.image_embeds(ids, images) if images else None
-        n = len(ids) if embeds is None else embeds.size(0)
-        if embeds is not None:
-            self._check_length(n)
+        embeds = None
+        if images:
+            embeds, ids = self.image_embeds(ids, images)
         if self.context_limit is not None:
-            max_new_tokens = max(1, min(max_new_tokens, self.context_limit - n))
+            max_new_tokens = max(1, min(max_new_tokens, self.context_limit - len(ids)))
         banned = [self.tokenizer.unk_id] if self.tokenizer.unk_id is not None else []
         procs = ([lambda _ids, logits: ban_tokens(logits, banned)] if banned else []) + list(processors)
         if spec is not None:
             procs.append(self.constraint(spec))
-        if embeds is not None:  # one id per embedding row: each image's rows marked IMAGE (prefix reuse stops there)
-            from lmforge.models.vision import IMAGE
-
-            rows = self.vision.config.n_tokens + 2
-            ids = [j for i in ids for j in ([i] * rows if i == IMAGE else [i])]
         return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids,
                        [s for s in stop if s], StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs,
                        embeds=embeds)
 
-    def image_embeds(self, ids: Sequence[int], images: Sequence) -> torch.Tensor:
-        """(T', C) prompt embeddings: ids with IMAGE placeholders, each replaced by one image's
-        vectors (images: paths, bytes or uint8 (3, S, S) tensors)."""
+    def image_embeds(self, ids: Sequence[int], images: Sequence) -> tuple[torch.Tensor, list[int]]:
+        """(T', C) prompt embeddings and one id per row (see engine.vision.image_prompt): ids with
+        IMAGE placeholders, each replaced by one image's vectors (images: paths, bytes or uint8
+        (3, S, S) tensors). Checks the count of images and the context before any work."""
         from lmforge.engine.vision import image_prompt
         from lmforge.images import load_image
         from lmforge.models.vision import IMAGE
@@ -297,7 +292,7 @@ class LM:
         if ctx is not None and need >= ctx:
             raise LMForgeError(f"{len(images)} image(s) and the text take {need} positions, over the model's "
                                f"context of {ctx}; give fewer images or a shorter prompt")
-        return image_prompt(self.model, self.vision, ids, pixels)[0]
+        return image_prompt(self.model, self.vision, ids, pixels)
 
     @staticmethod
     def _params(max_new_tokens: int, sampling: dict[str, Any]) -> SamplingParams:

@@ -36,8 +36,6 @@ def _open(data: bytes | Path, what: str):
         im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     except FileNotFoundError:
         raise LMForgeError(f"no such image file: {what}") from None
-    except IsADirectoryError:
-        raise LMForgeError(f"{what} is a folder, not an image") from None
     except UnidentifiedImageError:
         raise LMForgeError(f"{what} is not an image Pillow can read (PNG, JPEG, GIF, BMP, WebP, ...)") from None
     except (OSError, ValueError) as e:

@@ -103,9 +103,10 @@ def test_image_tokens_reach_the_decoder():
             runs[name] = lm.model(input_embeds=emb[None])[0][0, -1]
     assert not torch.allclose(runs["red"], runs["blue"], atol=1e-4)  # the image changes the next-token logits
     # the text-only positions are the decoder's own token embeddings
-    emb, starts = image_prompt(lm.model, lm.vision, ids, pixels(("red", "circle")))
-    k = ids.index(IMAGE)
-    assert starts == [k] and emb.shape[0] == len(ids) - 1 + lm.vision.config.n_tokens + 2
+    emb, rows = image_prompt(lm.model, lm.vision, ids, pixels(("red", "circle")))
+    k, n = ids.index(IMAGE), lm.vision.config.n_tokens + 2
+    assert emb.shape[0] == len(rows) == len(ids) - 1 + n  # one id per row: the image's rows marked IMAGE
+    assert rows[:k] == ids[:k] and rows[k:k + n] == [IMAGE] * n and rows[k + n:] == ids[k + 1:]
     assert torch.allclose(emb[:k], lm.model.embed(torch.tensor(ids[:k])).float())
 
 

@@ -9,18 +9,21 @@ import torch
 
 from lmforge.engine.engine import Engine, Request
 from lmforge.engine.sampling import SamplingParams
-from lmforge.models.vision import VisionTower, splice
+from lmforge.models.vision import IMAGE, VisionTower, splice
 
 
 @torch.no_grad()
 def image_prompt(model, tower: VisionTower, ids: Sequence[int], pixels: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """ids with one IMAGE per image, pixels uint8 (n, 3, S, S) -> prompt embeddings (T', C) and
-    the position of each image's first vector."""
+    one id per embedding row (each image's N + 2 rows marked IMAGE): a Request takes both, so
+    that the text before the first image can be reused from the cache."""
     dev = next(tower.parameters()).device
     ids_t = torch.tensor(list(ids), dtype=torch.long)
     tok = model.embed(ids_t.clamp(min=0)[None].to(model_device(model)))[0].float().cpu()  # (T, C)
     vecs = tower(pixels.to(dev)).float().cpu()  # (n, N + 2, C)
-    return splice(tok, ids_t, vecs)
+    embeds, _ = splice(tok, ids_t, vecs)
+    rows = vecs.size(1)
+    return embeds, [j for i in ids for j in ([i] * rows if i == IMAGE else [i])]
 
 
 def model_device(model) -> torch.device:
@@ -33,8 +36,8 @@ def answer(engine: Engine, tower: VisionTower, prompts: Sequence[Sequence[int]],
     pixels[i]: the uint8 (n_i, 3, S, S) images of prompt i."""
     reqs = []
     for ids, px in zip(prompts, pixels):
-        embeds, _ = image_prompt(engine.model, tower, ids, px)
-        reqs.append(Request(None, max_new_tokens, SamplingParams(temperature=0.0), stop_ids, embeds=embeds))
+        embeds, row_ids = image_prompt(engine.model, tower, ids, px)
+        reqs.append(Request(row_ids, max_new_tokens, SamplingParams(temperature=0.0), stop_ids, embeds=embeds))
     out: dict[int, list[int]] = {}
     stops = set(stop_ids)
     for ev in engine.run(reqs):

@@ -62,13 +62,14 @@ def attention_map(lm, image, question: str, out: Path, max_new_tokens: int = 8) 
     from lmforge.common import atomic_write_bytes
     from lmforge.engine.vision import image_prompt
     from lmforge.images import load_image, question_ids
+    from lmforge.models.vision import IMAGE
 
     if lm.vision is None:
         raise LMForgeError("this model takes no images (train a vision run: lmforge finetune vision)")
     cfg = lm.vision.config
     pixels = load_image(image, cfg.image_size) if not isinstance(image, torch.Tensor) else image
     ids = question_ids(lm.tokenizer, question, lm.vision_chat)
-    embeds, starts = image_prompt(lm.model, lm.vision, ids, pixels[None])
+    embeds, row_ids = image_prompt(lm.model, lm.vision, ids, pixels[None])
     events = list(lm.events(question, max_new_tokens, temperature=0.0, images=[pixels]))
     stops = set(lm.tokenizer.stop_ids)
     answer = [e.token for e in events if e.token is not None and e.token not in stops]
@@ -80,7 +81,7 @@ def attention_map(lm, image, question: str, out: Path, max_new_tokens: int = 8) 
         seq = torch.cat([embeds, tok], 0)[None]  # (1, T, C): the prompt and the answer fed back
         _, _, extra = lm.model(input_embeds=seq, output_attentions=True)
     att = torch.stack([a[0].float().mean(0) for a in extra["attentions"]]).mean(0)  # (T, T) mean over layers, heads
-    first, n, side = starts[0] + 1, cfg.n_tokens, cfg.grid // cfg.shuffle
+    first, n, side = row_ids.index(IMAGE) + 1, cfg.n_tokens, cfg.grid // cfg.shuffle  # (past the start marker)
     P = embeds.size(0)
     rows = []
     for k, t in enumerate(answer):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from lmforge.common import atomic_dir, seed_everything
 from lmforge.config import VisionConfig
 from lmforge.engine import Engine
+from lmforge.engine.vision import model_device
 from lmforge.errors import LMForgeError
 from lmforge.images import answer_ids, question_ids
 from lmforge.models.vision import VisionTower, build_tower, splice
@@ -72,9 +73,9 @@ def _rows_split(data: VQAData, share: float, rng: random.Random) -> tuple[list, 
 
 class VisionTask(Task):
     def __init__(self, lm_model, tok, tower: VisionTower, opt, cfg: VisionTrainConfig, data: VQAData, train_rows,
-                 val_rows, chat: bool, ckpt_dir: Path, steps: int):
+                 val_rows, chat: bool, ckpt_dir: Path):
         self.lm, self.tok, self.tower, self.opt, self.cfg, self.data = lm_model, tok, tower, opt, cfg, data
-        self.chat, self.ckpt_dir, self.steps = chat, ckpt_dir, steps
+        self.chat, self.ckpt_dir, steps = chat, ckpt_dir, cfg.steps
         self.qa = [r for r in train_rows if r[3] != "caption"]
         self.caps = [r for r in train_rows if r[3] == "caption"]
         self.align_steps = int(steps * cfg.align_frac) if self.caps else 0
@@ -250,12 +251,12 @@ def train_vision(lm_model, tok, lm_spec: str, chat: bool, out: Path, cfg: Vision
         f"images (read in {time.perf_counter() - t_load:.1f} s)")
 
     seed_everything(cfg.seed)
-    dev = next(iter(lm_model.state_dict().values())).device
+    dev = model_device(lm_model)
     lm_model.eval().requires_grad_(False)
     embed_std = float(lm_model.embed.weight.float().std())
     tower = build_tower(vcfg, dev, embed_std)
     opt = torch.optim.AdamW(tower.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    task = VisionTask(lm_model, tok, tower, opt, cfg, data, train_rows, val_rows, chat, ckpt_dir, cfg.steps)
+    task = VisionTask(lm_model, tok, tower, opt, cfg, data, train_rows, val_rows, chat, ckpt_dir)
     step = 0
     if not resume:
         warm_up_encoder(tower, data, train_rows, cfg.encoder_warmup, cfg.seed, log)
