@@ -314,3 +314,52 @@ def test_the_encoder_warm_up_learns_caption_words():
     assert last < 0.1 < first  # "a" is in every caption; colour and shape words are told apart
     assert any(not torch.equal(before[k], v) for k, v in tower.encoder.state_dict().items())
     assert warm_up_encoder(tower, VQAData(data.images, []), [], 300, 0) is None  # no captions: nothing to do
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_questions_learn_exactly_what_lone_prompts_teach(window):
+    """Several questions about one image in one sequence (shared start and image, each question
+    seeing only itself past them, at its lone positions): the same loss per reply token and the
+    same gradients as each question in a sequence of its own; also with sliding-window layers."""
+    import dataclasses
+
+    from lmforge.models import build_model
+    from lmforge.train.vision import VisionTask, VisionTrainConfig
+    from lmforge.vqa import VQAData
+
+    lm = tiny_chat_lm()
+    if window:  # the same weights in a model whose first layer sees only 6 tokens back
+        cfg = dataclasses.replace(lm.model.config, sliding_window=window, global_every=2)
+        model = build_model(cfg)
+        model.load_state_dict(lm.model.state_dict())
+        lm.model = model
+    lm.model.eval().requires_grad_(False)
+    tower = tower_for(lm)
+    qs = [("what color is the shape?", "red"), ("is there a circle?", "yes"), ("is it blue?", "no"),
+          ("what shape does the image contain, if any?", "circle")]
+    rows = [(0, q, a, "x") for q, a in qs] + [(1, "what color?", "blue", "x")]
+    data = VQAData(images=pixels(("red", "circle"), ("blue", "square")), rows=rows)
+    task = VisionTask(lm.model, lm.tokenizer, tower, None, VisionTrainConfig(align_frac=0), data, rows, [], True, None)
+
+    def run(groups):
+        tower.zero_grad()
+        loss = task.loss(lm.model, groups)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tower.named_parameters()}
+
+    packed, g_packed = run([rows[:4], rows[4:]])
+    n_reply = [len(task._ids(q, a)[1]) for _, q, a, _ in rows]
+    total, g_total = 0.0, None
+    for r, n in zip(rows, n_reply):  # each alone, weighted by its reply tokens as the mean over all of them is
+        loss, g = run([[r]])
+        total += loss * n
+        g_total = {k: v * n for k, v in g.items()} if g_total is None else {k: g_total[k] + v * n for k, v in g.items()}
+    assert torch.allclose(packed, total / sum(n_reply), atol=1e-5)
+    for k in g_packed:
+        assert torch.allclose(g_packed[k], g_total[k] / sum(n_reply), atol=1e-5, rtol=1e-4), k
+    # a batch of groups is drawn whole per image, and a different step draws differently
+    task2 = VisionTask(lm.model, lm.tokenizer, tower, None, VisionTrainConfig(align_frac=0, batch_size=5, pack=3),
+                       data, rows, [], True, None)
+    groups = task2.batch(3, 0)
+    assert sum(map(len, groups)) == 5 and all(len({r[0] for r in g}) == 1 and len(g) <= 3 for g in groups)
+    assert task2.batch(3, 0) == groups  # a function of the step (exact resume)

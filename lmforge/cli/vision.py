@@ -25,7 +25,8 @@ def finetune_vision(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
     time_budget: Annotated[Optional[str], typer.Option(
         help="Stop after this long (e.g. 20m), the LR schedule following the clock.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        help="Questions (or captions) per step; up to 8 about one image share a sequence.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the encoder and projector.")] = 2e-3,
     eval_every: Annotated[int, typer.Option(help="Steps between validations (held-out images).")] = 250,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,

@@ -346,7 +346,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None, cache=None,
                 last_only: bool = False, return_hidden: bool = False, input_embeds: torch.Tensor | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False):
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
         """idx: (B, T) token ids, or input_embeds: (B, T, C) vectors in the token table's space
         (what `self.embed(idx)` gives; the embedding scale and positions are applied to both).
         targets: (B, T) next ids or -1 to ignore. cache: a view of the engine's KVCache, or
@@ -358,9 +359,14 @@ class GPT(nn.Module):
         output_attentions / output_hidden_states: a third item, a dict with "attentions" (per
         layer (B, nh, T, S) probabilities, from the explicit reference path) and/or
         "hidden_states" (the residual stream entering each layer and the final normed one:
-        n_layer + 1 tensors (B, T, C)); the fast path is untouched when neither is asked."""
+        n_layer + 1 tensors (B, T, C)); the fast path is untouched when neither is asked.
+        positions (B, T) and attn_mask (B, T, T), together and without a cache: each token's own
+        position and which tokens it sees (instead of 0.. and causal), for packed sequences where
+        several continuations share one prefix (sliding windows are applied on top)."""
         if (idx is None) == (input_embeds is None):
             raise ValueError("give token ids or input embeddings, not both or neither")
+        if (positions is None) != (attn_mask is None) or (positions is not None and cache is not None):
+            raise ValueError("positions and attn_mask go together, and without a cache")
         cfg = self.config
         B, T = idx.size() if idx is not None else input_embeds.shape[:2]
         device = idx.device if idx is not None else input_embeds.device
@@ -374,7 +380,10 @@ class GPT(nn.Module):
                 raise ValueError("a forward over several tokens needs its rows at one shared position")
         if cfg.pos == "learned" and pos + T > cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {cfg.block_size}")
-        if row_pos is not None:
+        packed = positions is not None
+        if packed:
+            pass  # (B, T) given
+        elif row_pos is not None:
             positions = row_pos[:, None]  # (B, 1)
         else:
             positions = torch.arange(pos, pos + T, device=device)  # (T,)
@@ -390,9 +399,17 @@ class GPT(nn.Module):
             window = cfg.sliding_window if local else None
             if cfg.pos == "rope":
                 suffix = "_local" if local and self._local_rope else ""
-                rope = self._rope(suffix, positions, pos + T, row_pos is not None)
-            mask = (None, False, 0) if row_pos is not None else \
-                self._mask(pos, T, window, cache is not None, device)
+                rope = self._rope(suffix, positions, int(positions.max()) + 1 if packed else pos + T,
+                                  packed or row_pos is not None)
+            if packed:
+                seen = attn_mask
+                if window is not None:
+                    back = positions[:, :, None] - positions[:, None, :]  # (B, T, T) key distance behind query
+                    seen = seen & (back < window)
+                mask = (seen[:, None], False, 0)  # (B, 1, T, T): broadcast over heads
+            else:
+                mask = (None, False, 0) if row_pos is not None else \
+                    self._mask(pos, T, window, cache is not None, device)
             ctx[local] = (rope, *mask, window)
         x = self.drop(x)
         extras: dict = {}

@@ -9,7 +9,7 @@ from typing import Any
 from lmforge.errors import LMForgeError
 
 
-def finetune(lm: str, out: Path, data: Path | None = None, *, steps: int = 1500, batch_size: int = 16,
+def finetune(lm: str, out: Path, data: Path | None = None, *, steps: int = 1500, batch_size: int = 32,
              lr: float = 2e-3, time_budget: float | None = None, eval_every: int = 250, seed: int = 1337,
              resume: bool = False, device: str = "auto", log=print, progress: bool = True,
              stop_after: int | None = None) -> dict[str, Any]:
