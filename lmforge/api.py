@@ -72,14 +72,33 @@ class LM:
 
         src = resolve(spec)
         if src.kind == "vision":  # the decoder it names, and the tower beside it
-            from lmforge.weights.vision import load_vision
+            from lmforge.models.lora import fold_adapters
+            from lmforge.weights.vision import load_adapters, load_vision
 
             tower, meta = load_vision(src.path, dev)
-            lm = cls.load(meta["lm"], device, quantize, compile)
+            adapters = load_adapters(src.path, meta)
+            if adapters is None:
+                lm = cls.load(meta["lm"], device, quantize, compile)
+            else:  # float weights to add the adapters' updates to, then the decoder's quantization
+                lm = cls.load(meta["lm"], device, "none")
+                try:
+                    fold_adapters(lm.model, *adapters)
+                except ValueError as e:
+                    raise LMForgeError(f"{src.path}: {e} ({meta['lm']})") from None
+                scheme = quantize if quantize != "auto" else QUANTIZE_AUTO[(resolve(meta["lm"]).kind, dev.type == "cpu")]
+                scheme = "int8" if scheme == "gguf" else scheme  # the GGUF's own blocks no longer hold the weights
+                if scheme in ("int8", "int4"):
+                    from lmforge.models.quant import quantize_model
+
+                    quantize_model(lm.model, scheme)
+                    lm.quantized = scheme
+                if compile:
+                    lm.engine = Engine(lm.model, compile=True)
             lm.vision, lm.vision_chat = tower, bool(meta.get("chat"))
             if tower.config.lm_embd != lm.config.n_embd:
                 raise LMForgeError(f"{src.path} was trained for a decoder {tower.config.lm_embd} wide, but "
                                    f"{meta['lm']} is {lm.config.n_embd} wide")
+            lm._warm_image_prefix()
             return lm
         if src.kind == "encoder":
             raise LMForgeError(f"{spec} is a sentence encoder, not a language model: use lmforge embed "
@@ -271,6 +290,18 @@ class LM:
         return Request(ids, max_new_tokens, params, self.tokenizer.stop_ids,
                        [s for s in stop if s], StreamDecoder(self.tokenizer), logprobs, top_logprobs, procs,
                        embeds=embeds)
+
+    def _warm_image_prefix(self) -> None:
+        """Compute the text every image question starts with (the system turn up to the first
+        image) into an engine slot now, so that the first question after load, like every later
+        one, computes only the image and what follows it (prefix reuse)."""
+        from lmforge.images import question_ids
+        from lmforge.models.vision import IMAGE
+
+        ids = question_ids(self.tokenizer, "?", self.vision_chat)
+        head = ids[:ids.index(IMAGE)]
+        if len(head) > 1:
+            list(self.engine.generate(head, 1, SamplingParams(temperature=0.0)))  # greedy: no random draw
 
     def image_embeds(self, ids: Sequence[int], images: Sequence) -> tuple[torch.Tensor, list[int]]:
         """(T', C) prompt embeddings and one id per row (see engine.vision.image_prompt): ids with

@@ -273,8 +273,9 @@ class VisionConfig:
     (bilinear), scaled to [0, 1], then (x - mean) / std per channel."""
 
     image_size: int = 64
-    channels: tuple[int, ...] = (32, 64, 128)
-    """Output channels of the convolution stages; each stage halves the side."""
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    """Output channels of the convolution stages; each stage halves the side (64 -> 4x4 cells,
+    then 2x2 of them per token: 4 image tokens, so an image question prefills few positions)."""
     shuffle: int = 2
     """Pixel-shuffle factor: s x s neighbouring grid cells become one image token."""
     lm_embd: int = 576

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lmforge.api import LM
@@ -18,6 +19,7 @@ from lmforge.engine.vision import image_prompt
 from lmforge.errors import LMForgeError
 from lmforge.images import decode_data_uri, load_image, question_ids
 from lmforge.models.vision import IMAGE, build_tower, splice
+from lmforge.vqa import CAPTION_QUESTION
 from lmforge.weights.checkpoint import save_checkpoint
 from lmforge.weights.vision import load_vision, save_vision
 
@@ -150,11 +152,44 @@ def test_a_run_round_trips_with_its_preprocessing(tmp_path, decoder):
     assert torch.equal(loaded(px), tower(px))
     run = LM.load(tmp_path, quantize="none")  # the decoder it names, plus the tower
     assert run.vision is not None and run.vision_chat
+    # the text before the image was computed at load: the first question reuses it from the cache
+    first = list(run.events("what color?", max_new_tokens=2, temperature=0.0, images=[px[0]]))
+    head = question_ids(run.tokenizer, "what color?", chat=True).index(IMAGE)
+    assert head > 5 and first[-1].usage.cached_tokens == head
     a = run.generate("what color?", max_new_tokens=6, temperature=0.0, images=[px[0]])
     b = run.generate("what color?", max_new_tokens=6, temperature=0.0, images=[_png(draw("red", "circle"))])
     assert a == b  # a tensor and the same image's PNG bytes, preprocessed alike
     # a damaged weights file is one clear error
     (tmp_path / "vision.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(LMForgeError, match="corrupt"):
+        LM.load(tmp_path)
+
+
+def test_a_run_with_adapters_loads_them_folded_into_the_decoder(tmp_path, decoder):
+    from lmforge.models.lora import adapter_state, add_lora
+    from lmforge.train.vision import LORA_TARGETS
+
+    lm = LM.load(decoder, quantize="none")
+    ids = torch.tensor([lm.tokenizer.encode("what color is it?", check=False)])
+    with torch.no_grad():
+        plain = lm.model(ids)[0]
+    assert add_lora(lm.model, 2, 4.0, LORA_TARGETS) > 0
+    torch.manual_seed(0)
+    for n, p in lm.model.named_parameters():
+        if n.endswith("lora_b"):  # as if trained: B starts at zero
+            p.data.normal_(0, 0.05)
+    with torch.no_grad():
+        live = lm.model(ids)[0]
+    assert not torch.allclose(live, plain, atol=1e-3)
+    save_vision(tmp_path, tower_for(lm).eval(), str(decoder), chat=True, adapters=adapter_state(lm.model),
+                lora={"rank": 2, "alpha": 4.0, "targets": list(LORA_TARGETS)})
+    with torch.no_grad():
+        folded = LM.load(tmp_path, quantize="none").model(ids)[0]
+        int8 = LM.load(tmp_path, quantize="int8")
+        assert int8.quantized == "int8"
+        assert (int8.model(ids)[0] - live).abs().max() < 0.1 * live.abs().max()
+    assert torch.allclose(folded, live, atol=1e-4)
+    (tmp_path / "decoder_lora.safetensors").write_bytes(b"\0" * 50)
     with pytest.raises(LMForgeError, match="corrupt"):
         LM.load(tmp_path)
 
@@ -176,8 +211,9 @@ def test_training_overfits_eight_pairs_and_resumes_exactly(tmp_path, decoder, vq
     vision.finetune(str(decoder), tmp_path / "part", vqa_folder, resume=True, **common)
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "full" / "vision.safetensors")), load_file(str(tmp_path / "part" / "vision.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("vision.safetensors", "decoder_lora.safetensors"):  # the tower, and the decoder's adapters
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "part" / name))
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_cli_generate_and_eval_vqa(tmp_path, decoder, vqa_folder, capsys):
@@ -343,7 +379,7 @@ def test_packed_questions_learn_exactly_what_lone_prompts_teach(window):
 
     def run(groups):
         tower.zero_grad()
-        loss = task.loss(lm.model, groups)
+        loss = task.loss(lm.model, ("questions", groups))
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in tower.named_parameters()}
 
@@ -360,6 +396,35 @@ def test_packed_questions_learn_exactly_what_lone_prompts_teach(window):
     # a batch of groups is drawn whole per image, and a different step draws differently
     task2 = VisionTask(lm.model, lm.tokenizer, tower, None, VisionTrainConfig(align_frac=0, batch_size=5, pack=3),
                        data, rows, [], True, None)
-    groups = task2.batch(3, 0)
-    assert sum(map(len, groups)) == 5 and all(len({r[0] for r in g}) == 1 and len(g) <= 3 for g in groups)
-    assert task2.batch(3, 0) == groups  # a function of the step (exact resume)
+    stage, groups = task2.batch(3, 0)
+    assert stage == "questions" and sum(map(len, groups)) == 5 and all(len({r[0] for r in g}) == 1 and len(g) <= 3 for g in groups)
+    assert task2.batch(3, 0) == (stage, groups)  # a function of the step (exact resume)
+    # with adapters and captions, the first stage puts the caption's words where the image goes:
+    # the packed loss is the mean over reply tokens of each question asked of that text
+    caption = (0, CAPTION_QUESTION, "a red circle", "caption")
+    task3 = VisionTask(lm.model, lm.tokenizer, tower, None, VisionTrainConfig(align_frac=0, lora_rank=2), data,
+                       rows + [caption], [], True, None)
+    assert [task3.stage(s) for s in (0, task3.text_steps - 1, task3.text_steps)] == ["text", "text", "questions"]
+    with torch.no_grad():
+        packed = task3.loss(lm.model, ("text", [rows[:4]]))
+        words = lm.tokenizer.encode("a red circle", check=False)
+        ces = []
+        for _, q, a, _ in rows[:4]:
+            p, reply = task3._ids(q, a)
+            k = p.index(IMAGE)
+            ids = p[:k] + words + p[k + 1:] + reply
+            logits = lm.model(torch.tensor([ids]))[0][0]  # (T, V)
+            first = len(ids) - len(reply)
+            ces.append(F.cross_entropy(logits[first - 1:-1].float(), torch.tensor(reply), reduction="none"))
+    assert torch.allclose(packed, torch.cat(ces).mean(), atol=1e-5)
+
+
+def test_answer_balance_gives_each_answer_of_a_question_an_equal_share():
+    from lmforge.train.vision import answer_balance
+
+    rows = [(i, "is it red?", "no", "yes/no") for i in range(6)] + [(6, "is it red?", "yes", "yes/no"),
+                                                                    (7, "what shape?", "circle", "shape")]
+    w = answer_balance(rows)
+    assert w[("is it red?", "no")] * 6 == pytest.approx(w[("is it red?", "yes")] * 1)  # equal total weight
+    assert w[("is it red?", "no")] * 6 + w[("is it red?", "yes")] == pytest.approx(7)  # the question keeps its rows' weight
+    assert w[("what shape?", "circle")] == 1.0

@@ -18,7 +18,7 @@ def register(app: typer.Typer, finetune_app: typer.Typer) -> None:
 
 def finetune_vision(
     out: Annotated[Path, typer.Option(help="Run folder to create (must not exist or be empty).")],
-    lm: Annotated[str, typer.Option(help="The decoder the images feed (it stays frozen).")] = "smollm2-135m-instruct",
+    lm: Annotated[str, typer.Option(help="The decoder the images feed (frozen but for its adapters).")] = "smollm2-135m-instruct",
     data: Annotated[Optional[Path], typer.Option(
         help="Folder with train.jsonl rows {image, question, answer} or {image, caption} (default: the "
              "easy-vqa package).")] = None,
@@ -28,22 +28,27 @@ def finetune_vision(
     batch_size: Annotated[int, typer.Option(
         help="Questions (or captions) per step; up to 8 about one image share a sequence.")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the encoder and projector.")] = 2e-3,
+    lora_rank: Annotated[int, typer.Option(
+        help="Rank of the decoder's low-rank adapters, trained with the tower (0: the decoder as it is).")] = 8,
     eval_every: Annotated[int, typer.Option(help="Steps between validations (held-out images).")] = 250,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1337,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same --out.")] = False,
     device: Device = "auto",
 ):
-    """Teach a decoder to see: train an image encoder and projector whose vectors the frozen
-    decoder reads in its prompt (align on captions, then instruct on questions)."""
+    """Teach a decoder to see: train an image encoder and projector whose vectors the decoder
+    reads in its prompt, and low-rank adapters on the decoder (adapters first on the questions
+    with the caption's words in the image's place, then captions, then questions on images)."""
     from lmforge.tasks import vision
 
     for name, v in (("steps", steps), ("batch-size", batch_size), ("eval-every", eval_every)):
         if v <= 0:
             raise LMForgeError(f"--{name} must be positive, got {v}")
+    if lora_rank < 0:
+        raise LMForgeError(f"--lora-rank must be 0 or more, got {lora_rank}")
     if not (0 < lr < 1):
         raise LMForgeError(f"--lr must be in (0, 1), got {lr}")
     con = console()
-    report = vision.finetune(lm, out, data, steps=steps, batch_size=batch_size, lr=lr,
+    report = vision.finetune(lm, out, data, steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
                              time_budget=parse_duration(time_budget), eval_every=eval_every, seed=seed, resume=resume,
                              device=device, log=lambda m: con.print(m, markup=False))
     con.print(f"validation accuracy {report['val_accuracy']:.4f} ({report['val_questions']:,} questions on held-out "

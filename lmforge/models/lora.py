@@ -53,3 +53,30 @@ def merge_lora(module: nn.Module) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(parent, name, child.merged())
+
+
+def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors by parameter name ("blocks.3.attn.qkv_proj.lora_a", ...)."""
+    return {n: p.detach() for n, p in module.named_parameters() if n.endswith((".lora_a", ".lora_b"))}
+
+
+@torch.no_grad()
+def fold_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> int:
+    """Add saved adapters to a plain (not wrapped, float) model's weights: W += scale * B @ A for
+    each layer named in `tensors` (as adapter_state wrote them). Returns how many layers changed."""
+    n = 0
+    for key, a in tensors.items():
+        if not key.endswith(".lora_a"):
+            continue
+        path = key[:-len(".lora_a")]
+        b = tensors.get(path + ".lora_b")
+        try:
+            layer = module.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"adapter {path}: the model has no such layer") from None
+        if b is None or not isinstance(layer, nn.Linear) or a.size(1) != layer.in_features \
+                or b.size(0) != layer.out_features:
+            raise ValueError(f"adapter {path} does not fit the model")
+        layer.weight += (scale * (b.float() @ a.float())).to(layer.weight.dtype)
+        n += 1
+    return n

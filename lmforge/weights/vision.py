@@ -4,9 +4,11 @@ names the decoder they feed and carries the image preprocessing.
     vision.json          {"format": "lmforge-vision", "version": 1, "lm": <decoder source>,
                           "chat": <prompt style>, "vision": <VisionConfig: size, mean, std, ...>}
     vision.safetensors   the tower's tensors
+    decoder_lora.safetensors   (runs trained with adapters) the decoder's low-rank updates, with
+                         "lora": {"rank", "alpha", "targets"} in vision.json
 
-The decoder's own weights are not copied: it stays frozen in training, so the run names its
-source (a pulled model or a path) and loads it from there.
+The decoder's own weights are not copied: the run names its source (a pulled model or a path)
+and loads it from there, then adds the adapters' updates to its weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lmforge.errors import LMForgeError
 from lmforge.models.vision import VisionTower, build_tower
 
 FORMAT = "lmforge-vision"
+ADAPTERS = "decoder_lora.safetensors"
 VERSION = 1
 
 
@@ -31,12 +34,17 @@ def is_vision_run(path: str | Path) -> bool:
     return (Path(path) / "vision.json").is_file()
 
 
-def save_vision(folder: Path, tower: VisionTower, lm: str, chat: bool, extra: dict[str, Any] | None = None) -> None:
-    """Write vision.json and vision.safetensors into `folder` (the caller makes it atomic)."""
+def save_vision(folder: Path, tower: VisionTower, lm: str, chat: bool, extra: dict[str, Any] | None = None,
+                adapters: dict[str, torch.Tensor] | None = None, lora: dict[str, Any] | None = None) -> None:
+    """Write vision.json and vision.safetensors (and with adapters, decoder_lora.safetensors and
+    their rank, alpha and targets as "lora") into `folder` (the caller makes it atomic)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in tower.state_dict().items()},
               str(folder / "vision.safetensors"))
     meta = {"format": FORMAT, "version": VERSION, "lm": lm, "chat": chat, "vision": tower.config.to_dict(),
             **(extra or {})}
+    if adapters:
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(folder / ADAPTERS))
+        meta["lora"] = lora
     (folder / "vision.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -60,3 +68,21 @@ def load_vision(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     except RuntimeError as e:
         raise LMForgeError(f"{folder / 'vision.safetensors'} does not match its vision.json ({str(e)[:200]})") from None
     return tower.eval(), meta
+
+
+def load_adapters(folder: str | Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float] | None:
+    """The decoder adapters of a run trained with them, and their scale (alpha / rank); else None."""
+    lora = meta.get("lora")
+    if not lora:
+        return None
+    path = Path(folder) / ADAPTERS
+    try:
+        tensors = load_file(str(path))
+        scale = float(lora["alpha"]) / int(lora["rank"])
+    except FileNotFoundError:
+        raise LMForgeError(f"missing file: {path}") from None
+    except (SafetensorError, OSError) as e:
+        raise LMForgeError(f"{path} is corrupt ({e})") from None
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise LMForgeError(f"{Path(folder) / 'vision.json'}: \"lora\" needs a rank and an alpha") from None
+    return tensors, scale
