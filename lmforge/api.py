@@ -77,21 +77,12 @@ class LM:
 
             tower, meta = load_vision(src.path, dev)
             adapters = load_adapters(src.path, meta)
-            if adapters is None:
-                lm = cls.load(meta["lm"], device, quantize, compile)
-            else:  # float weights to add the adapters' updates to, then the decoder's quantization
-                lm = cls.load(meta["lm"], device, "none")
+            lm = cls.load(meta["lm"], device, quantize, compile and adapters is None)
+            if adapters is not None:  # the adapters' updates go into the decoder's weights, in their own format
                 try:
                     fold_adapters(lm.model, *adapters)
                 except ValueError as e:
                     raise LMForgeError(f"{src.path}: {e} ({meta['lm']})") from None
-                scheme = quantize if quantize != "auto" else QUANTIZE_AUTO[(resolve(meta["lm"]).kind, dev.type == "cpu")]
-                scheme = "int8" if scheme == "gguf" else scheme  # the GGUF's own blocks no longer hold the weights
-                if scheme in ("int8", "int4"):
-                    from lmforge.models.quant import quantize_model
-
-                    quantize_model(lm.model, scheme)
-                    lm.quantized = scheme
                 if compile:
                     lm.engine = Engine(lm.model, compile=True)
             lm.vision, lm.vision_chat = tower, bool(meta.get("chat"))

@@ -3,6 +3,8 @@ prompt embeddings a Request carries. Token ids in, token ids out, like the rest 
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +29,8 @@ def image_prompt(model, tower: VisionTower, ids: Sequence[int], pixels: torch.Te
 
 
 def model_device(model) -> torch.device:
-    return next(iter(model.state_dict().values())).device
+    # a quantized model may hold buffers only; state_dict() would build a dict of every tensor
+    return next(itertools.chain(model.parameters(), model.buffers())).device
 
 
 def answer(engine: Engine, tower: VisionTower, prompts: Sequence[Sequence[int]], pixels: Sequence[torch.Tensor],

@@ -62,8 +62,10 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def fold_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> int:
-    """Add saved adapters to a plain (not wrapped, float) model's weights: W += scale * B @ A for
-    each layer named in `tensors` (as adapter_state wrote them). Returns how many layers changed."""
+    """Add saved adapters to a plain (not wrapped) model's weights: W += scale * B @ A for each
+    layer named in `tensors` (as adapter_state wrote them). A float layer changes in place; a
+    quantized one (int8 / int4, with float_weight) is rebuilt in its own kind from its float
+    weight plus the update. Returns how many layers changed."""
     n = 0
     for key, a in tensors.items():
         if not key.endswith(".lora_a"):
@@ -74,9 +76,22 @@ def fold_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], scale: fl
             layer = module.get_submodule(path)
         except AttributeError:
             raise ValueError(f"adapter {path}: the model has no such layer") from None
-        if b is None or not isinstance(layer, nn.Linear) or a.size(1) != layer.in_features \
-                or b.size(0) != layer.out_features:
+        if b is None or a.size(1) != getattr(layer, "in_features", None) or b.size(0) != layer.out_features:
             raise ValueError(f"adapter {path} does not fit the model")
-        layer.weight += (scale * (b.float() @ a.float())).to(layer.weight.dtype)
+        delta = scale * (b.float() @ a.float())  # (out, in)
+        if isinstance(layer, nn.Linear):
+            layer.weight += delta.to(layer.weight.dtype)
+        elif hasattr(layer, "float_weight") and hasattr(type(layer), "from_linear"):
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device=delta.device)
+            plain.weight.copy_(layer.float_weight() + delta.to(plain.weight.device))
+            new = type(layer).from_linear(plain)
+            if getattr(layer, "bias", None) is not None:
+                new.bias = layer.bias
+            parent, _, name = path.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, name, new)
+        else:
+            raise ValueError(f"adapter {path}: cannot add to a {type(layer).__name__}")
         n += 1
+    if n and hasattr(module, "invalidate_plan"):  # the C decoding step points at the old weights
+        module.invalidate_plan()
     return n

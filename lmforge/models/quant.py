@@ -133,6 +133,11 @@ class Int8Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
+    @torch.no_grad()
+    def float_weight(self) -> torch.Tensor:
+        """The (out, in) float32 weight these integers stand for."""
+        return self.weight.float() * self.scales.float()[:, None]
+
     def _float_scales(self) -> torch.Tensor:
         key = (self.scales, self.scales._version)  # (re)made when the buffer is replaced or written
         if self._scales_of is None or self._scales_of[0] is not key[0] or self._scales_of[1] != key[1]:
@@ -207,6 +212,14 @@ class Int4Linear(nn.Module):
             packed, sz = self._torch_packed()
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, GROUP, sz)  # (N, out)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def float_weight(self) -> torch.Tensor:
+        """The (out, in) float32 weight these 4-bit groups stand for."""
+        G = self.in_features // GROUP
+        q = int4_values(self.weight).float().reshape(self.out_features, G, GROUP)  # (out, G, 32)
+        w = q * self.scales.float()[..., None] + self.offsets.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
 
     @torch.no_grad()
     def _torch_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
