@@ -64,8 +64,11 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def fold_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> int:
     """Add saved adapters to a plain (not wrapped) model's weights: W += scale * B @ A for each
     layer named in `tensors` (as adapter_state wrote them). A float layer changes in place; a
-    quantized one (int8 / int4, with float_weight) is rebuilt in its own kind from its float
-    weight plus the update. Returns how many layers changed."""
+    quantized one (int8 / int4, with float_weight) becomes int8 from its float weight plus the
+    update: 4-bit weights sit on their grid already, and an update smaller than a grid step
+    (as an adapter's is) would round straight back to them. Returns how many layers changed."""
+    from lmforge.models.quant import Int8Linear
+
     n = 0
     for key, a in tensors.items():
         if not key.endswith(".lora_a"):
@@ -81,10 +84,10 @@ def fold_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], scale: fl
         delta = scale * (b.float() @ a.float())  # (out, in)
         if isinstance(layer, nn.Linear):
             layer.weight += delta.to(layer.weight.dtype)
-        elif hasattr(layer, "float_weight") and hasattr(type(layer), "from_linear"):
+        elif hasattr(layer, "float_weight"):
             plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device=delta.device)
             plain.weight.copy_(layer.float_weight() + delta.to(plain.weight.device))
-            new = type(layer).from_linear(plain)
+            new = Int8Linear.from_linear(plain)
             if getattr(layer, "bias", None) is not None:
                 new.bias = layer.bias
             parent, _, name = path.rpartition(".")
