@@ -300,3 +300,33 @@ def test_kv_cache_is_freed_without_the_garbage_collector():
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_int8_linear_prefill_without_bf16_hardware_takes_the_c_kernel(monkeypatch):
+    """On a CPU without bf16 arithmetic (AVX2), 5..64 rows (a short prompt's prefill) go through
+    the C kernel rather than a bf16 copy of the weights: the same numbers as the kernel itself,
+    within int8 rounding of the float layer; with bf16 hardware, the dense bf16 path."""
+    import torch.nn as nn
+
+    from lmforge.models import quant
+
+    if kernels.library() is None:
+        pytest.skip("no C kernel build for this CPU")
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80, bias=False)
+    q = quant.Int8Linear.from_linear(lin)
+    x = torch.randn(1, 24, 96)
+    calls = []
+    real = kernels.q8_matmul
+    monkeypatch.setattr(kernels, "q8_matmul", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(quant, "bf16_native", lambda: False)
+    with torch.no_grad():
+        y = q(x)
+        assert calls == [(24, 96)]
+        ref = real(x[0], q.weight, None, q.scales.float(), lib=kernels.library())
+        assert torch.equal(y[0], ref)
+        assert (y - lin(x)).abs().max() < 0.02 * lin(x).abs().max()
+        monkeypatch.setattr(quant, "bf16_native", lambda: True)
+        calls.clear()
+        q(x)
+        assert calls == []  # 24 rows: the dense path
