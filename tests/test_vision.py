@@ -396,7 +396,7 @@ def test_packed_questions_learn_exactly_what_lone_prompts_teach(window):
     assert torch.allclose(packed, total / sum(n_reply), atol=1e-5)
     for k in g_packed:
         assert torch.allclose(g_packed[k], g_total[k] / sum(n_reply), atol=1e-5, rtol=1e-4), k
-    # a batch of groups is drawn whole per image, and a different step draws differently
+    # a batch of groups is drawn whole per image, as a function of the step
     task2 = VisionTask(lm.model, lm.tokenizer, tower, None, VisionTrainConfig(align_frac=0, batch_size=5, pack=3),
                        data, rows, [], True, None)
     stage, groups = task2.batch(3, 0)

@@ -380,13 +380,10 @@ class GPT(nn.Module):
                 raise ValueError("a forward over several tokens needs its rows at one shared position")
         if cfg.pos == "learned" and pos + T > cfg.block_size:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the context of {cfg.block_size}")
-        packed = positions is not None
-        if packed:
-            pass  # (B, T) given
-        elif row_pos is not None:
-            positions = row_pos[:, None]  # (B, 1)
-        else:
-            positions = torch.arange(pos, pos + T, device=device)  # (T,)
+        packed = positions is not None  # then (B, T), given
+        if not packed:
+            positions = row_pos[:, None] if row_pos is not None else \
+                torch.arange(pos, pos + T, device=device)  # (B, 1) or (T,)
         x = self.embed(idx) if idx is not None else input_embeds.to(self.norm.weight.dtype)  # (B, T, C)
         if cfg.embed_scale:
             x = x * math.sqrt(cfg.n_embd)

@@ -85,11 +85,12 @@ def fold_adapters(module: nn.Module, tensors: dict[str, torch.Tensor], scale: fl
         if isinstance(layer, nn.Linear):
             layer.weight += delta.to(layer.weight.dtype)
         elif hasattr(layer, "float_weight"):
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=False, device=delta.device)
+            bias = getattr(layer, "bias", None)
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=delta.device)
             plain.weight.copy_(layer.float_weight() + delta.to(plain.weight.device))
+            if bias is not None:
+                plain.bias.copy_(bias)
             new = Int8Linear.from_linear(plain)
-            if getattr(layer, "bias", None) is not None:
-                new.bias = layer.bias
             parent, _, name = path.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, name, new)
         else:

@@ -75,6 +75,8 @@ def bf16_native() -> bool:
     ATEN_CPU_CAPABILITY=avx2 turns it off, as on an AVX2-only CPU)."""
     cap = torch.backends.cpu.get_cpu_capability().upper()
     return cap.startswith("AVX512") and bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
+
+
 ACTIVATIONS = ("bf16", "int8", "int8x2")
 
 
@@ -127,15 +129,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if x.device.type == "cpu" and (decoding(x) or x2.size(0) <= KERNEL_ROWS) \
+        # the C kernel, float32 activations: for a decoding step (one position per row, any number
+        # of rows: a row's result never depends on its neighbours), a few rows, or, on a CPU
+        # without bf16 arithmetic (AVX2), up to SLOW_BF16_ROWS, where the bf16 copy of the weights
+        # below costs about three times as much (a short prompt's prefill, an image's tokens)
+        if x.device.type == "cpu" and (decoding(x) or x2.size(0) <= KERNEL_ROWS or (
+                self.activations == "bf16" and x2.size(0) <= SLOW_BF16_ROWS and not bf16_native())) \
                 and (lib := kernels.usable(x)) is not None:
-            # a decoding step (one position per row, any number of rows: a row's result never
-            # depends on its neighbours) or a few rows: the C kernel, float32 activations
-            y = kernels.q8_matmul(x2, self.weight, None, self._float_scales(), lib=lib)  # (N, out)
-        elif x.device.type == "cpu" and self.activations == "bf16" and x2.size(0) <= SLOW_BF16_ROWS \
-                and not bf16_native() and (lib := kernels.usable(x)) is not None:
-            # no bf16 arithmetic in this CPU (AVX2): the bf16 copy of the weights below costs
-            # about three times the C kernel here (a prefill of a short prompt, an image's tokens)
             y = kernels.q8_matmul(x2, self.weight, None, self._float_scales(), lib=lib)  # (N, out)
         elif x.device.type == "cpu" and x2.size(0) >= INT_MM_ROWS:
             if self.activations == "bf16":

@@ -10,8 +10,8 @@ from lmforge.errors import LMForgeError
 
 
 def finetune(lm: str, out: Path, data: Path | None = None, *, steps: int = 1500, batch_size: int = 32,
-             lr: float = 2e-3, lora_rank: int = 8, time_budget: float | None = None, eval_every: int = 250, seed: int = 1337,
-             resume: bool = False, device: str = "auto", log=print, progress: bool = True,
+             lr: float = 2e-3, lora_rank: int = 8, time_budget: float | None = None, eval_every: int = 250,
+             seed: int = 1337, resume: bool = False, device: str = "auto", log=print, progress: bool = True,
              stop_after: int | None = None) -> dict[str, Any]:
     """Train an image encoder + projector that feed the decoder `lm` (a pulled model's name or a
     path), and rank-`lora_rank` adapters on the decoder (0: none, the decoder as it is); see
@@ -26,8 +26,7 @@ def finetune(lm: str, out: Path, data: Path | None = None, *, steps: int = 1500,
         raise LMForgeError(f"{lm} is a recurrent model; image prompts need a transformer decoder")
     spec = str(Path(lm).resolve()) if Path(lm).exists() else lm
     cfg = VisionTrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10, lora_rank=lora_rank,
-                            time_budget=time_budget,
-                            eval_every=eval_every, seed=seed)
+                            time_budget=time_budget, eval_every=eval_every, seed=seed)
     return train_vision(base.model, base.tokenizer, spec, bool(base.tokenizer.chat_template), Path(out), cfg,
                         data, log=log, progress=progress, resume=resume, stop_after=stop_after)
 

@@ -367,8 +367,10 @@ def train_vision(lm_model, tok, lm_spec: str, chat: bool, out: Path, cfg: Vision
     embed_std = float(lm_model.embed.weight.float().std())
     tower = build_tower(vcfg, dev, embed_std)
     groups = [{"params": list(tower.parameters())}]
-    if cfg.lora_rank:
-        add_lora(lm_model, cfg.lora_rank, 2.0 * cfg.lora_rank, LORA_TARGETS)
+    lora = {"rank": cfg.lora_rank, "alpha": 2.0 * cfg.lora_rank, "targets": list(LORA_TARGETS)} \
+        if cfg.lora_rank else None
+    if lora:
+        add_lora(lm_model, lora["rank"], lora["alpha"], LORA_TARGETS)
         groups.append({"params": [p for p in lm_model.parameters() if p.requires_grad], "lr_scale": cfg.lora_lr_scale,
                        "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -428,8 +430,6 @@ def train_vision(lm_model, tok, lm_spec: str, chat: bool, out: Path, cfg: Vision
             task.load_trained_state(task.best_state)
         report = {"val_accuracy": task.best, "steps": res.step, "stopped": res.stopped, "seconds": round(seconds, 1),
                   "train_questions": len(task.qa), "captions": len(task.caps), "val_questions": len(val_rows)}
-        lora = {"rank": cfg.lora_rank, "alpha": 2.0 * cfg.lora_rank, "targets": list(LORA_TARGETS)} \
-            if cfg.lora_rank else None
         save_vision(tmp, tower.eval(), lm_spec, chat, {"train": asdict(cfg), "report": report},
                     adapters=adapter_state(lm_model) if lora else None, lora=lora)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
