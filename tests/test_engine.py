@@ -368,6 +368,80 @@ def test_the_one_call_decoding_step_equals_the_modules(variant, scheme, monkeypa
     assert with_plan == without
 
 
+def dequantized(model):
+    """A copy of a quantized model with float nn.Linear layers holding the weights its integers
+    stand for, on PyTorch's float32 path: the reference the C step's arithmetic is held to."""
+    import copy
+
+    from lmforge.models.quant import Int4Linear, Int8Linear
+
+    ref = copy.deepcopy(model)
+    for m in list(ref.modules()):
+        for name, c in list(m.named_children()):
+            if isinstance(c, (Int8Linear, Int4Linear)):
+                lin = nn.Linear(c.in_features, c.out_features, bias=False)
+                with torch.no_grad():
+                    lin.weight.copy_(c.float_weight())
+                setattr(m, name, lin)
+    ref._plan = False
+    return ref
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "generic"])
+def test_a_prompt_through_the_one_call_step_equals_the_float_layers(variant, scheme, monkeypatch):
+    """A prompt's positions as rows of one slot in lmf_decode_layers (two chunks: the second
+    sees the first's keys in the cache and its own earlier rows, in layers with a sliding window
+    shorter than the prompt) give the logits and keys of the same weights in float32 without a
+    cache: exactly where the build keeps float activations, within bf16 rounding (the AVX-512
+    bf16 tile) or int8 rounding (the AVX2 build) of them; and the engine's tokens after it
+    equal those of the module path's prompt."""
+    from lmforge.engine import KVCache
+    from lmforge.models import kernels
+    from lmforge.models.quant import quantize_model
+
+    if not kernels.runnable(variant):
+        pytest.skip(f"this CPU cannot run the {variant} build")
+    monkeypatch.setenv("LMFORGE_KERNELS", variant)
+    lib = kernels.library()
+    assert lib is not None, "the kernels must build where a compiler exists"
+    model = tiny_gpt(sliding_window=6, qk_norm=True, post_norms=True, mlp_hidden=96)
+    quantize_model(model, scheme)
+    ref = dequantized(model)
+    seq = torch.randint(0, 96, (1, 14), generator=torch.Generator().manual_seed(5))
+
+    def prompt(rows: int):
+        cache = KVCache(model.config, 3, 20, "cpu")
+        model.invalidate_plan()
+        model._decode_plan(torch.zeros(1)).prefill_rows = rows
+        with torch.no_grad():
+            logits = torch.cat([model(seq[:, :5], cache=cache.view([1]))[0],
+                                model(seq[:, 5:], cache=cache.view([1]))[0]], 1)  # (1, 14, V)
+        return logits, cache
+
+    with torch.no_grad():
+        want = ref(seq)[0]
+    got, cache = prompt(1 << 20)
+    rel = {0: 1e-4, 2: 1e-2, 1: 3e-2}[lib.lmf_isa()]
+    if lib.lmf_isa() == 2 and not (scheme == "int8" and lib.lmf_prefill_bf16()):
+        rel = 1e-4  # the AVX-512 float tile
+    assert (got - want).abs().max() <= rel * want.abs().max()
+    _, mod_cache = prompt(0)  # the module path writes the same keys to the same slot
+    assert (cache.k[:, 1] - mod_cache.k[:, 1]).abs().max() <= max(rel, 1e-2) * mod_cache.k.abs().max()
+    assert cache.lengths == [0, 14, 0] and cache.k[:, [0, 2]].abs().max() == 0
+    # the default: int8 layers take the C step on a prompt where it is faster (not the plain-C build)
+    model.invalidate_plan()
+    rows = model._decode_plan(torch.zeros(1)).prefill_rows
+    assert rows == kernels.prompt_rows(lib, {1 if scheme == "int8" else 2})
+    assert (rows > 0) == (lib.lmf_isa() > 0 and (scheme == "int8" or lib.lmf_isa() == 2))
+    model._plan = False
+    without = solo(model, seq[0].tolist(), 8)
+    model.invalidate_plan()
+    model._decode_plan(torch.zeros(1)).prefill_rows = 1 << 20
+    assert solo(model, seq[0].tolist(), 8) == without
+    model.invalidate_plan()
+
+
 def test_a_started_engine_serves_threads_and_equals_solo_runs():
     """Started, the engine steps in its own thread: requests run from many threads at once (each
     through the blocking `run`) come out as each one alone; a consumer that stops early cancels

@@ -109,6 +109,54 @@ LMF_TILE(tile_q4, {
     w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, o);
     w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o);
 })
+#if defined(__AVX512BF16__)
+/* A prompt's rows (prefill) on a CPU with bf16 dot products (AVX-512 BF16: Zen 4, Sapphire
+   Rapids): x rounded to bf16 once per matrix product, the int8 weights widened to bf16 (exact:
+   integers up to 256 are) once per group for all mt rows, and each pair of products summed in
+   float32 by one instruction: half the arithmetic instructions of the float tile and half its
+   activation bytes. Only for weights with a scale per row (the group-scaled kinds would have
+   to round their scaled weights to bf16). Decoding keeps float32 activations. */
+#define LMF_BF16 1
+#define LMF_ROWS_BF16(m_) tile_q8_bf16(xb, K, w, rs, y, ldy, m_)
+static inline __attribute__((always_inline)) void tile_q8_bf16(const uint16_t *xb, int64_t K, const int8_t *w,
+                                                               const float *rs, float *y, int64_t ldy, const int mt) {
+    __m512 acc[MT];
+    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP + 16))));
+        const __m512bh wb = _mm512_cvtne2ps_pbh(w1, w0); /* the 32 weights in order: w0's in the low half */
+        for (int m = 0; m < mt; m++)
+            acc[m] = _mm512_dpbf16_ps(acc[m], wb, (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + g * GROUP)));
+    }
+    for (int m = 0; m < mt; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) * *rs;
+}
+
+static void rows_q8_bf16(const uint16_t *xb, int64_t mt, int64_t K, const int8_t *w, const float *rs, float *y,
+                         int64_t ldy) {
+    switch (mt) {
+    case 1: LMF_ROWS_BF16(1); break;
+    case 2: LMF_ROWS_BF16(2); break;
+    case 3: LMF_ROWS_BF16(3); break;
+    case 4: LMF_ROWS_BF16(4); break;
+    case 5: LMF_ROWS_BF16(5); break;
+    case 6: LMF_ROWS_BF16(6); break;
+    case 7: LMF_ROWS_BF16(7); break;
+    default: LMF_ROWS_BF16(8); break;
+    }
+}
+
+/* x (M, K) float32 -> bf16 bits, rounded to nearest even */
+static void to_bf16(const float *x, int64_t n, uint16_t *xb) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    for (; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, 4);
+        xb[i] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+    }
+}
+#endif
 #elif LMF_ISA == 1
 /* AVX2 without AVX-512 has half the float throughput, and decoding through float products is
    then bound by arithmetic, not memory. So the activations are rounded to int8 in groups of 32
@@ -364,7 +412,16 @@ static inline void rotate(const float *x, const float *c, const float *s, int64_
     }
 }
 
-/* Attention of one row b and one key/value head kvh of a decoding step (see lmf_attn_decode).
+/* A new key (rotated when cb is given) and value into their cache rows */
+static inline void store_kv(const float *kn, const float *vn, const float *cb, const float *sb, int64_t hd, float *kd,
+                            float *vd) {
+    if (cb) rotate(kn, cb, sb, hd, kd);
+    else memcpy(kd, kn, sizeof(float) * (size_t)hd);
+    memcpy(vd, vn, sizeof(float) * (size_t)hd);
+}
+
+/* Attention of one row b and one key/value head kvh of a decoding step (see lmf_attn_decode);
+   kn NULL: the row's key and value are in the cache already (written by the caller).
    Returns 0, or -1 when out of memory. */
 static int attend_one(const float *q, int64_t qs, const float *kn, int64_t ks, const float *vn, int64_t vs,
                       const float *cb, const float *sb, float *k, float *v, int64_t nh, int64_t nkv,
@@ -374,9 +431,7 @@ static int attend_one(const float *q, int64_t qs, const float *kn, int64_t ks, c
     const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
     const int64_t n = end - first;
     float *kb = k + (slot * nkv + kvh) * max_len * hd, *vb = v + (slot * nkv + kvh) * max_len * hd;
-    if (cb) rotate(kn + b * ks + kvh * hd, cb, sb, hd, kb + p * hd);
-    else memcpy(kb + p * hd, kn + b * ks + kvh * hd, sizeof(float) * (size_t)hd);
-    memcpy(vb + p * hd, vn + b * vs + kvh * hd, sizeof(float) * (size_t)hd);
+    if (kn) store_kv(kn + b * ks + kvh * hd, vn + b * vs + kvh * hd, cb, sb, hd, kb + p * hd, vb + p * hd);
     float stack[4096];
     const int64_t need = group * (hd + n + 1); /* rotated queries, scores (group, n), max per head */
     float *qg = need <= 4096 ? stack : (float *)malloc(sizeof(float) * (size_t)need);
@@ -499,10 +554,31 @@ typedef struct {
 /* y (M rows, ldy apart) = x (M, L->k) @ W^T + bias, the outputs split over the calling
    parallel region's threads (orphaned `omp for`s: each ends with a barrier). qbuf: room for the
    int8 copy of x when the build multiplies int8 activations. */
-static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, float *y, int64_t ldy, char *qbuf) {
+static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, float *y, int64_t ldy, char *qbuf,
+                             int prefill) {
     const int64_t N = L->n, K = L->k, G = K / GROUP;
     int8_t *q = 0;
     float *d = 0, *s = 0;
+#ifdef LMF_BF16
+    if (prefill && L->kind == 1) {
+        uint16_t *xb = (uint16_t *)qbuf;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) to_bf16(x + m * K, K, xb + m * K);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            for (int64_t m = 0; m < M; m += MT) {
+                const int64_t mt = M - m < MT ? M - m : MT;
+                float *ym = y + m * ldy + n;
+                rows_q8_bf16(xb + m * K, mt, K, (const int8_t *)L->w + n * K, (const float *)L->s + n, ym, ldy);
+                if (L->bias)
+                    for (int64_t r = 0; r < mt; r++) ym[r * ldy] += L->bias[n];
+            }
+        }
+        return;
+    }
+#else
+    (void)prefill;
+#endif
     if (LMF_INT_ACT && L->kind != 0) {
         d = (float *)qbuf, s = d + M * G, q = (int8_t *)(s + M * G);
 #pragma omp for schedule(static)
@@ -537,6 +613,17 @@ static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, flo
     }
 }
 
+/* Full-width RoPE tables for position p (see rotate) from the half-width ones */
+static inline void rope_row(const float *cos, const float *sin, int64_t p, int64_t hd, float *cf, float *sf) {
+    const int64_t h2 = hd / 2;
+    const float *c = cos + p * h2, *sn = sin + p * h2;
+    for (int64_t i = 0; i < h2; i++) {
+        cf[i] = cf[i + h2] = c[i];
+        sf[i] = -sn[i];
+        sf[i + h2] = sn[i];
+    }
+}
+
 static void rms_row(const float *x, int64_t dim, const float *w, float eps, float *y) {
     float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
@@ -548,12 +635,15 @@ static void rms_row(const float *x, int64_t dim, const float *w, float eps, floa
 
 /* x (B, C): the residual stream of B rows, one token each, updated in place through every layer.
    Row b's sequence is in slot slot[b] of the caches k, v (n_layer, S, nkv, max_len, hd) with
-   pos[b] tokens before this one. work: scratch of B * (2 C + qkv.n + nh hd + 2 hidden + kmax) floats,
+   pos[b] tokens before this one. Rows may share a slot at consecutive positions: a short
+   prompt's tokens then go through as one sequence's rows, each seeing those before it
+   (prefill 1: where the build has a faster tile for many rows, it takes it; a decoding step
+   passes 0, so a row's result never depends on the other rows of its step). work: scratch of B * (2 C + qkv.n + nh hd + 2 hidden + kmax) floats,
    kmax the widest input of any linear (room for its int8 copy).
    Returns 0, or -1 when out of memory. */
 int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *v, int64_t S, int64_t max_len,
-                      const int64_t *slot, const int64_t *pos, float *work) {
-    const int64_t C = m->C, nh = m->nh, nkv = m->nkv, hd = m->hd, F = m->hidden, h2 = hd / 2;
+                      const int64_t *slot, const int64_t *pos, float *work, int64_t prefill) {
+    const int64_t C = m->C, nh = m->nh, nkv = m->nkv, hd = m->hd, F = m->hidden;
     const int64_t NQ = (nh + 2 * nkv) * hd;
     float *xn = work, *qkv = xn + B * C, *att = qkv + B * NQ, *h = att + B * nh * hd, *g = h + B * C, *u = g + B * F;
     char *qbuf = (char *)(u + B * F);
@@ -564,7 +654,7 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
         const lmf_layer *L = m->layers + l;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) rms_row(x + b * C, C, L->attn_norm, m->eps, xn + b * C);
-        linear_in_region(&L->qkv, xn, B, qkv, NQ, qbuf);
+        linear_in_region(&L->qkv, xn, B, qkv, NQ, qbuf, (int)prefill);
         if (L->q_norm) { /* one RMSNorm over each head of q and of k */
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * (nh + nkv); bh++) {
@@ -573,27 +663,30 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
                 rms_row(t, hd, hh < nh ? L->q_norm : L->k_norm, m->eps, t);
             }
         }
+        /* every row's key and value go into the cache before any row attends: rows of one
+           sequence (a prompt's positions) see each other's */
+#pragma omp for schedule(static)
+        for (int64_t bk = 0; bk < B * nkv; bk++) {
+            const int64_t b = bk / nkv, kvh = bk % nkv, at = ((slot[b] * nkv + kvh) * max_len + pos[b]) * hd;
+            float cf[1024], sf[1024];
+            if (L->cos) rope_row(L->cos, L->sin, pos[b], hd, cf, sf);
+            store_kv(qkv + b * NQ + (nh + kvh) * hd, qkv + b * NQ + (nh + nkv + kvh) * hd, L->cos ? cf : 0,
+                     L->cos ? sf : 0, hd, k + l * layer_size + at, v + l * layer_size + at);
+        }
 #pragma omp for schedule(static)
         for (int64_t bk = 0; bk < B * nkv; bk++) {
             const int64_t b = bk / nkv;
             float cf[1024], sf[1024]; /* this row's full-width tables (hd <= 1024: checked by the caller) */
-            if (L->cos) {
-                const float *c = L->cos + pos[b] * h2, *sn = L->sin + pos[b] * h2;
-                for (int64_t i = 0; i < h2; i++) {
-                    cf[i] = cf[i + h2] = c[i];
-                    sf[i] = -sn[i];
-                    sf[i + h2] = sn[i];
-                }
-            }
+            if (L->cos) rope_row(L->cos, L->sin, pos[b], hd, cf, sf);
             /* (attend_one takes the first row and the stride: row b is NQ floats further on) */
-            if (attend_one(qkv, NQ, qkv + nh * hd, NQ, qkv + (nh + nkv) * hd, NQ, L->cos ? cf : 0, L->cos ? sf : 0,
+            if (attend_one(qkv, NQ, 0, NQ, 0, NQ, L->cos ? cf : 0, L->cos ? sf : 0,
                            k + l * layer_size, v + l * layer_size, nh, nkv, max_len, hd, L->window, b, bk % nkv,
                            slot[b], pos[b], m->scale, att)) {
 #pragma omp atomic write
                 failed = 1;
             }
         }
-        linear_in_region(&L->o, att, B, h, C, qbuf);
+        linear_in_region(&L->o, att, B, h, C, qbuf, (int)prefill);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             if (L->attn_out_norm) rms_row(h + b * C, C, L->attn_out_norm, m->eps, h + b * C);
@@ -601,12 +694,12 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
             rms_row(x + b * C, C, L->mlp_norm, m->eps, xn + b * C);
         }
         if (m->mlp == 2) {
-            linear_in_region(&L->up, xn, B, g, F, qbuf);
+            linear_in_region(&L->up, xn, B, g, F, qbuf, (int)prefill);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * F; i++) g[i] = 0.5f * g[i] * (1.0f + erff(g[i] * 0.70710678f));
         } else {
-            linear_in_region(&L->gate, xn, B, g, F, qbuf);
-            linear_in_region(&L->up, xn, B, u, F, qbuf);
+            linear_in_region(&L->gate, xn, B, g, F, qbuf, (int)prefill);
+            linear_in_region(&L->up, xn, B, u, F, qbuf, (int)prefill);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * F; i++) {
                 const float a = g[i];
@@ -615,7 +708,7 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
                 g[i] = act * u[i];
             }
         }
-        linear_in_region(&L->down, g, B, h, C, qbuf);
+        linear_in_region(&L->down, g, B, h, C, qbuf, (int)prefill);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             if (L->mlp_out_norm) rms_row(h + b * C, C, L->mlp_out_norm, m->eps, h + b * C);
@@ -627,3 +720,12 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
 
 /* Which build this is: 2 AVX-512, 1 AVX2 + FMA + F16C, 0 plain C (the tests check it) */
 int lmf_isa(void) { return LMF_ISA; }
+
+/* Whether a prompt's rows through int8 layers take the bf16 tile (1) or the float one (0) */
+int lmf_prefill_bf16(void) {
+#ifdef LMF_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}

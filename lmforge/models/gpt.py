@@ -412,14 +412,20 @@ class GPT(nn.Module):
         extras: dict = {}
         probs = [] if output_attentions else None
         states = [] if output_hidden_states else None
-        if row_pos is not None and probs is None and states is None and (plan := self._decode_plan(x)) is not None \
-                and pos < min(plan.rope_len, cache.max_len):
-            # a decoding step through every layer in one C call (the same arithmetic as the
-            # modules below, without an interpreter between the operations)
-            x = plan.run(x.reshape(B, -1).contiguous(), cache.cache.k, cache.cache.v, cache.slot_index,
-                         row_pos.cpu()).view(B, 1, -1)
-            cache.advance(1)
-            x = self.norm(x)
+        if cache is not None and probs is None and states is None and (plan := self._decode_plan(x)) is not None \
+                and (row_pos is not None or B * T <= plan.prefill_rows) and pos + T <= min(plan.rope_len, cache.max_len):
+            # a decoding step, or a short prompt, through every layer in one C call (the same
+            # arithmetic as the modules below, without an interpreter between the operations); a
+            # prompt's T positions go in as T rows of one slot at consecutive positions
+            if row_pos is not None:
+                slots, at = cache.slot_index, row_pos.cpu()  # (B,)
+            else:
+                slots = cache.slot_index.repeat_interleave(T)  # (B * T,)
+                at = torch.arange(pos, pos + T).repeat(B)  # (B * T,)
+            x = plan.run(x.reshape(B * T, -1).contiguous(), cache.cache.k, cache.cache.v, slots, at,
+                         prefill=row_pos is None).view(B, T, -1)
+            cache.advance(T)
+            x = self.norm(x[:, -1:] if last_only else x)
             if return_hidden:
                 return x, None
             return self.lm_head(x), None

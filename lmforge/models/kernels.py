@@ -146,13 +146,14 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_q4_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
     lib.lmf_q4_matmul.restype = ctypes.c_int
     lib.lmf_isa.restype = ctypes.c_int
+    lib.lmf_prefill_bf16.restype = ctypes.c_int
     lib.lmf_rms_norm.argtypes = [_c_ptr, _i64, _i64, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_rms_norm.restype = None
     lib.lmf_attn_decode.argtypes = [_c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _c_ptr, _i64, _c_ptr, _c_ptr] \
         + [_i64] * 6 + [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_attn_decode.restype = ctypes.c_int
     lib.lmf_decode_layers.argtypes = [ctypes.POINTER(Model), _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _i64, _c_ptr,
-                                      _c_ptr, _c_ptr]
+                                      _c_ptr, _c_ptr, _i64]
     lib.lmf_decode_layers.restype = ctypes.c_int
     return lib
 
@@ -341,9 +342,13 @@ class DecodePlan:
     weights are replaced (GPT.invalidate_plan). `build` returns None for what the C step does
     not cover (LayerNorm, a linear that is neither float32, Int8Linear nor Int4Linear, ...)."""
 
-    def __init__(self, model_struct: Model, keep: list, work_per_row: int, rope_len: int, lib: ctypes.CDLL):
+    def __init__(self, model_struct: Model, keep: list, work_per_row: int, rope_len: int, lib: ctypes.CDLL,
+                 prefill_rows: int = 0):
         self.struct, self._keep, self.work_per_row, self.rope_len, self.lib = model_struct, keep, work_per_row, \
             rope_len, lib
+        # up to this many positions a cached forward (a prompt) runs through the plan too, each
+        # position a row: where that beats PyTorch's operators (see prompt_rows)
+        self.prefill_rows = prefill_rows
 
     @classmethod
     def build(cls, model, lib: ctypes.CDLL) -> "DecodePlan | None":
@@ -352,6 +357,7 @@ class DecodePlan:
 
         cfg = model.config
         keep: list = []
+        kinds: set[int] = set()
 
         def ptr(t: torch.Tensor | None):
             if t is None:
@@ -374,6 +380,11 @@ class DecodePlan:
             return f32(m.weight.detach())
 
         def linear(m) -> Linear:
+            L = _linear(m)
+            kinds.add(L.kind)
+            return L
+
+        def _linear(m) -> Linear:
             bias = getattr(m, "bias", None)
             if isinstance(m, Int8Linear):
                 return Linear(1, m.out_features, m.in_features, ptr(m.weight), ptr(m._float_scales()), None,
@@ -414,20 +425,41 @@ class DecodePlan:
                   cfg.norm_eps, cfg.head_dim ** -0.5, layers)
         work = 2 * cfg.n_embd + (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim \
             + 2 * cfg.mlp_hidden + max(cfg.n_embd, cfg.mlp_hidden, cfg.n_head * cfg.head_dim)
-        return cls(m, keep, work, rope_len if cfg.pos == "rope" else 1 << 62, lib)
+        return cls(m, keep, work, rope_len if cfg.pos == "rope" else 1 << 62, lib, prompt_rows(lib, kinds))
 
     def run(self, x: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
-            pos: torch.Tensor) -> torch.Tensor:
+            pos: torch.Tensor, prefill: bool = False) -> torch.Tensor:
         """x (B, C) float32 residual stream, updated in place through every layer and returned;
         cache_k/v (n_layer, S, nkv, max_len, hd); slots, pos: (B,) int64 (checked by the caller:
-        slots < S, pos < max_len and pos < rope_len)."""
+        slots < S, pos < max_len and pos < rope_len). prefill: the rows are a prompt's positions,
+        and the build's prompt tile may take them (bf16 activations where the CPU has bf16 dot
+        products); a decoding step leaves it off, so each row's result is its own."""
         B = x.size(0)
         work = torch.empty(B * self.work_per_row, dtype=torch.float32)
         if self.lib.lmf_decode_layers(ctypes.byref(self.struct), B, x.data_ptr(), cache_k.data_ptr(),
                                       cache_v.data_ptr(), cache_k.size(1), cache_k.size(3), slots.data_ptr(),
-                                      pos.data_ptr(), work.data_ptr()):
+                                      pos.data_ptr(), work.data_ptr(), int(prefill)):
             raise MemoryError("decode step: out of memory for the attention scores")
         return x
+
+
+def prompt_rows(lib: ctypes.CDLL, kinds: set[int]) -> int:
+    """Up to how many positions a prompt goes through the C step rather than PyTorch's
+    operators, for a model whose linears are of these kinds (0 float32, 1 int8 with row scales,
+    2 4-bit). Measured on SmolLM2-135M, 2 threads (benchmarks/RESULTS.md). Int8 layers: the AVX2
+    build's integer tile beats PyTorch (whose int8 and bf16 matmuls are slow without AVX-512) at
+    every chunk size up to the engine's 256, with int8 activations that the per-layer kernel
+    already gave 5..64 rows there (perplexity +0.1% against PyTorch's bf16 ones); the AVX-512
+    build's bf16 tile up to about 64 (then PyTorch's bf16 matmul wins). 4-bit layers: the
+    AVX-512 float tile on a few positions only; on AVX2 they stay with PyTorch, whose bf16
+    activations lose less than int8 ones on top of 4-bit weights (perplexity +0.3% through the
+    C step). The plain-C build and float32 layers: never."""
+    isa = lib.lmf_isa()
+    if 0 in kinds or isa == 0:
+        return 0
+    if 2 in kinds:
+        return 8 if isa == 2 else 0
+    return 256 if isa == 1 else 64
 
 
 class _Unsupported(Exception):

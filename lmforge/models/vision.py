@@ -48,6 +48,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels
+        if self.stages[0].down.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the layout the weights were put in
         for stage in self.stages:
             x = stage(x)
         return x  # (B, C, g, g)
