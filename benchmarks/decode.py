@@ -6,7 +6,8 @@ forward first, so prefill is timed warm, and prefill is the best of three runs f
 Each engine runs in its own process (so peak RSS is its own); a peer that is not installed is
 reported as such. Engines:
 - lmforge: the kernels this CPU picks (AVX-512 where it has it);
-- lmforge-avx2: the AVX2 + FMA + F16C build forced (LMFORGE_KERNELS=avx2), as on most laptops;
+- lmforge-avx2: the AVX2 path forced, as on most laptops: lmforge's AVX2 + FMA + F16C build
+  (LMFORGE_KERNELS=avx2), PyTorch's (ATEN_CPU_CAPABILITY=avx2) and oneDNN's (ONEDNN_MAX_CPU_ISA=AVX2);
 - lmforge-float: the float32 reference path;
 - llama.cpp: llama-cpp-python as built for this CPU (--llama-python);
 - llama.cpp-avx2: a llama-cpp-python built without AVX-512 (--llama-avx2-python; see RESULTS.md);
@@ -151,8 +152,8 @@ def read_bandwidth_gbs() -> float:
 def run(engine: str, gguf: Path, spec: str, python: str = sys.executable) -> dict | str:
     """spec: how lmforge names the model (a pulled name loads the store's quantized copy)."""
     env = dict(os.environ)
-    if engine == "lmforge-avx2":
-        env["LMFORGE_KERNELS"] = "avx2"
+    if engine == "lmforge-avx2":  # every layer held to AVX2: lmforge's kernels, PyTorch's and oneDNN's
+        env.update(LMFORGE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     proc = subprocess.run([python, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),
                            TEXT, str(ROOT), spec], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():

@@ -14,7 +14,11 @@ baseline, in one run (needs `pip install easy-vqa` and `lmforge pull smollm2-135
    the question's words, a linear layer over the 13 answers; trained here on the same split
    (easy-VQA's own reference model is of this kind).
 Also: time to first token for an image question after load, against a text prompt of the same
-length in positions.
+length in positions, on this CPU's kernel path and (on an AVX-512 host) on the AVX2 path in a
+second process, with PyTorch, oneDNN and lmforge's kernels all held to AVX2:
+
+    LMFORGE_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+        python benchmarks/vision.py --run runs/bench-vision --ttft-only
 """
 
 from __future__ import annotations
@@ -112,11 +116,12 @@ def text_only(lm, rows, answers) -> dict:
     return {k: hits[k] / total[k] for k in total}
 
 
-def ttft(lm, image, n: int = 7) -> tuple[float, float, int, float]:
+def ttft(lm, image, n: int = 21) -> tuple[float, float, int, float]:
     """Median time to the first event for an image question, and for the same prompt with the
-    image's positions filled by text tokens instead; in both the text before the image is
-    cached (LM.load computes it for a vision run), the rest is computed. Also the time of the
-    very first image question of a freshly loaded model (lm must be just loaded)."""
+    image's positions filled by text tokens instead, the two alternated (this host's speed
+    drifts); in both the text before the image is cached (LM.load computes it for a vision run),
+    the rest is computed. Also the time of the very first image question of a freshly loaded
+    model (lm must be just loaded)."""
     from lmforge.images import question_ids
     from lmforge.models.vision import IMAGE
 
@@ -133,13 +138,35 @@ def ttft(lm, image, n: int = 7) -> tuple[float, float, int, float]:
         next(iter(lm.engine.run([make()])))
         return time.perf_counter() - t
 
-    cold = first(lambda: lm.request(ids, 1, temperature=0.0, images=[image]))  # the first question after load
-    for _ in range(2):  # warm-up: the kernels, and the prefix in a slot
-        first(lambda: lm.request(ids, 1, temperature=0.0, images=[image]))
-        first(lambda: lm.request(text_ids(), 1, temperature=0.0))
-    img = statistics.median(first(lambda: lm.request(ids, 1, temperature=0.0, images=[image])) for _ in range(n))
-    txt = statistics.median(first(lambda: lm.request(text_ids(), 1, temperature=0.0)) for _ in range(n))
-    return img, txt, len(ids) - 1 + rows, cold
+    def image_question():
+        return first(lambda: lm.request(ids, 1, temperature=0.0, images=[image]))
+
+    def text_prompt():
+        return first(lambda: lm.request(text_ids(), 1, temperature=0.0))
+
+    cold = image_question()  # the first question after load
+    for _ in range(3):  # warm-up: the kernels, and the prefix in a slot
+        image_question(), text_prompt()
+    pairs = [(image_question(), text_prompt()) for _ in range(n)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs), len(ids) - 1 + rows, cold
+
+
+def ttft_line(run: Path, image, label: str) -> str:
+    from lmforge.api import LM
+
+    img_s, txt_s, positions, cold_s = ttft(LM.load(run), image)
+    return (f"time to first token after load, {label} ({positions} positions, the text before the image cached): "
+            f"image question {1000 * img_s:.1f} ms, the same prompt with text in the image's place {1000 * txt_s:.1f} "
+            f"ms ({img_s / txt_s:.2f}x); the first image question after load {1000 * cold_s:.1f} ms")
+
+
+def kernel_path() -> str:
+    from lmforge.models import kernels
+
+    return f"lmforge kernels {kernels.chosen_variant()}, PyTorch {torch.backends.cpu.get_cpu_capability()}"
+
+
+AVX2_ENV = {"LMFORGE_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def main() -> None:
@@ -148,8 +175,17 @@ def main() -> None:
     ap.add_argument("--budget", default="19m", help="training time of the vision run, its warm-up included (the classifier gets 1/4)")
     ap.add_argument("--run", type=Path, help="score this vision run instead of training one")
     ap.add_argument("--limit", type=int, default=2000, help="test questions scored (a fixed sample; 0 = all)")
+    ap.add_argument("--ttft-only", action="store_true", help="with --run: time to first token only, on this process's "
+                    "kernel path")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.ttft_only:
+        if args.run is None:
+            ap.error("--ttft-only needs --run")
+        from lmforge.vqa import load_data
+
+        print(ttft_line(args.run, load_data(None, "test", 64).images[0], kernel_path()))
+        return
     from lmforge.api import LM
     from lmforge.cli._common import parse_duration
     from lmforge.tasks import vision
@@ -177,7 +213,16 @@ def main() -> None:
     t_eval = time.perf_counter() - t
     base = text_only(lm, rows, sorted({r[2] for r in rows}))
     clf = classifier_baseline(load_data(None, "train", 64), rows, test, budget / 4)
-    img_s, txt_s, positions, cold_s = ttft(LM.load(run), test.images[0])
+    timings = [ttft_line(run, test.images[0], kernel_path())]
+    from lmforge.models import kernels
+
+    if kernels.chosen_variant() == "avx512" and kernels.runnable("avx2"):  # the AVX2 path too, in its own process
+        import os
+        import subprocess
+
+        out = subprocess.run([sys.executable, __file__, "--run", str(run), "--ttft-only"], capture_output=True,
+                             text=True, env={**os.environ, **AVX2_ENV})
+        timings.append(out.stdout.strip() or f"AVX2 path: failed ({out.stderr.strip()[-300:]})")
 
     kinds = ["all", "yes/no", "shape", "color"]
     print(f"\neasy-VQA test split: {len(rows):,} questions on {len({r[0] for r in rows})} images; decoder {args.lm}; "
@@ -190,9 +235,7 @@ def main() -> None:
     if t_train is not None:
         print(f"\nvision run trained in {t_train / 60:.1f} min; scoring took {t_eval:.0f} s; "
               f"classifier trained {clf['seconds']:.0f} s ({clf['steps']} steps)")
-    print(f"time to first token after load ({positions} positions, the text before the image cached): image "
-          f"question {1000 * img_s:.1f} ms, the same prompt with text in the image's place {1000 * txt_s:.1f} ms "
-          f"({img_s / txt_s:.2f}x); the first image question after load {1000 * cold_s:.1f} ms")
+    print("\n".join(timings))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
    int8), or 4-bit with an fp16 scale and offset per group of 32 (w = q * scale + offset: GGUF's
    Q4_0/Q4_1/Q4_K values without re-rounding). The AVX-512 and plain-C builds keep activations
    in float32; the AVX2 build rounds them to int8 in groups of 32 (as llama.cpp's Q8_0
-   activations) for integer dot products. In every build each output is one row's own sum in a
-   fixed order, so a row's result does not depend on how many other rows share the call (batch
-   invariance).
+   activations) for integer dot products. A prompt's rows through int8 layers are rounded to
+   int16 per row in both x86 builds (see tile_prompt). In every build each output is
+   one row's own sum in a fixed order, so a row's result does not depend on how many other
+   rows share the call (batch invariance).
 
    Decoding one token is a pass over every weight byte, so the loop reads each weight row once
    and uses it for up to MT rows of x at a time (a batch of sequences). Work is split over
@@ -38,6 +39,7 @@
 
 #define GROUP 32
 #define MT 8 /* rows of x per pass over a weight row */
+#define PROMPT_ROWS 24 /* rows of a prompt per sweep over a matrix's outputs */
 
 static inline float half_to_float(uint16_t h) {
 #if LMF_ISA > 0
@@ -61,7 +63,7 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-#if LMF_ISA == 1
+#if LMF_ISA > 0
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -109,54 +111,6 @@ LMF_TILE(tile_q4, {
     w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, o);
     w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o);
 })
-#if defined(__AVX512BF16__)
-/* A prompt's rows (prefill) on a CPU with bf16 dot products (AVX-512 BF16: Zen 4, Sapphire
-   Rapids): x rounded to bf16 once per matrix product, the int8 weights widened to bf16 (exact:
-   integers up to 256 are) once per group for all mt rows, and each pair of products summed in
-   float32 by one instruction: half the arithmetic instructions of the float tile and half its
-   activation bytes. Only for weights with a scale per row (the group-scaled kinds would have
-   to round their scaled weights to bf16). Decoding keeps float32 activations. */
-#define LMF_BF16 1
-#define LMF_ROWS_BF16(m_) tile_q8_bf16(xb, K, w, rs, y, ldy, m_)
-static inline __attribute__((always_inline)) void tile_q8_bf16(const uint16_t *xb, int64_t K, const int8_t *w,
-                                                               const float *rs, float *y, int64_t ldy, const int mt) {
-    __m512 acc[MT];
-    for (int m = 0; m < mt; m++) acc[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < K / GROUP; g++) {
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP))));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP + 16))));
-        const __m512bh wb = _mm512_cvtne2ps_pbh(w1, w0); /* the 32 weights in order: w0's in the low half */
-        for (int m = 0; m < mt; m++)
-            acc[m] = _mm512_dpbf16_ps(acc[m], wb, (__m512bh)_mm512_loadu_si512((const void *)(xb + m * K + g * GROUP)));
-    }
-    for (int m = 0; m < mt; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) * *rs;
-}
-
-static void rows_q8_bf16(const uint16_t *xb, int64_t mt, int64_t K, const int8_t *w, const float *rs, float *y,
-                         int64_t ldy) {
-    switch (mt) {
-    case 1: LMF_ROWS_BF16(1); break;
-    case 2: LMF_ROWS_BF16(2); break;
-    case 3: LMF_ROWS_BF16(3); break;
-    case 4: LMF_ROWS_BF16(4); break;
-    case 5: LMF_ROWS_BF16(5); break;
-    case 6: LMF_ROWS_BF16(6); break;
-    case 7: LMF_ROWS_BF16(7); break;
-    default: LMF_ROWS_BF16(8); break;
-    }
-}
-
-/* x (M, K) float32 -> bf16 bits, rounded to nearest even */
-static void to_bf16(const float *x, int64_t n, uint16_t *xb) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-    for (; i < n; i++) {
-        uint32_t b;
-        memcpy(&b, x + i, 4);
-        xb[i] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-    }
-}
-#endif
 #elif LMF_ISA == 1
 /* AVX2 without AVX-512 has half the float throughput, and decoding through float products is
    then bound by arithmetic, not memory. So the activations are rounded to int8 in groups of 32
@@ -200,6 +154,92 @@ LMF_ITILE(tile_q4, {
         off[m] += ow * sx[m * G + g]; /* the offset times the group's sum of x */
     }
 })
+#endif
+
+/* ---- a prompt's rows through int8 layers with a scale per output row (prefill) ------------
+   Many rows share each weight, so the weights' conversion is paid once per mt rows and the
+   arithmetic per product is what counts. Each row of x is rounded to int16 against its own
+   absmax (15 bits relative to the row's largest value: finer than bf16's 8-bit mantissa for
+   all but tiny entries beside an outlier, and far finer than int8 groups), the int8 weights are
+   widened to int16, and pairs of products are summed into int32 lanes: AVX-512 VNNI's dpwssd,
+   one instruction per 32 products (madd + add without VNNI); AVX2's madd + add, two per 16,
+   against its int8-group tile's five per 32 (sign, maddubs, madd, convert, multiply-add). The
+   lanes go to float every SPAN inputs: SPAN / 16 madds of at most 2 * 32767 * 127 each stay far
+   inside int32. Only the int8 kind with row scales (the group-scaled kinds would need a scale
+   per group inside the sums). A decoding step never comes here: its rows keep the build's own
+   tiles, each row on its own. */
+#if LMF_ISA > 0
+#define LMF_PROMPT 1
+#define SPAN 2048
+#if LMF_ISA == 2
+#define PVEC __m512i
+#define PZERO() _mm512_setzero_si512()
+#define PWIDEN(p) _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(p)))
+#define PLOAD(p) _mm512_loadu_si512((const void *)(p))
+#ifdef __AVX512VNNI__
+#define PDOT(acc, a, b) _mm512_dpwssd_epi32(acc, a, b)
+#else
+#define PDOT(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+#define PSUM(v) _mm512_reduce_add_ps(_mm512_cvtepi32_ps(v))
+#define PSTEP 32
+#else
+#define PVEC __m256i
+#define PZERO() _mm256_setzero_si256()
+#define PWIDEN(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define PLOAD(p) _mm256_loadu_si256((const __m256i *)(p))
+#define PDOT(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#define PSUM(v) hsum256(_mm256_cvtepi32_ps(v))
+#define PSTEP 16
+#endif
+
+/* rows [0, mt) of the prepared x (xs: rows of K int16, sx: their scales) against one weight row */
+static inline __attribute__((always_inline)) void tile_prompt(const int16_t *xs, const float *sx, int64_t K,
+                                                              const int8_t *w, const float *rs, float *y,
+                                                              int64_t ldy, const int mt) {
+    float tot[MT];
+    for (int m = 0; m < mt; m++) tot[m] = 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += SPAN) {
+        const int64_t k1 = K - k0 < SPAN ? K : k0 + SPAN;
+        PVEC acc[MT];
+        for (int m = 0; m < mt; m++) acc[m] = PZERO();
+        for (int64_t k = k0; k < k1; k += PSTEP) { /* K is a multiple of 32 */
+            const PVEC wv = PWIDEN(w + k);
+            for (int m = 0; m < mt; m++) acc[m] = PDOT(acc[m], wv, PLOAD(xs + m * K + k));
+        }
+        for (int m = 0; m < mt; m++) tot[m] += PSUM(acc[m]);
+    }
+    for (int m = 0; m < mt; m++) y[m * ldy] = tot[m] * sx[m] * *rs;
+}
+
+#define PROMPT_ARGS(m_) xs, sx, K, w, rs, y, ldy, m_
+static void prompt_rows(const int16_t *xs, const float *sx, int64_t mt, int64_t K, const int8_t *w, const float *rs,
+                        float *y, int64_t ldy) {
+    switch (mt) {
+    case 1: tile_prompt(PROMPT_ARGS(1)); break;
+    case 2: tile_prompt(PROMPT_ARGS(2)); break;
+    case 3: tile_prompt(PROMPT_ARGS(3)); break;
+    case 4: tile_prompt(PROMPT_ARGS(4)); break;
+    case 5: tile_prompt(PROMPT_ARGS(5)); break;
+    case 6: tile_prompt(PROMPT_ARGS(6)); break;
+    case 7: tile_prompt(PROMPT_ARGS(7)); break;
+    default: tile_prompt(PROMPT_ARGS(8)); break;
+    }
+}
+
+/* one row of x (K floats) -> int16 values xs and their scale sx (absmax / 32767) */
+static void prompt_row(const float *x, int64_t K, int16_t *xs, float *sx) {
+    float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t k = 0; k < K; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    const float d = amax / 32767.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+#pragma omp simd
+    for (int64_t k = 0; k < K; k++) {
+        const float v = nearbyintf(x[k] * inv);
+        xs[k] = (int16_t)(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
+    }
+    *sx = d;
+}
 #endif
 
 /* x (M, K) rounded to int8 in groups of 32: q (M, K), scale d and d * sum(q) s per group (M, K / 32) */
@@ -559,21 +599,33 @@ static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, flo
     const int64_t N = L->n, K = L->k, G = K / GROUP;
     int8_t *q = 0;
     float *d = 0, *s = 0;
-#ifdef LMF_BF16
-    if (prefill && L->kind == 1) {
-        uint16_t *xb = (uint16_t *)qbuf;
+#ifdef LMF_PROMPT
+    if (prefill && L->kind == 1) { /* qbuf: M rows of K int16, then M scales */
+        int16_t *xs = (int16_t *)qbuf;
+        float *sx = (float *)(xs + M * K);
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) to_bf16(x + m * K, K, xb + m * K);
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t m = 0; m < M; m += MT) {
-                const int64_t mt = M - m < MT ? M - m : MT;
-                float *ym = y + m * ldy + n;
-                rows_q8_bf16(xb + m * K, mt, K, (const int8_t *)L->w + n * K, (const float *)L->s + n, ym, ldy);
-                if (L->bias)
-                    for (int64_t r = 0; r < mt; r++) ym[r * ldy] += L->bias[n];
+        for (int64_t m = 0; m < M; m++) prompt_row(x + m * K, K, xs + m * K, sx + m);
+        /* blocks of PROMPT_ROWS rows, each swept over every output, so that the block's
+           int16 rows stay in the L1 cache while the weights stream past (one pass over all
+           rows per output row fell out of it beyond about 24 rows of 576) */
+        for (int64_t m0 = 0; m0 < M; m0 += PROMPT_ROWS) {
+            const int64_t m1 = M - m0 < PROMPT_ROWS ? M : m0 + PROMPT_ROWS;
+#pragma omp for schedule(static) nowait
+            for (int64_t n = 0; n < N; n++) {
+                /* the block's rows in tiles of even size (19 rows: 7 + 6 + 6, not 8 + 8 + 3: a tile
+                   of few rows waits on its few chains of dependent sums) */
+                const int64_t tiles = (m1 - m0 + MT - 1) / MT;
+                for (int64_t t = 0, m = m0; t < tiles; t++) {
+                    const int64_t mt = (m1 - m0) / tiles + (t < (m1 - m0) % tiles);
+                    float *ym = y + m * ldy + n;
+                    prompt_rows(xs + m * K, sx + m, mt, K, (const int8_t *)L->w + n * K, (const float *)L->s + n, ym, ldy);
+                    if (L->bias)
+                        for (int64_t r = 0; r < mt; r++) ym[r * ldy] += L->bias[n];
+                    m += mt;
+                }
             }
         }
+#pragma omp barrier
         return;
     }
 #else
@@ -721,9 +773,9 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
 /* Which build this is: 2 AVX-512, 1 AVX2 + FMA + F16C, 0 plain C (the tests check it) */
 int lmf_isa(void) { return LMF_ISA; }
 
-/* Whether a prompt's rows through int8 layers take the bf16 tile (1) or the float one (0) */
-int lmf_prefill_bf16(void) {
-#ifdef LMF_BF16
+/* Whether a prompt's rows through int8 layers take the int16 tile (1) or the build's float one (0) */
+int lmf_prompt_tile(void) {
+#ifdef LMF_PROMPT
     return 1;
 #else
     return 0;

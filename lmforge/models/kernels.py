@@ -146,7 +146,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_q4_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
     lib.lmf_q4_matmul.restype = ctypes.c_int
     lib.lmf_isa.restype = ctypes.c_int
-    lib.lmf_prefill_bf16.restype = ctypes.c_int
+    lib.lmf_prompt_tile.restype = ctypes.c_int
     lib.lmf_rms_norm.argtypes = [_c_ptr, _i64, _i64, _c_ptr, ctypes.c_float, _c_ptr]
     lib.lmf_rms_norm.restype = None
     lib.lmf_attn_decode.argtypes = [_c_ptr, _i64, _c_ptr, _i64, _c_ptr, _i64, _c_ptr, _c_ptr, _i64, _c_ptr, _c_ptr] \
@@ -446,19 +446,21 @@ class DecodePlan:
 def prompt_rows(lib: ctypes.CDLL, kinds: set[int]) -> int:
     """Up to how many positions a prompt goes through the C step rather than PyTorch's
     operators, for a model whose linears are of these kinds (0 float32, 1 int8 with row scales,
-    2 4-bit). Measured on SmolLM2-135M, 2 threads (benchmarks/RESULTS.md). Int8 layers: the AVX2
-    build's integer tile beats PyTorch (whose int8 and bf16 matmuls are slow without AVX-512) at
-    every chunk size up to the engine's 256, with int8 activations that the per-layer kernel
-    already gave 5..64 rows there (perplexity +0.1% against PyTorch's bf16 ones); the AVX-512
-    build's bf16 tile up to about 64 (then PyTorch's bf16 matmul wins). 4-bit layers: the
-    AVX-512 float tile on a few positions only; on AVX2 they stay with PyTorch, whose bf16
-    activations lose less than int8 ones on top of 4-bit weights (perplexity +0.3% through the
-    C step). The plain-C build and float32 layers: never."""
+    2 4-bit). Measured on SmolLM2-135M, 2 threads (benchmarks/RESULTS.md). Int8 layers take the
+    int16-row tile (lmf_prompt_tile): on the AVX2 build faster than PyTorch (whose int8 and
+    bf16 matmuls are slow without AVX-512) at every chunk size up to the engine's 256, on
+    AVX-512 up to 64 (then PyTorch's bf16 matmul wins); its perplexity is a little lower than
+    PyTorch's bf16 activations give. 4-bit layers: the AVX-512 float tile on a few positions
+    only; on AVX2 they stay with PyTorch, whose bf16 activations lose less than the AVX2
+    tile's int8 groups on top of 4-bit weights (perplexity +0.3% through the C step). The
+    plain-C build and float32 layers: never."""
     isa = lib.lmf_isa()
     if 0 in kinds or isa == 0:
         return 0
     if 2 in kinds:
         return 8 if isa == 2 else 0
+    if not lib.lmf_prompt_tile():
+        return 0
     return 256 if isa == 1 else 64
 
 
