@@ -285,7 +285,7 @@ class LM:
     def _warm_image_prefix(self) -> None:
         """Compute the text every image question starts with (the system turn up to the first
         image) into an engine slot now, so that the first question after load, like every later
-        one, computes only the image and what follows it (prefix reuse)."""
+        one, computes only the image and what follows it (prefix reuse); run the tower once."""
         from lmforge.images import question_ids
         from lmforge.models.vision import IMAGE
 
@@ -293,6 +293,9 @@ class LM:
         head = ids[:ids.index(IMAGE)]
         if len(head) > 1:
             list(self.engine.generate(head, 1, SamplingParams(temperature=0.0)))  # greedy: no random draw
+        size = self.vision.config.image_size
+        with torch.no_grad():  # and one blank image through the tower: its convolutions' first-call setup
+            self.vision(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.device))
 
     def image_embeds(self, ids: Sequence[int], images: Sequence) -> tuple[torch.Tensor, list[int]]:
         """(T', C) prompt embeddings and one id per row (see engine.vision.image_prompt): ids with
