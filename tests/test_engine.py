@@ -361,6 +361,7 @@ def test_the_one_call_decoding_step_equals_the_modules(variant, scheme, monkeypa
     torch.testing.assert_close(ca.k, cb.k, atol=1e-5, rtol=1e-5)  # the same keys written to the same slots
     assert model._decode_plan(torch.zeros(1, dtype=torch.float32)) is not None  # it did take the C step
     prompts = [q.tolist() for q in seqs]
+    model._decode_plan(torch.zeros(1)).prefill_rows = 0  # the prompts as in the other arm: only the steps differ
     with_plan = [solo(model, p, 10) for p in prompts]
     model._plan = False
     without = [solo(model, p, 10) for p in prompts]
@@ -393,9 +394,9 @@ def test_a_prompt_through_the_one_call_step_equals_the_float_layers(variant, sch
     """A prompt's positions as rows of one slot in lmf_decode_layers (two chunks: the second
     sees the first's keys in the cache and its own earlier rows, in layers with a sliding window
     shorter than the prompt) give the logits and keys of the same weights in float32 without a
-    cache: exactly where the build keeps float activations, within int16 rounding of each row
-    (int8 layers on x86) or int8 rounding of groups (AVX2's 4-bit tile) of them; and the
-    engine's tokens after it equal those of the module path's prompt."""
+    cache: exactly where the build keeps float activations (plain C; AVX-512's 4-bit tile),
+    within int16 rounding of each row where it takes an int16 tile; and the engine's tokens
+    after it equal those of the module path's prompt."""
     from lmforge.engine import KVCache
     from lmforge.models import kernels
     from lmforge.models.quant import quantize_model
@@ -422,9 +423,8 @@ def test_a_prompt_through_the_one_call_step_equals_the_float_layers(variant, sch
     with torch.no_grad():
         want = ref(seq)[0]
     got, cache = prompt(1 << 20)
-    # float activations (plain C; AVX-512's 4-bit tile): rounding only; int16 rows (int8 layers
-    # on x86): 15 bits per row; AVX2's 4-bit tile: int8 groups
-    rel = 1e-4 if lib.lmf_isa() == 0 or (lib.lmf_isa() == 2 and scheme == "int4") else 3e-3 if scheme == "int8" else 3e-2
+    # float activations (plain C; AVX-512's 4-bit tile): rounding only; int16 rows: 15 bits per row
+    rel = 1e-4 if lib.lmf_isa() == 0 or (lib.lmf_isa() == 2 and scheme == "int4") else 5e-3
     assert (got - want).abs().max() <= rel * want.abs().max()
     _, mod_cache = prompt(0)  # the module path writes the same keys to the same slot
     assert (cache.k[:, 1] - mod_cache.k[:, 1]).abs().max() <= max(rel, 1e-2) * mod_cache.k.abs().max()
@@ -433,7 +433,7 @@ def test_a_prompt_through_the_one_call_step_equals_the_float_layers(variant, sch
     model.invalidate_plan()
     rows = model._decode_plan(torch.zeros(1)).prefill_rows
     assert rows == kernels.prompt_rows(lib, {1 if scheme == "int8" else 2})
-    assert (rows > 0) == (lib.lmf_isa() > 0 and (scheme == "int8" or lib.lmf_isa() == 2))
+    assert (rows > 0) == (lib.lmf_isa() > 0)
     model._plan = False
     without = solo(model, seq[0].tolist(), 8)
     model.invalidate_plan()

@@ -454,12 +454,12 @@ def prompt_rows(lib: ctypes.CDLL, kinds: set[int]) -> int:
     only; on AVX2 they stay with PyTorch, whose bf16 activations lose less than the AVX2
     tile's int8 groups on top of 4-bit weights (perplexity +0.3% through the C step). The
     plain-C build and float32 layers: never."""
-    isa = lib.lmf_isa()
+    isa, tiles = lib.lmf_isa(), lib.lmf_prompt_tile()
     if 0 in kinds or isa == 0:
         return 0
-    if 2 in kinds:
+    if 2 in kinds and not tiles & 2:
         return 8 if isa == 2 else 0
-    if not lib.lmf_prompt_tile():
+    if not tiles & 1:
         return 0
     return 256 if isa == 1 else 64
 
