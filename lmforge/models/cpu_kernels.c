@@ -39,7 +39,8 @@
 
 #define GROUP 32
 #define MT 8 /* rows of x per pass over a weight row */
-#define PROMPT_ROWS 24 /* rows of a prompt per sweep over a matrix's outputs */
+#define PROMPT_ROWS 24 /* rows of a prompt per sweep over a matrix's outputs, at most */
+#define PROMPT_L1 28672 /* bytes of int16 rows per sweep (an L1 data cache is 32-48 KB) */
 
 static inline float half_to_float(uint16_t h) {
 #if LMF_ISA > 0
@@ -670,8 +671,10 @@ static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, flo
         /* blocks of PROMPT_ROWS rows, each swept over every output, so that the block's
            int16 rows stay in the L1 cache while the weights stream past (one pass over all
            rows per output row fell out of it beyond about 24 rows of 576) */
-        for (int64_t m0 = 0; m0 < M; m0 += PROMPT_ROWS) {
-            const int64_t m1 = M - m0 < PROMPT_ROWS ? M : m0 + PROMPT_ROWS;
+        int64_t rows = (PROMPT_L1 / (2 * K)) / MT * MT; /* whole tiles whose int16 rows fit the budget */
+        rows = rows < MT ? MT : rows > PROMPT_ROWS ? PROMPT_ROWS : rows;
+        for (int64_t m0 = 0; m0 < M; m0 += rows) {
+            const int64_t m1 = M - m0 < rows ? M : m0 + rows;
 #pragma omp for schedule(static) nowait
             for (int64_t n = 0; n < N; n++) {
                 /* the block's rows in tiles of even size (19 rows: 7 + 6 + 6, not 8 + 8 + 3: a tile
