@@ -243,54 +243,6 @@ static void prompt_row(const float *x, int64_t K, int16_t *xs, float *sx) {
 }
 #endif
 
-#if LMF_ISA == 1
-/* 4-bit weights (w = q * scale + offset per group of 32) against int16 rows, in the AVX2 build:
-   the values 0..15 widened to int16, each group's sum of q * x in int32 lanes (two madds), then
-   one float multiply-add with the group's scale; the offsets meet each group's sum of x
-   (gsum, exact in int32) once per row. Its int8-group tile (the decoding one) cost SmolLM2 0.3%
-   perplexity on a prompt; these rows keep 15 bits. */
-#define HAS_PROMPT_Q4 1
-static inline __attribute__((always_inline)) void tile_prompt_q4(const int16_t *xs, const float *sx,
-                                                                 const int32_t *gsum, int64_t K, const uint8_t *w,
-                                                                 const uint16_t *gs, const uint16_t *go, float *y,
-                                                                 int64_t ldy, const int mt) {
-    const int64_t G = K / GROUP;
-    __m256 acc[MT];
-    float off[MT];
-    for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps(), off[m] = 0.0f;
-    for (int64_t g = 0; g < G; g++) {
-        const __m128i b = _mm_loadu_si128((const __m128i *)(w + g * 16));
-        const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, _mm_set1_epi8(15)));                    /* values 0..15 */
-        const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15))); /* 16..31 */
-        const __m256 sc = _mm256_set1_ps(_cvtsh_ss(gs[g]));
-        const float o = _cvtsh_ss(go[g]);
-        for (int m = 0; m < mt; m++) {
-            const int16_t *xg = xs + m * K + g * GROUP;
-            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xg)),
-                                               _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xg + 16))));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[m]);
-            off[m] += o * (float)gsum[m * G + g];
-        }
-    }
-    for (int m = 0; m < mt; m++) y[m * ldy] = (hsum256(acc[m]) + off[m]) * sx[m];
-}
-
-#define PROMPT_Q4_ARGS(m_) xs, sx, gsum, K, w, gs, go, y, ldy, m_
-static void prompt_rows_q4(const int16_t *xs, const float *sx, const int32_t *gsum, int64_t mt, int64_t K,
-                           const uint8_t *w, const uint16_t *gs, const uint16_t *go, float *y, int64_t ldy) {
-    switch (mt) {
-    case 1: tile_prompt_q4(PROMPT_Q4_ARGS(1)); break;
-    case 2: tile_prompt_q4(PROMPT_Q4_ARGS(2)); break;
-    case 3: tile_prompt_q4(PROMPT_Q4_ARGS(3)); break;
-    case 4: tile_prompt_q4(PROMPT_Q4_ARGS(4)); break;
-    case 5: tile_prompt_q4(PROMPT_Q4_ARGS(5)); break;
-    case 6: tile_prompt_q4(PROMPT_Q4_ARGS(6)); break;
-    case 7: tile_prompt_q4(PROMPT_Q4_ARGS(7)); break;
-    default: tile_prompt_q4(PROMPT_Q4_ARGS(8)); break;
-    }
-}
-#endif
-
 /* x (M, K) rounded to int8 in groups of 32: q (M, K), scale d and d * sum(q) s per group (M, K / 32) */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float *d, float *s) {
     const int64_t G = K / GROUP;
@@ -649,28 +601,15 @@ static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, flo
     int8_t *q = 0;
     float *d = 0, *s = 0;
 #ifdef LMF_PROMPT
-#ifdef HAS_PROMPT_Q4
-    const int q4 = L->kind == 2;
-#else
-    const int q4 = 0;
-#endif
-    if (prefill && (L->kind == 1 || q4)) { /* qbuf: M rows of K int16, M scales, (4-bit) M x G group sums */
+    if (prefill && L->kind == 1) { /* qbuf: M rows of K int16, then M scales */
         int16_t *xs = (int16_t *)qbuf;
         float *sx = (float *)(xs + M * K);
-        int32_t *gsum = (int32_t *)(sx + M);
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            prompt_row(x + m * K, K, xs + m * K, sx + m);
-            if (q4)
-                for (int64_t g = 0; g < G; g++) {
-                    int32_t t = 0;
-                    for (int64_t k = 0; k < GROUP; k++) t += xs[m * K + g * GROUP + k];
-                    gsum[m * G + g] = t;
-                }
-        }
-        /* blocks of PROMPT_ROWS rows, each swept over every output, so that the block's
-           int16 rows stay in the L1 cache while the weights stream past (one pass over all
-           rows per output row fell out of it beyond about 24 rows of 576) */
+        for (int64_t m = 0; m < M; m++) prompt_row(x + m * K, K, xs + m * K, sx + m);
+        /* blocks of whole tiles whose int16 rows fit PROMPT_L1 (at most PROMPT_ROWS), each
+           swept over every output, so that the block stays in the L1 cache while the weights
+           stream past (one pass over all rows per output fell out of it beyond about 24 rows
+           of 576 inputs) */
         int64_t rows = (PROMPT_L1 / (2 * K)) / MT * MT; /* whole tiles whose int16 rows fit the budget */
         rows = rows < MT ? MT : rows > PROMPT_ROWS ? PROMPT_ROWS : rows;
         for (int64_t m0 = 0; m0 < M; m0 += rows) {
@@ -683,14 +622,8 @@ static void linear_in_region(const lmf_linear *L, const float *x, int64_t M, flo
                 for (int64_t t = 0, m = m0; t < tiles; t++) {
                     const int64_t mt = (m1 - m0) / tiles + (t < (m1 - m0) % tiles);
                     float *ym = y + m * ldy + n;
-#ifdef HAS_PROMPT_Q4
-                    if (q4)
-                        prompt_rows_q4(xs + m * K, sx + m, gsum + m * G, mt, K, (const uint8_t *)L->w + n * (K / 2),
-                                       (const uint16_t *)L->s + n * G, (const uint16_t *)L->o + n * G, ym, ldy);
-                    else
-#endif
-                        prompt_rows(xs + m * K, sx + m, mt, K, (const int8_t *)L->w + n * K, (const float *)L->s + n,
-                                    ym, ldy);
+                    prompt_rows(xs + m * K, sx + m, mt, K, (const int8_t *)L->w + n * K, (const float *)L->s + n, ym,
+                                ldy);
                     if (L->bias)
                         for (int64_t r = 0; r < mt; r++) ym[r * ldy] += L->bias[n];
                     m += mt;
@@ -761,9 +694,10 @@ static void rms_row(const float *x, int64_t dim, const float *w, float eps, floa
    Row b's sequence is in slot slot[b] of the caches k, v (n_layer, S, nkv, max_len, hd) with
    pos[b] tokens before this one. Rows may share a slot at consecutive positions: a short
    prompt's tokens then go through as one sequence's rows, each seeing those before it
-   (prefill 1: where the build has a faster tile for many rows, it takes it; a decoding step
-   passes 0, so a row's result never depends on the other rows of its step). work: scratch of B * (2 C + qkv.n + nh hd + 2 hidden + kmax) floats,
-   kmax the widest input of any linear (room for its int8 copy).
+   (prefill 1: int8 layers take the int16 prompt tile; a decoding step passes 0, so a row's
+   result never depends on the other rows of its step). work: scratch of
+   B * (2 C + qkv.n + nh hd + 2 hidden + kmax) floats, kmax the widest input of any linear
+   (room for its int8 or int16 copy).
    Returns 0, or -1 when out of memory. */
 int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *v, int64_t S, int64_t max_len,
                       const int64_t *slot, const int64_t *pos, float *work, int64_t prefill) {
@@ -845,12 +779,9 @@ int lmf_decode_layers(const lmf_model *m, int64_t B, float *x, float *k, float *
 /* Which build this is: 2 AVX-512, 1 AVX2 + FMA + F16C, 0 plain C (the tests check it) */
 int lmf_isa(void) { return LMF_ISA; }
 
-/* Which layers a prompt's rows take an int16 tile for: 0 none (the build's own tiles), 1 int8
-   layers, 3 int8 and 4-bit layers (bit 2: 4-bit) */
+/* Whether a prompt's rows through int8 layers take the int16 tile (1) or the build's own (0) */
 int lmf_prompt_tile(void) {
-#if defined(HAS_PROMPT_Q4)
-    return 3;
-#elif defined(LMF_PROMPT)
+#ifdef LMF_PROMPT
     return 1;
 #else
     return 0;

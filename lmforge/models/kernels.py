@@ -432,8 +432,8 @@ class DecodePlan:
         """x (B, C) float32 residual stream, updated in place through every layer and returned;
         cache_k/v (n_layer, S, nkv, max_len, hd); slots, pos: (B,) int64 (checked by the caller:
         slots < S, pos < max_len and pos < rope_len). prefill: the rows are a prompt's positions,
-        and the build's prompt tile may take them (bf16 activations where the CPU has bf16 dot
-        products); a decoding step leaves it off, so each row's result is its own."""
+        and int8 layers take the int16 prompt tile; a decoding step leaves it off, so each row's
+        result is its own."""
         B = x.size(0)
         work = torch.empty(B * self.work_per_row, dtype=torch.float32)
         if self.lib.lmf_decode_layers(ctypes.byref(self.struct), B, x.data_ptr(), cache_k.data_ptr(),
@@ -451,19 +451,14 @@ def prompt_rows(lib: ctypes.CDLL, kinds: set[int]) -> int:
     bf16 matmuls are slow without AVX-512) at every chunk size up to the engine's 256, on
     AVX-512 up to 64 (then PyTorch's bf16 matmul wins); its perplexity is a little lower than
     PyTorch's bf16 activations give. 4-bit layers: the AVX-512 float tile on a few positions
-    only; on AVX2 they stay with PyTorch for now: the AVX2 build's int16 tile for them gives a
-    lower perplexity than PyTorch (16.486 against 16.501 on SmolLM2) and a faster prompt, but
-    SmolLM2's teacher-forced decoding agreement with the float model after such a prompt read
-    77/80 against 79/80 (the heavy test's floor is 97%), which needs a larger study first. The
-    plain-C build and float32 layers: never."""
-    isa, tiles = lib.lmf_isa(), lib.lmf_prompt_tile()
+    only; on AVX2 they stay with PyTorch, whose bf16 activations lose less than that build's
+    int8-group tile (perplexity +0.3% on SmolLM2). The plain-C build and float32 layers: never."""
+    isa = lib.lmf_isa()
     if 0 in kinds or isa == 0:
         return 0
-    if 2 in kinds:  # (the AVX2 build's int16 tile for 4-bit layers is tested, not yet taken: see below)
+    if 2 in kinds:
         return 8 if isa == 2 else 0
-    if not tiles & 1:
-        return 0
-    return 256 if isa == 1 else 64
+    return (256 if isa == 1 else 64) if lib.lmf_prompt_tile() else 0
 
 
 class _Unsupported(Exception):

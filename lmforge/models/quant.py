@@ -11,10 +11,10 @@
   input embedding and, tied, the output projection (the C kernel again), so the largest
   matrix of a small model is held once, in a byte per weight.
 The weight-only kernels are built for one row (decoding). An Int8Linear given INT_MM_ROWS+ rows
-(a prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations. (A short
-prompt of a decoder with a KV cache does not come here at all: it runs through the C step,
-see GPT.forward and kernels.prompt_rows.) (A
+(a prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations. (A
 mostly-int8 GGUF model therefore keeps its few 4-bit matrices as int8: see gguf.quantized_state.)
+A short prompt into a decoder's KV cache skips these layers' forward altogether: it runs through
+the C step (GPT.forward, kernels.prompt_rows).
 Activations between layers stay in the model's dtype.
 """
 
