@@ -160,7 +160,8 @@ def run(engine: str, gguf: Path, spec: str, python: str = sys.executable) -> dic
     """spec: how lmforge names the model (a pulled name loads the store's quantized copy)."""
     env = dict(os.environ)
     if engine == "lmforge-avx2":  # every layer held to AVX2: lmforge's kernels, PyTorch's and oneDNN's
-        env.update(LMFORGE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        env.update(LMFORGE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                   MKL_ENABLE_INSTRUCTIONS="AVX2")
     proc = subprocess.run([python, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),
                            TEXT, str(ROOT), spec], capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():

@@ -90,6 +90,18 @@ def test_q4_matmul_matches_float_reference(lib, M, K, N):
     torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-4 * expect.abs().max().item())
 
 
+@pytest.mark.parametrize("K,N", [(32, 1), (576, 130), (1536, 48)])
+def test_q4_dequant_gives_the_weights_the_groups_stand_for(lib, K, N):
+    from lmforge.models.quant import int4_nibbles
+
+    g = torch.Generator().manual_seed(K + N)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    sc = (torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3).half()
+    off = (torch.randn(N, K // 32, generator=g) * 0.05).half()
+    ref = (q.float().view(N, K // 32, 32) * sc.float()[..., None] + off.float()[..., None]).view(N, K)
+    torch.testing.assert_close(kernels.q4_dequant(int4_nibbles(q), sc, off, lib), ref, rtol=1e-6, atol=1e-7)
+
+
 def test_a_rows_result_does_not_depend_on_its_neighbours(lib):
     """Batch invariance: every output is one row's own sum in a fixed order, bit for bit the
     same whether the row is multiplied alone or among 15 others."""
@@ -330,3 +342,28 @@ def test_int8_linear_prefill_without_bf16_hardware_takes_the_c_kernel(monkeypatc
         calls.clear()
         q(x)
         assert calls == []  # 24 rows: the dense path
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_long_prompt_without_bf16_hardware_multiplies_in_float32(kind, monkeypatch):
+    """On a CPU without bf16 arithmetic (AVX2), a prompt of DEQUANT_ROWS+ rows (int4) or more than
+    SLOW_BF16_ROWS (int8) goes through a float32 copy of the weights and BLAS: the float layer of
+    the quantized weights to float32 rounding, where the bf16 path differs by bf16's rounding;
+    with bf16 hardware, PyTorch's bf16 kernels."""
+    import torch.nn as nn
+
+    from lmforge.models import quant
+
+    torch.manual_seed(1)
+    lin = nn.Linear(128, 96, bias=False)
+    q = quant.Int4Linear.from_linear(lin) if kind == "int4" else quant.Int8Linear.from_linear(lin)
+    rows = quant.DEQUANT_ROWS if kind == "int4" else quant.SLOW_BF16_ROWS + 1
+    x = torch.randn(1, rows, 128)
+    with torch.no_grad():
+        exact = x.double() @ q.float_weight().double().t()
+        monkeypatch.setattr(quant, "bf16_native", lambda: False)
+        y = q(x)
+        assert (y.double() - exact).abs().max() < 1e-5 * exact.abs().max()
+        monkeypatch.setattr(quant, "bf16_native", lambda: True)
+        z = q(x)
+        assert 1e-5 * exact.abs().max() < (z.double() - exact).abs().max() < 2e-2 * exact.abs().max()

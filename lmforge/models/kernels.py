@@ -145,6 +145,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.lmf_q8_matmul.restype = ctypes.c_int
     lib.lmf_q4_matmul.argtypes = [_c_ptr, _i64, _i64, _c_ptr, _c_ptr, _c_ptr, _i64, _c_ptr]
     lib.lmf_q4_matmul.restype = ctypes.c_int
+    lib.lmf_q4_dequant.argtypes = [_c_ptr, _c_ptr, _c_ptr, _i64, _i64, _c_ptr]
+    lib.lmf_q4_dequant.restype = ctypes.c_int
     lib.lmf_isa.restype = ctypes.c_int
     lib.lmf_prompt_tile.restype = ctypes.c_int
     lib.lmf_rms_norm.argtypes = [_c_ptr, _i64, _i64, _c_ptr, ctypes.c_float, _c_ptr]
@@ -270,6 +272,16 @@ def q4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: t
     if lib.lmf_q4_matmul(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, y.data_ptr()):
         raise MemoryError("q4_matmul: out of memory for the rounded activations")
     return y
+
+
+def q4_dequant(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+    """The (N, K) float32 matrix of 4-bit weights w (N, K / 2) uint8 with fp16 scales and offsets
+    (N, K / 32), as q4_matmul reads them (the caller has checked their shapes and dtypes)."""
+    N, K = w.size(0), w.size(1) * 2
+    out = torch.empty(N, K, dtype=torch.float32)
+    if lib.lmf_q4_dequant(w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, out.data_ptr()):
+        raise ValueError(f"q4_dequant: K={K} is not a multiple of 32")
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL) -> torch.Tensor:
