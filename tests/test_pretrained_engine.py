@@ -23,6 +23,23 @@ TEXT = ("The history of computing begins with the abacus, and the first mechanic
         "in the seventeenth century. 你好，世界。 def f(x): return x ** 2  # squares")
 
 
+# twelve prompts of 40 positions each: at 80 positions one near-tie that a change of rounding
+# flips moved the figure by 1.25 points, as much as the margin above the floor
+AGREEMENT_PROMPTS = [
+    TEXT, "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+    "The quick brown fox jumps over the lazy dog. Then it ran into the forest, where",
+    "In mathematics, a prime number is a natural number greater than 1 that",
+    "Python is a programming language that lets you work quickly and",
+    "The French Revolution began in 1789 and ended in",
+    "Photosynthesis is the process by which green plants",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "Once upon a time, in a small village by the sea, there lived",
+    "The mitochondria is the powerhouse of the cell. It produces",
+    "To make a cup of tea, first boil the water, then",
+    "The stock market fell sharply on Monday after investors",
+]
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def pair(request):
     return request.param, LM.load(request.param), LM.load(request.param, quantize="none")
@@ -45,7 +62,7 @@ def test_quantized_decoding_agrees_with_the_float_path(pair, variant, monkeypatc
     name, q, f = pair
     _with_variant(q, variant, monkeypatch)
     agree = total = 0
-    for prompt in (TEXT, "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"):
+    for prompt in AGREEMENT_PROMPTS:
         ids = f.tokenizer.encode(prompt, check=False)[:40]
         seq = ids + list(f.engine.generate(ids, 40, GREEDY))
         with torch.inference_mode():
