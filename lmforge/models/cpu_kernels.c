@@ -105,12 +105,16 @@ LMF_TILE(tile_q8, {
         w1 = _mm512_mul_ps(w1, s);
     }
 })
+/* 4-bit: the group's 16 possible weights (0..15 times the scale, plus the offset: the same one
+   rounding as converting each value) in one register, looked up by each nibble (vpermps reads
+   an index's low 4 bits, so the zero-extended bytes serve as the low nibbles' indices and the
+   same shifted right by 4 as the high ones'): 5 vector operations per group instead of 9 */
 LMF_TILE(tile_q4, {
-    const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16));
-    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-    const __m512 s = _mm512_set1_ps(_cvtsh_ss(gs[g])), o = _mm512_set1_ps(_cvtsh_ss(go[g]));
-    w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s, o);
-    w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s, o);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16)));
+    const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_ps(_cvtsh_ss(gs[g])), _mm512_set1_ps(_cvtsh_ss(go[g])));
+    w0 = _mm512_permutexvar_ps(b, table);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
 })
 #elif LMF_ISA == 1
 /* AVX2 without AVX-512 has half the float throughput, and decoding through float products is
