@@ -453,7 +453,7 @@ void lmf_rms_norm(const float *x, int64_t rows, int64_t dim, const float *w, flo
    value per call: most of a decoding step's attention time at a few hundred keys). */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x; /* e^-87 is about the smallest normal float */
-    const float n = __builtin_roundf(x * 1.44269504f);
+    const float n = nearbyintf(x * 1.44269504f); /* (roundf has no vector form: a libm call per value) */
     const float r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln2 in two parts, for precision */
     float p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
