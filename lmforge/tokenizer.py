@@ -156,6 +156,10 @@ class LMTokenizer:
         return {"kind": self.kind, "eos_id": self.eot_id, "bos_id": self.bos_id, "add_bos": self.add_bos,
                 "chat_template": self.chat_template, "stop_ids": self.stop_ids}
 
+    def saved_extra(self) -> dict | None:
+        """extra() when it holds anything tokenizer.json lacks (a chat template, BOS, stop ids)."""
+        return self.extra() if self.bos_id is not None or self.chat_template or len(self.stop_ids) > 1 else None
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation with the model's own chat template (jinja2, sandboxed)."""
         if not self.chat_template:
@@ -219,10 +223,10 @@ class LMTokenizer:
     def save(self, path: Path | str) -> None:
         path = Path(path)
         self.tk.save(str(path))
-        if self.bos_id is not None or self.chat_template or len(self.stop_ids) > 1:
+        if (extra := self.saved_extra()) is not None:
             import json
 
-            (path.parent / "tokenizer_extra.json").write_text(json.dumps(self.extra(), indent=2), encoding="utf-8")
+            (path.parent / "tokenizer_extra.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path | str) -> "LMTokenizer":

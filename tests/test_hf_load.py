@@ -142,6 +142,21 @@ def test_lmforge_checkpoints_are_not_mistaken_for_hf_folders(tok, tmp_path):
     assert LM.load(tmp_path / "ckpt").checkpoint.step == 3
 
 
+def test_a_checkpoint_keeps_its_chat_template_and_stop_tokens(tmp_path):
+    from conftest import tiny_chat_lm
+
+    lm = tiny_chat_lm()
+    save_checkpoint(tmp_path / "ckpt", lm.model, step=1, tokenizer_json=lm.tokenizer.to_str(),
+                    tokenizer_extra=lm.tokenizer.saved_extra())
+    back = LM.load(tmp_path / "ckpt")
+    assert back.tokenizer.chat_template == lm.tokenizer.chat_template
+    assert back.tokenizer.stop_ids == lm.tokenizer.stop_ids
+    msgs = [{"role": "user", "content": "hi"}]
+    assert back.tokenizer.render_chat(msgs) == lm.tokenizer.render_chat(msgs)
+    # a plain tokenizer (no template, one stop id) needs no extra file
+    assert LM(lm.model, type(lm.tokenizer)(lm.tokenizer.tk, "bpe")).tokenizer.saved_extra() is None
+
+
 def _edit_config(**changes):
     def edit(folder):
         cfg = json.loads((folder / "config.json").read_text())

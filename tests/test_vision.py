@@ -46,8 +46,7 @@ def decoder(tmp_path_factory):
     lm = tiny_chat_lm()
     path = tmp_path_factory.mktemp("decoder") / "ckpt"
     save_checkpoint(path, lm.model, step=0, tokenizer_json=lm.tokenizer.to_str(), train_config=None,
-                    meta={"tokenizer": "bpe"})
-    lm.tokenizer.save(path / "tokenizer.json")  # with tokenizer_extra.json: the chat template
+                    meta={"tokenizer": "bpe"}, tokenizer_extra=lm.tokenizer.saved_extra())
     return path
 
 

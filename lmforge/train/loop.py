@@ -506,7 +506,7 @@ class Trainer:
             if tok.kind == "bpe":  # the size asked for (a small corpus may give fewer tokens)
                 meta["vocab_size"] = self.vocab_size
             save_checkpoint(ckpt_dir, raw, step=step, tokenizer_json=tok.to_str(), train_config=self.train_config,
-                            meta=meta, optimizer=opt,
+                            meta=meta, optimizer=opt, tokenizer_extra=tok.saved_extra(),
                             trainer_state={"scaler": scaler.state_dict() if scaler.is_enabled() else None})
             write_latest(self.out_dir, ckpt_dir)
             prune_checkpoints(self.out_dir, self.train_config.keep_checkpoints)

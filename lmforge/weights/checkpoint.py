@@ -72,7 +72,9 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 def save_checkpoint(path: Path, model: nn.Module, *, step: int, tokenizer_json: str,
                     train_config: TrainConfig | None = None, meta: dict[str, Any] | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    trainer_state: dict[str, Any] | None = None) -> Path:
+                    trainer_state: dict[str, Any] | None = None, tokenizer_extra: dict | None = None) -> Path:
+    """tokenizer_extra: what tokenizer.json cannot hold (LMTokenizer.saved_extra(): a chat
+    template, BOS, stop ids), written beside it as tokenizer_extra.json, where the loader looks."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         cfg = {
@@ -86,6 +88,8 @@ def save_checkpoint(path: Path, model: nn.Module, *, step: int, tokenizer_json: 
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         save_file(_model_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        if tokenizer_extra is not None:
+            (tmp / "tokenizer_extra.json").write_text(json.dumps(tokenizer_extra, indent=2) + "\n", encoding="utf-8")
         if optimizer is not None:
             tensors, rest = _optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
