@@ -8,7 +8,8 @@ Each engine runs in its own process (so peak RSS is its own); a peer that is not
 reported as such. Engines:
 - lmforge: the kernels this CPU picks (AVX-512 where it has it);
 - lmforge-avx2: the AVX2 path forced, as on most laptops: lmforge's AVX2 + FMA + F16C build
-  (LMFORGE_KERNELS=avx2), PyTorch's (ATEN_CPU_CAPABILITY=avx2) and oneDNN's (ONEDNN_MAX_CPU_ISA=AVX2);
+  (LMFORGE_KERNELS=avx2), PyTorch's (ATEN_CPU_CAPABILITY=avx2), oneDNN's (ONEDNN_MAX_CPU_ISA=AVX2)
+  and MKL's (MKL_ENABLE_INSTRUCTIONS=AVX2);
 - lmforge-float: the float32 reference path;
 - llama.cpp: llama-cpp-python as built for this CPU (--llama-python);
 - llama.cpp-avx2: a llama-cpp-python built without AVX-512 (--llama-avx2-python; see RESULTS.md);
@@ -159,7 +160,7 @@ def read_bandwidth_gbs() -> float:
 def run(engine: str, gguf: Path, spec: str, python: str = sys.executable) -> dict | str:
     """spec: how lmforge names the model (a pulled name loads the store's quantized copy)."""
     env = dict(os.environ)
-    if engine == "lmforge-avx2":  # every layer held to AVX2: lmforge's kernels, PyTorch's and oneDNN's
+    if engine == "lmforge-avx2":  # every layer held to AVX2: lmforge's kernels, PyTorch's, oneDNN's, MKL's
         env.update(LMFORGE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
                    MKL_ENABLE_INSTRUCTIONS="AVX2")
     proc = subprocess.run([python, "-c", WORKER, engine, str(gguf), str(PROMPT_TOKENS), str(NEW_TOKENS),

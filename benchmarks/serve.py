@@ -63,8 +63,9 @@ def start(kind: str, model: str, clients: int, args) -> tuple[subprocess.Popen, 
     port = free_port()
     env = dict(os.environ)
     if kind.startswith("lmforge"):
-        if kind == "lmforge-avx2":  # every layer held to AVX2: lmforge's kernels, PyTorch's and oneDNN's
-            env.update(LMFORGE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        if kind == "lmforge-avx2":  # every layer held to AVX2: lmforge's kernels, PyTorch's, oneDNN's, MKL's
+            env.update(LMFORGE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                       MKL_ENABLE_INSTRUCTIONS="AVX2")
         cmd = [sys.executable, "-m", "lmforge", "serve", model, "--parallel", str(clients), "--embed-model", "none",
                "--port", str(port), "--max-queue", "4096"]
     else:

@@ -17,7 +17,7 @@ Also: time to first token for an image question after load, against a text promp
 length in positions, on this CPU's kernel path and (on an AVX-512 host) on the AVX2 path in a
 second process, with PyTorch, oneDNN and lmforge's kernels all held to AVX2:
 
-    LMFORGE_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 \
+    LMFORGE_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
         python benchmarks/vision.py --run runs/bench-vision --ttft-only
 """
 
@@ -166,7 +166,8 @@ def kernel_path() -> str:
     return f"lmforge kernels {kernels.chosen_variant()}, PyTorch {torch.backends.cpu.get_cpu_capability()}"
 
 
-AVX2_ENV = {"LMFORGE_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_ENV = {"LMFORGE_KERNELS": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def main() -> None:
