@@ -148,17 +148,44 @@ LMF_ITILE(tile_q8, {
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[m * G + g]), acc[m]);
     }
 })
-LMF_ITILE(tile_q4, {
-    const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16));
-    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-    const float dw = _cvtsh_ss(gs[g]), ow = _cvtsh_ss(go[g]);
-    for (int m = 0; m < mt; m++) {
-        const __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + m * K + g * GROUP));
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones); /* q4 is unsigned already */
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[m * G + g]), acc[m]);
-        off[m] += ow * sx[m * G + g]; /* the offset times the group's sum of x */
+/* 4-bit: the per-group factors first, 8 groups at a time (each row's activation scale times the
+   weight row's group scale; the offsets' term, each offset times its group's sum of x), so the
+   inner loop holds the dot products and one broadcast from memory per row and group */
+static inline __attribute__((always_inline)) void tile_q4(const int8_t *qx, const float *dx, const float *sx,
+                                                          int64_t K, const void *wv, const uint16_t *gs,
+                                                          const uint16_t *go, const float *rs, float *y, int64_t ldy,
+                                                          const int mt) {
+    const int64_t G = K / GROUP;
+    float sc[MT * G]; /* (mt, G): dw * dx */
+    __m256 acc[MT], offv[MT];
+    for (int m = 0; m < mt; m++) acc[m] = _mm256_setzero_ps(), offv[m] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gs + g)));
+        const __m256 ow = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(go + g)));
+        for (int m = 0; m < mt; m++) {
+            _mm256_storeu_ps(sc + m * G + g, _mm256_mul_ps(dw, _mm256_loadu_ps(dx + m * G + g)));
+            offv[m] = _mm256_fmadd_ps(ow, _mm256_loadu_ps(sx + m * G + g), offv[m]);
+        }
     }
-})
+    float off[MT];
+    for (int m = 0; m < mt; m++) off[m] = hsum256(offv[m]);
+    for (; g < G; g++) {
+        const float dw = _cvtsh_ss(gs[g]), ow = _cvtsh_ss(go[g]);
+        for (int m = 0; m < mt; m++) sc[m * G + g] = dw * dx[m * G + g], off[m] += ow * sx[m * G + g];
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (g = 0; g < G; g++) {
+        const __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)wv + g * 16));
+        const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
+        for (int m = 0; m < mt; m++) {
+            const __m256i xq = _mm256_loadu_si256((const __m256i *)(qx + m * K + g * GROUP));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq), ones); /* q4 is unsigned already */
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc + m * G + g), acc[m]);
+        }
+    }
+    for (int m = 0; m < mt; m++) y[m * ldy] = (hsum256(acc[m]) + off[m]) * (rs ? *rs : 1.0f);
+}
 #endif
 
 /* ---- a prompt's rows through int8 layers with a scale per output row (prefill) ------------
