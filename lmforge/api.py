@@ -422,7 +422,7 @@ class LM:
 
     def evaluate(self, paths: list[str | Path], batch_size: int = 16, progress=None) -> EvalResult:
         """Loss, perplexity and bits per byte over text files, every token scored once."""
-        from lmforge.train.data import Corpus
+        from lmforge.corpus import Corpus
 
         corpus = Corpus(paths)
         ids: list[int] = []

@@ -4,7 +4,8 @@ import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.tokenizer import LMTokenizer
-from lmforge.train.data import Corpus, collect_files, prepare_data, read_text_chunks
+from lmforge.corpus import Corpus, collect_files, read_text_chunks
+from lmforge.train.data import prepare_data
 
 from conftest import pydoc_text
 
@@ -20,9 +21,9 @@ def test_folder_expansion_skips_hidden_and_binary(tmp_path):
 
 
 def test_utf8_split_across_chunks(tmp_path, monkeypatch):
-    import lmforge.train.data as data
+    import lmforge.corpus as corpus
 
-    monkeypatch.setattr(data, "_CHUNK", 5)  # forces multi-byte characters across read boundaries
+    monkeypatch.setattr(corpus, "_CHUNK", 5)  # forces multi-byte characters across read boundaries
     p = tmp_path / "zh.txt"
     text = "床前明月光，疑是地上霜。\r\nok"
     p.write_text(text, encoding="utf-8", newline="")

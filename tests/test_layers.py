@@ -57,6 +57,16 @@ def test_inference_loads_no_training_code():
     assert r.stdout.strip() == ""
 
 
+def test_the_api_loads_training_code_only_to_train():
+    """In api.py only the function `train` imports lmforge.train (lazily); evaluation and the rest never."""
+    tree = ast.parse((PKG / "api.py").read_text(encoding="utf-8"))
+    allowed = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "train"
+               for n in ast.walk(f)}
+    bad = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+           and (n.module or "").startswith("lmforge.train") and id(n) not in allowed]
+    assert not bad, f"api.py imports {bad} outside train()"
+
+
 def test_server_routes_only_call_the_service():
     """app.py holds routes, errors and middleware; what a request does lives in service.py."""
     bad = {m for m in imports_of(PKG / "server" / "app.py")

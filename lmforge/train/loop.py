@@ -25,10 +25,11 @@ import torch.nn as nn
 from lmforge.common import (DistInfo, atomic_write_text, autocast, destroy_distributed, human_count, init_distributed,
                             pick_dtype, seed_everything)
 from lmforge.config import ModelConfig, TrainConfig
+from lmforge.corpus import Corpus
 from lmforge.errors import LMForgeError
 from lmforge.models import build_model, count_params
 from lmforge.tokenizer import LMTokenizer
-from lmforge.train.data import Corpus, TokenData, prepare_data
+from lmforge.train.data import TokenData, prepare_data
 from lmforge.train.evaluate import Accumulator, EvalResult, evaluate_windows
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.weights.checkpoint import (load_model, load_optimizer_state, prune_checkpoints, read_checkpoint,
