@@ -6,12 +6,15 @@
   bf16 ones, reading a quarter of the bytes of a float32 matmul.
 - Int4Linear: 4-bit weights in groups of 32 along the input, each group with an fp16 scale and
   offset (w = q * scale + offset): GGUF's 4-bit blocks (Q4_0, Q4_1, Q4_K) carry over without
-  re-rounding their integers. Decoding runs in the C kernel; batches in PyTorch's int4 kernel.
+  re-rounding their integers. Decoding runs in the C kernel; batches in PyTorch's int4 kernel,
+  or, on a CPU without bf16 arithmetic, from DEQUANT_ROWS rows through a float32 copy of the
+  weights made for the call and BLAS (faster there, and exact in the activations).
 - Int8Table: the token table at Q8_0 precision (int8 in groups of 32, an fp16 scale each): the
   input embedding and, tied, the output projection (the C kernel again), so the largest
   matrix of a small model is held once, in a byte per weight.
 The weight-only kernels are built for one row (decoding). An Int8Linear given INT_MM_ROWS+ rows
-(a prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations. (A
+(a prefill, a batch of texts) takes a dense path instead: see Int8Linear.activations (without
+bf16 arithmetic, a float32 copy of the weights and BLAS past SLOW_BF16_ROWS). (A
 mostly-int8 GGUF model therefore keeps its few 4-bit matrices as int8: see gguf.quantized_state.)
 A short prompt into a decoder's KV cache skips these layers' forward altogether: it runs through
 the C step (GPT.forward, kernels.prompt_rows).
@@ -196,8 +199,8 @@ class Int4Linear(nn.Module):
     """4-bit weights in groups of 32 along the input, each group with an fp16 scale and offset
     (w = q * scale + offset): GGUF's Q4_0/Q4_1 blocks exactly, Q4_K's to fp16 rounding of its
     scales. A decoding step runs in the C kernel (lmf_q4_matmul: half the bytes of int8, float32
-    activations); other calls, and CPUs without the kernels, go through PyTorch's int4 kernel
-    over a copy repacked into its layout on first use."""
+    activations); other calls go through PyTorch's int4 kernel over a copy repacked into its
+    layout on first use, except many rows on a CPU without bf16 arithmetic (see DEQUANT_ROWS)."""
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
