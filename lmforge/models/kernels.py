@@ -463,7 +463,8 @@ def prompt_rows(lib: ctypes.CDLL, kinds: set[int]) -> int:
     bf16 matmuls are slow without AVX-512) at every chunk size up to the engine's 256, on
     AVX-512 up to 64 (then PyTorch's bf16 matmul wins); its perplexity is a little lower than
     PyTorch's bf16 activations give. 4-bit layers: the AVX-512 float tile on a few positions
-    only; on AVX2 they stay with PyTorch, whose bf16 activations lose less than that build's
+    only; on AVX2 they stay on the module path (float32 copies of the weights and BLAS from
+    quant.DEQUANT_ROWS rows, PyTorch's int4 kernel below), which loses less than that build's
     int8-group tile (perplexity +0.3% on SmolLM2). The plain-C build and float32 layers: never."""
     isa = lib.lmf_isa()
     if 0 in kinds or isa == 0:
