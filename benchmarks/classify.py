@@ -1,7 +1,10 @@
-"""Classification fine-tuning of all-MiniLM-L6-v2 on real data (needs ../shared/data/classify).
+"""Classification on real data (needs ../shared/data/classify): all-MiniLM-L6-v2 fine-tuned, or a
+linear head on Gemma 3 270M's frozen middle layers.
 
-    lmforge pull minilm-l6
+    lmforge pull minilm-l6 && lmforge pull gemma3-270m
     python benchmarks/classify.py --task sst2            # SST-2: whole sentences held out as a test set
+    python benchmarks/classify.py --task sst2 --model gemma3-270m \
+        --prompt 'Review: {text}\nSentiment (positive or negative):'   # the frozen decoder
     python benchmarks/classify.py --task sst2 --dev PATH # also score an SST-2 dev TSV kept aside
     python benchmarks/classify.py --task chnsenticorp    # Chinese hotel reviews, 20% held out
 
@@ -29,12 +32,15 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "classify"
 
 TASKS = {
-    # file, text column, label column, test share (whole texts; 0: the validation split only), settings
+    # file, text column, label column, test share (whole texts; 0: the validation split only),
+    # fine-tuning settings, settings for a head on a frozen decoder
     "sst2": (DATA / "sst2_train.tsv", "sentence", "label", 0.12,
-             dict(val_fraction=0.08, epochs=3, max_len=64, lr=1e-4, eval_every=500, patience=6)),
+             dict(val_fraction=0.08, epochs=3, max_len=64, lr=1e-4, eval_every=500, patience=6),
+             dict(val_fraction=0.08, max_len=128, drop_phrases=True)),
     "chnsenticorp": (DATA / "chnsenticorp_htl.csv", "review", "label", 0.0,
                      dict(val_fraction=0.2, epochs=3, max_len=128, eval_every=200, class_weights=True,
-                          skip_empty=True)),
+                          skip_empty=True),
+                     dict(val_fraction=0.2, max_len=256, skip_empty=True)),
 }
 
 
@@ -42,28 +48,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=[*TASKS, "all"], default="all")
     ap.add_argument("--dev", type=Path, help="SST-2 dev TSV (sentence<TAB>label) to score after training")
+    ap.add_argument("--model", default="minilm-l6", help="an encoder to fine-tune, or a pretrained decoder to use frozen")
+    ap.add_argument("--prompt", help="the decoder's prompt template, with {text} (\\n for a newline)")
+    ap.add_argument("--layers", help="the decoder's feature layers, comma-separated (default: its middle four)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a fine-tuning setting (e.g. --set epochs=2 --set lr=5e-5)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
-    from lmforge.encoders import Encoder
-    from lmforge.train.classify import ClassifyConfig, TextClassifier, finetune, read_rows
+    from lmforge.encoders import is_pretrained_decoder
+    from lmforge.tasks.classify import finetune
+    from lmforge.train.classify import ClassifyConfig, TextClassifier, read_rows
     from lmforge.train.holdout import whole_text_split
 
+    frozen = is_pretrained_decoder(args.model)
+    prompt = args.prompt.replace("\\n", "\n") if args.prompt else None
+    layers = [int(v) for v in args.layers.split(",")] if args.layers else None
+
     for task in TASKS if args.task == "all" else [args.task]:
-        path, text_col, label_col, test_fraction, settings = TASKS[task]
+        path, text_col, label_col, test_fraction, tune_settings, probe_settings = TASKS[task]
+        settings = dict(probe_settings if frozen else tune_settings)
         if not path.is_file():
             print(f"{task}: {path} not found (../shared/data is needed); skipped")
             continue
         for kv in args.set:
             k, v = kv.split("=", 1)
             settings[k] = ast.literal_eval(v)
-        out = ROOT / "runs" / f"bench-classify-{task}"
+        out = ROOT / "runs" / (f"bench-classify-{task}" + ("" if args.model == "minilm-l6" else f"-{Path(args.model).name}"))
         shutil.rmtree(out, ignore_errors=True)
         cfg = ClassifyConfig(**settings)
-        print(f"\n{task}: minilm-l6, {cfg}")
+        print(f"\n{task}: {args.model}{' (frozen)' if frozen else ''}, {cfg}" + (f", prompt {prompt!r}" if prompt else ""))
         with tempfile.TemporaryDirectory() as tmp:
             train_path, test = path, None
             if test_fraction:
@@ -77,10 +92,11 @@ def main() -> None:
                 print(f"{task}: {len(texts):,} rows, {split.whole:,} whole texts; test: {len(split.val):,} whole "
                       f"texts; {split.dropped:,} rows that are phrases of them removed; {len(split.train):,} left")
             t = time.perf_counter()
-            report = finetune(Encoder.load("minilm-l6", device="cpu"), train_path, text_col, label_col, out, cfg)
+            report = finetune(args.model, train_path, out, cfg, text_col, label_col, device="cpu", prompt=prompt,
+                              layers=layers)
             minutes = (time.perf_counter() - t) / 60
         print(f"{task}: validation accuracy {report['val_accuracy']:.4f} on {report['val_rows']:,} held-out texts "
-              f"(used to keep the best checkpoint); {report['train_rows']:,} training rows, {report['steps']} steps, "
+              f"(used to choose the checkpoint or L2); {report['train_rows']:,} training rows, {report['steps']} steps, "
               f"{minutes:.1f} min on 2 threads")
         clf = TextClassifier.load(out, device="cpu")
         if test is not None:

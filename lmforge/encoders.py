@@ -145,6 +145,106 @@ class LMBackbone:
             raise LMForgeError(f"cannot tokenize the data with this model's tokenizer: {e}") from None
 
 
+DEFAULT_TEMPLATE = "{text}"
+
+
+def default_layers(n_layer: int) -> list[int]:
+    """Four layers evenly spaced from a third to two thirds of the depth: a pretrained decoder's
+    middle layers describe a text better than its last ones, which are busy predicting the next
+    token (on SST-2, Gemma 3 270M's layer-12 states score 0.89-0.90 with a linear head, its last
+    layer's 0.87-0.89)."""
+    lo, hi = n_layer / 3, 2 * n_layer / 3
+    return sorted({max(1, round(lo + k * (hi - lo) / 3)) for k in range(4)})
+
+
+class DecoderFeatures:
+    """A pretrained decoder (SmolLM2, Gemma 3, any GGUF or Hugging Face decoder) used frozen, as
+    a feature extractor for classification: each text, wrapped in a prompt template, is run
+    through the model up to its deepest chosen layer, and its features are, at each chosen
+    layer, the residual stream averaged over the tokens and the one at the last token (where a
+    causal model has read the whole text): 2 x len(layers) x n_embd numbers per text.
+
+    Training only a linear head on these is fast (one forward pass per text, no backward) and, on
+    a model this much larger than the small encoders, more accurate than fine-tuning them."""
+
+    def __init__(self, spec: str | Path, device: str = "auto", layers: Sequence[int] | None = None,
+                 template: str = DEFAULT_TEMPLATE, max_len: int = 256):
+        from lmforge.api import LM
+
+        if "{text}" not in template:
+            raise LMForgeError(f"the prompt template must contain {{text}}, got {template!r}")
+        if max_len < 8:
+            raise LMForgeError(f"max_len must be at least 8 tokens, got {max_len}")
+        self.lm = LM.load(spec, device=device)
+        self.spec = str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
+        n_layer = self.lm.config.n_layer
+        self.layers = sorted(set(layers)) if layers else default_layers(n_layer)
+        if not all(1 <= L <= n_layer for L in self.layers):
+            raise LMForgeError(f"layers must be between 1 and {n_layer} for this model, got "
+                               f"{','.join(map(str, self.layers))}")
+        self.template, self.max_len = template, max_len
+        self.device = self.lm.device
+        self.tk = None  # a frozen extractor tokenizes its own prompts (see tokenize)
+
+    @property
+    def dim(self) -> int:
+        return 2 * len(self.layers) * self.lm.config.n_embd
+
+    def settings(self) -> dict:
+        return {"model": self.spec, "layers": self.layers, "template": self.template, "max_len": self.max_len}
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Prompt ids per text; a text too long loses its end, never the template's question."""
+        pre, post = self.template.split("{text}", 1)
+        tail = self.lm.tokenizer.encode(post) if post else []
+        out = []
+        for t in texts:
+            ids = self.lm.encode_prompt(pre + t + post)
+            if len(ids) > self.max_len:
+                ids = ids[:self.max_len - len(tail)] + tail
+            out.append(ids)
+        return out
+
+    @torch.inference_mode()
+    def features(self, texts: Sequence[str], batch_size: int = 32,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """(len(texts), dim) float32; `progress(n)` is called after each batch of n texts."""
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        n, C = len(self.layers), self.lm.config.n_embd
+        out = np.zeros((len(ids), 2 * n * C), dtype=np.float32)
+        upto, model = self.layers[-1], self.lm.model
+        full = upto >= self.lm.config.n_layer  # the last layer's output: the final normed states
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(ids[i]) for i in rows)
+            x = torch.zeros((len(rows), width), dtype=torch.long)
+            mask = torch.zeros((len(rows), width, 1))
+            for r, i in enumerate(rows):  # right padding: a causal model's real tokens never see it
+                x[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1
+            x, mask = x.to(self.device), mask.to(self.device)
+            states = model(x, return_hidden=True, output_hidden_states=True, upto=None if full else upto)[2]
+            states = states["hidden_states"]  # (B, T, C) entering each layer 0..upto
+            last = mask[:, :, 0].sum(1).long() - 1  # (B,) each row's last real token
+            pick = torch.arange(len(rows), device=self.device)
+            feats = []
+            for L in self.layers:
+                h = states[L].float()  # (B, T, C)
+                feats += [(h * mask).sum(1) / mask.sum(1), h[pick, last]]  # 2 x (B, C)
+            out[rows] = torch.cat(feats, -1).cpu().numpy()  # (B, 2 n C)
+            if progress is not None:
+                progress(len(rows))
+        return out
+
+
+def is_pretrained_decoder(spec: str | Path) -> bool:
+    """A GGUF file, a pulled GGUF model or a Hugging Face decoder folder (not an lmforge run)."""
+    from lmforge.sources import resolve
+
+    return resolve(spec).kind in ("gguf", "store-gguf", "hf")
+
+
 def load_backbone(spec: str | Path, device: str = "auto", pooling: str | None = None):
     """An Encoder for encoder folders and pulled encoders; an LMBackbone for lmforge runs."""
     path = Path(spec)

@@ -35,6 +35,22 @@ def parse_duration(text: str | None) -> float | None:
     return seconds
 
 
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """'6,8,10' -> [6, 8, 10]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LMForgeError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if not values:
+        raise LMForgeError(f"{flag} is empty")
+    return values
+
+
+def unescape(text: str | None) -> str | None:
+    """A typed backslash-n or backslash-t in an option becomes a newline or tab."""
+    return None if text is None else text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def choice(value: str, allowed, what: str) -> str:
     if value not in allowed:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=what)

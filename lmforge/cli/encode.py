@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmforge.cli import vision
-from lmforge.cli._common import Device, console, parse_duration, progress
+from lmforge.cli._common import Device, console, parse_duration, parse_int_list, progress, unescape
 from lmforge.errors import LMForgeError
 
 
@@ -42,7 +42,9 @@ def finetune_classify(
     train: Annotated[Path, typer.Option(help="Labelled rows: .csv, .tsv or .jsonl.")],
     out: Annotated[Path, typer.Option(help="Run folder to create (must not exist or be empty).")],
     model: Annotated[str, typer.Option(help="Backbone: a pulled encoder, a sentence-transformers folder, or an lmforge "
-                                            "run/checkpoint (GPT, RNN, GRU, LSTM trained here).")] = "minilm-l6",
+                                            "run/checkpoint (GPT, RNN, GRU, LSTM trained here), all fine-tuned; or a "
+                                            "pretrained decoder (gemma3-270m, a .gguf, a Hugging Face folder), kept "
+                                            "frozen with a linear head on its middle layers.")] = "minilm-l6",
     pooling: Annotated[Optional[str], typer.Option(help="mean or cls for encoders (default: the model's own); "
                                                         "last (default) or mean for lmforge runs.")] = None,
     text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
@@ -62,6 +64,14 @@ def finetune_classify(
     skip_empty: Annotated[bool, typer.Option(help="Drop rows with an empty text or label instead of stopping.")] = False,
     lora: Annotated[int, typer.Option(help="LoRA rank: train low-rank adapters on a frozen encoder (0: full "
                                            "fine-tuning).")] = 0,
+    drop_phrases: Annotated[bool, typer.Option(help="Train on whole texts only: leave out rows that are word spans "
+                                                    "of a longer row (SST-2-style phrase rows).")] = False,
+    prompt: Annotated[Optional[str], typer.Option(
+        help="Pretrained decoders: the template each text is put in, with {text} where it goes, e.g. "
+             "'Review: {text}\\nSentiment (positive or negative):' (default: the text alone).")] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        help="Pretrained decoders: comma-separated layers whose states are the features (default: four "
+             "between a third and two thirds of the depth).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same --out from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (split, order, dropout).")] = 1337,
     device: Device = "auto",
@@ -78,12 +88,14 @@ def finetune_classify(
                     ("patience", patience)):
         if v <= 0:
             raise LMForgeError(f"--{name} must be positive, got {v}")
+    layer_list = parse_int_list(layers, "--layers") if layers is not None else None
     cfg = tasks.make_config(epochs=epochs, batch_size=batch_size, lr=lr, max_len=max_len, val_fraction=val_fraction,
                          eval_every=eval_every, patience=patience, class_weights=class_weights, max_train=max_train,
-                         seed=seed, skip_empty=skip_empty, lora_rank=lora, time_budget=parse_duration(time_budget))
+                         seed=seed, skip_empty=skip_empty, lora_rank=lora, time_budget=parse_duration(time_budget),
+                         drop_phrases=drop_phrases)
     con = console()
     report = tasks.finetune(model, train, out, cfg, text_col, label_col, val, resume, pooling, device,
-                            log=lambda m: con.print(m, markup=False))
+                            log=lambda m: con.print(m, markup=False), prompt=unescape(prompt), layers=layer_list)
     con.print(f"validation: accuracy {report['val_accuracy']:.4f}, macro-F1 {report['val_macro_f1']:.4f} "
               f"({report['val_rows']:,} rows, {report['seconds']:.0f} s); saved to {out}", markup=False)
     con.print((out / "confusion.txt").read_text(encoding="utf-8"), markup=False)

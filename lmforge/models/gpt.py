@@ -347,7 +347,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None, cache=None,
                 last_only: bool = False, return_hidden: bool = False, input_embeds: torch.Tensor | None = None,
                 output_attentions: bool = False, output_hidden_states: bool = False,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                upto: int | None = None):
         """idx: (B, T) token ids, or input_embeds: (B, T, C) vectors in the token table's space
         (what `self.embed(idx)` gives; the embedding scale and positions are applied to both).
         targets: (B, T) next ids or -1 to ignore. cache: a view of the engine's KVCache, or
@@ -362,7 +363,10 @@ class GPT(nn.Module):
         n_layer + 1 tensors (B, T, C)); the fast path is untouched when neither is asked.
         positions (B, T) and attn_mask (B, T, T), together and without a cache: each token's own
         position and which tokens it sees (instead of 0.. and causal), for packed sequences where
-        several continuations share one prefix (sliding windows are applied on top)."""
+        several continuations share one prefix (sliding windows are applied on top).
+        upto (with output_hidden_states): stop at the residual stream entering layer `upto`, the
+        last of upto + 1 states returned as (None, None, extras); the deeper layers are not run
+        (features from a frozen model's middle layers cost only the layers below them)."""
         if (idx is None) == (input_embeds is None):
             raise ValueError("give token ids or input embeddings, not both or neither")
         if (positions is None) != (attn_mask is None) or (positions is not None and cache is not None):
@@ -433,6 +437,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if states is not None:
                 states.append(x)
+                if i == upto:
+                    return None, None, {"hidden_states": states}
             rope, mask, causal, kv_start, window = ctx[block.local]
             x = block(x, rope, cache.layer(i) if cache is not None else None, pos, mask, causal, kv_start,
                       last_only=last_only and i == last, row_pos=row_pos, window=window, probs=probs)

@@ -18,11 +18,25 @@ def make_config(**options):
 
 def finetune(model: str, train: Path, out: Path, cfg, text_col: str = "text", label_col: str = "label",
              val: Path | None = None, resume: bool = False, pooling: str | None = None, device: str = "auto",
-             log=print) -> dict:
-    """Fine-tune a classifier on `model` (an encoder or an lmforge run); returns the report."""
-    from lmforge.encoders import load_backbone
+             log=print, prompt: str | None = None, layers: list[int] | None = None) -> dict:
+    """Fine-tune a classifier on `model` (an encoder or an lmforge run), or train a linear head on
+    a pretrained decoder's frozen features (a GGUF or Hugging Face decoder, e.g. gemma3-270m,
+    its text wrapped in `prompt`, features from `layers`); returns the report."""
+    from lmforge.encoders import DEFAULT_TEMPLATE, DecoderFeatures, is_pretrained_decoder, load_backbone
     from lmforge.train.classify import finetune as run
+    from lmforge.train.classify import fit_probe
 
+    if is_pretrained_decoder(model):
+        if resume:
+            raise LMForgeError("a head on a frozen decoder has nothing to resume: run it again without --resume")
+        if cfg.lora_rank or pooling is not None:
+            raise LMForgeError("--lora and --pooling apply to fine-tuning; a pretrained decoder stays frozen "
+                               "(its features are pooled both ways)")
+        feats = DecoderFeatures(model, device, layers, prompt or DEFAULT_TEMPLATE, cfg.max_len)
+        return fit_probe(feats, train, text_col, label_col, out, cfg, val_path=val, log=log)
+    if prompt is not None or layers is not None:
+        raise LMForgeError("--prompt and --layers apply to a pretrained decoder's frozen features "
+                           "(e.g. --model gemma3-270m), not to fine-tuning")
     enc = load_backbone(model, device=device, pooling=pooling)
     return run(enc, train, text_col, label_col, out, cfg, val_path=val, resume=resume, log=log)
 

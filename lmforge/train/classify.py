@@ -29,7 +29,7 @@ from lmforge.common import atomic_dir, seed_everything
 from lmforge.config import EncoderConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import POOLING, BertEncoder
-from lmforge.train.holdout import whole_text_split
+from lmforge.train.holdout import whole_text_split, whole_texts
 from lmforge.train.loop import Task, append_metrics, fit
 
 
@@ -123,6 +123,10 @@ class ClassifyConfig:
     """Weight the loss by inverse class frequency (for imbalanced labels)."""
     max_train: int | None = None
     """Use at most this many training rows (a random subsample)."""
+    drop_phrases: bool = False
+    """Train on whole texts only: leave out rows that are word spans of a longer row (the
+    phrase rows of SST-2-style data, which a frozen backbone's linear head gains little from
+    while each costs a forward pass)."""
     seed: int = 1337
     lora_rank: int = 0
     """With a rank > 0, the encoder stays frozen and only low-rank adapters on its attention
@@ -214,6 +218,49 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
+@dataclass
+class _Rows:
+    texts: list[str]
+    y: list[int]
+    val_texts: list[str]
+    y_val: list[int]
+    dropped: int
+    classes: list[str]
+
+
+def _rows(train_path: Path, text_col: str, label_col: str, cfg: ClassifyConfig, val_path: Path | None) -> _Rows:
+    """Training and validation rows with labels as class indices (cfg.labels is set): the
+    validation rows from val_path, or whole texts held out of the training file."""
+    texts, labels = read_rows(train_path, text_col, label_col, cfg.skip_empty)
+    rng = random.Random(cfg.seed)
+    if val_path is not None:
+        val_texts, val_labels = read_rows(val_path, text_col, label_col, cfg.skip_empty)
+        dropped = 0
+    else:  # whole texts held out, stratified by label, and none of their phrases trained on
+        split = whole_text_split(texts, labels, cfg.val_fraction, rng)
+        val_texts, val_labels = [texts[i] for i in split.val], [labels[i] for i in split.val]
+        texts, labels = [texts[i] for i in split.train], [labels[i] for i in split.train]
+        dropped = split.dropped
+    if cfg.drop_phrases:
+        keep = whole_texts(texts)
+        dropped += len(texts) - len(keep)
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    classes = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    if len(classes) < 2:
+        raise LMForgeError(f"{train_path}: only one class ({classes[0]!r}) in {label_col!r}; a classifier needs two or more")
+    unseen = sorted(set(val_labels) - set(classes))
+    if unseen:
+        raise LMForgeError(f"validation labels never seen in training: {', '.join(unseen[:5])}")
+    if not val_texts:
+        raise LMForgeError("no validation rows: give --val or more training rows")
+    if cfg.max_train is not None and len(texts) > cfg.max_train:
+        keep = sorted(rng.sample(range(len(texts)), cfg.max_train))
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    cfg.labels = classes
+    lab = {c: i for i, c in enumerate(classes)}
+    return _Rows(texts, [lab[lb] for lb in labels], val_texts, [lab[lb] for lb in val_labels], dropped, classes)
+
+
 def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cfg: ClassifyConfig,
              val_path: Path | None = None, log=print, progress: bool = True, resume: bool = False,
              stop_after: int | None = None) -> dict[str, Any]:
@@ -237,30 +284,8 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
         if (ckpt_dir / "progress.json").is_file():
             raise LMForgeError(f"an interrupted run for {out} exists; add --resume to continue it, or delete {part}")
         shutil.rmtree(part)  # a run that died before its first checkpoint: nothing to keep
-    texts, labels = read_rows(train_path, text_col, label_col, cfg.skip_empty)
-    rng = random.Random(cfg.seed)
-    if val_path is not None:
-        val_texts, val_labels = read_rows(val_path, text_col, label_col, cfg.skip_empty)
-        dropped = 0
-    else:  # whole texts held out, stratified by label, and none of their phrases trained on
-        split = whole_text_split(texts, labels, cfg.val_fraction, rng)
-        val_texts, val_labels = [texts[i] for i in split.val], [labels[i] for i in split.val]
-        texts, labels = [texts[i] for i in split.train], [labels[i] for i in split.train]
-        dropped = split.dropped
-    classes = sorted(set(labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
-    if len(classes) < 2:
-        raise LMForgeError(f"{train_path}: only one class ({classes[0]!r}) in {label_col!r}; a classifier needs two or more")
-    unseen = sorted(set(val_labels) - set(classes))
-    if unseen:
-        raise LMForgeError(f"validation labels never seen in training: {', '.join(unseen[:5])}")
-    if not val_texts:
-        raise LMForgeError("no validation rows: give --val or more training rows")
-    if cfg.max_train is not None and len(texts) > cfg.max_train:
-        keep = sorted(rng.sample(range(len(texts)), cfg.max_train))
-        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
-    cfg.labels = classes
-    lab = {c: i for i, c in enumerate(classes)}
-    y, y_val = [lab[lb] for lb in labels], [lab[lb] for lb in val_labels]
+    rows = _rows(train_path, text_col, label_col, cfg, val_path)
+    texts, y, val_texts, y_val, dropped, classes = rows.texts, rows.y, rows.val_texts, rows.y_val, rows.dropped, rows.classes
 
     seed_everything(cfg.seed)
     dev = enc.device
@@ -291,9 +316,10 @@ def finetune(enc, train_path: Path, text_col: str, label_col: str, out: Path, cf
     log(f"{trainable:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}"
         + (f" (LoRA rank {cfg.lora_rank})" if cfg.lora_rank else ""))
     log(f"{len(ids):,} training rows, {len(val_ids):,} validation rows, {len(classes)} classes "
-        f"({', '.join(f'{c}: {counts[lab[c]]}' for c in classes)}); {total:,} steps on {dev}")
+        f"({', '.join(f'{c}: {counts[k]}' for k, c in enumerate(classes))}); {total:,} steps on {dev}")
     if dropped:
-        log(f"{dropped:,} training rows left out: they are phrases or copies of held-out texts")
+        log(f"{dropped:,} training rows left out: they are phrases or copies of held-out texts"
+            + (" (or, with drop_phrases, of longer training rows)" if cfg.drop_phrases else ""))
 
     from safetensors.torch import load_file
 
@@ -449,6 +475,167 @@ class _ClassifyTask(Task):
         return self.ckpt_dir
 
 
+
+# ---------------------------------------------------------------- a head on a frozen decoder
+PROBE_L2 = (0.01, 0.03, 0.1, 0.3, 1.0)
+"""The head's L2 penalties tried (on the mean loss); validation accuracy picks one."""
+
+
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 300):
+    """Multinomial logistic regression by L-BFGS on standardized features x (N, F): the weight
+    (F, K), the bias (K,) and the training loss after each iteration."""
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    x64 = x.double()
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-10)
+    trace: list[float] = []
+
+    def closure():
+        opt.zero_grad()
+        ce = F.cross_entropy(x64 @ w + b, y)
+        loss = ce + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        trace.append(float(ce.detach()))
+        return loss
+
+    opt.step(closure)
+    return w.detach().float(), b.detach().float(), trace
+
+
+def _probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return F.softmax(x @ w + b, -1).numpy()
+
+
+def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path, cfg: ClassifyConfig,
+              val_path: Path | None = None, log=print, progress: bool = True) -> dict[str, Any]:
+    """A linear head on a frozen pretrained decoder (lmforge.encoders.DecoderFeatures): every
+    training and validation text goes through the decoder once, the features are standardized,
+    and a logistic regression is fitted for each L2 penalty of PROBE_L2; the one with the best
+    validation accuracy (then loss) is kept. Same data handling, run folder and report as
+    `finetune` (epochs, lr and the other optimizer settings do not apply)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
+    rows = _rows(train_path, text_col, label_col, cfg, val_path)
+    classes, K = rows.classes, len(rows.classes)
+    log(f"frozen {feats.spec}: features from layers {','.join(map(str, feats.layers))} "
+        f"({feats.dim:,} per text), prompt {feats.template!r}")
+    log(f"{len(rows.texts):,} training rows, {len(rows.val_texts):,} validation rows, {K} classes")
+    if rows.dropped:
+        log(f"{rows.dropped:,} training rows left out: phrases or copies of held-out texts"
+            + (" or of longer training rows" if cfg.drop_phrases else ""))
+    t0 = time.perf_counter()
+    texts = rows.texts + rows.val_texts
+    with _progress_bar(progress) as bar:
+        task, done = bar.add_task("features", total=len(texts), rate=""), [0]
+
+        def advance(k: int) -> None:
+            done[0] += k
+            bar.update(task, completed=done[0], rate=f"{done[0] / max(time.perf_counter() - t0, 1e-9):.1f} texts/s")
+
+        x = torch.from_numpy(feats.features(texts, progress=advance))
+    seconds_feats = time.perf_counter() - t0
+    log(f"features of {len(texts):,} texts in {seconds_feats:.0f} s ({len(texts) / seconds_feats:.1f} texts/s)")
+    n = len(rows.texts)
+    mean, std = x[:n].mean(0), x[:n].std(0).clamp_min(1e-6)
+    x = (x - mean) / std
+    y, y_val = torch.tensor(rows.y), rows.y_val
+    if cfg.class_weights:
+        log("class_weights does not apply to a frozen backbone's head; ignored")
+    best = None
+    metrics = []
+    for l2 in PROBE_L2:
+        w, b, trace = _fit_linear(x[:n], y, K, l2)
+        p = _probs(x[n:], w, b)
+        s = score(y_val, p.argmax(1).tolist(), K)
+        nll = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, None)).mean())
+        metrics.append({"kind": "probe", "l2": l2, "train_loss": trace[-1], "iterations": len(trace),
+                        "val_loss": nll, "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1})
+        log(f"L2 {l2:g}: validation accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}, loss {nll:.4f} "
+            f"({len(trace)} L-BFGS evaluations)")
+        if best is None or (s.accuracy, -nll) > (best[0].accuracy, -best[1]):
+            best = (s, nll, l2, w, b, trace)
+    final, nll, l2, w, b, trace = best
+    with atomic_dir(out) as tmp:
+        from safetensors.torch import save_file
+
+        from lmforge.train.plot import plot_loss
+
+        lines = [{"kind": "train", "step": i + 1, "loss": v} for i, v in enumerate(trace)] + metrics
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title=f"linear head on frozen features (L2 {l2:g})",
+                  ylabel="cross-entropy (nats/row)")
+        save_file({"mean": mean.contiguous(), "std": std.contiguous(), "weight": w.contiguous(),
+                   "bias": b.contiguous()}, str(tmp / "head.safetensors"))
+        meta = {"format": "lmforge-classifier-1", "backbone": "frozen-lm", "labels": classes,
+                "features": feats.settings(), "n_layer": feats.lm.config.n_layer, "n_embd": feats.lm.config.n_embd,
+                "l2": l2, "train": asdict(cfg)}
+        (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
+        save_confusion_png(final, classes, tmp / "confusion.png")
+        report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
+                  "labels": classes, "train_rows": n, "val_rows": len(y_val), "dropped_rows": rows.dropped,
+                  "l2": l2, "feature_seconds": round(seconds_feats, 1), "steps": len(trace), "stopped": "done",
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _progress_bar(enabled: bool):
+    from lmforge.train.loop import _NullProgress
+
+    if not enabled:
+        return _NullProgress()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]features"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+
+
+class ProbeClassifier:
+    """A folder made by fit_probe: the frozen decoder it names, its feature settings, and the head."""
+
+    def __init__(self, feats, meta: dict, head: dict[str, torch.Tensor]):
+        self.feats, self.labels = feats, list(meta["labels"])
+        self.mean, self.std, self.w, self.b = head["mean"], head["std"], head["weight"], head["bias"]
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict, device: str = "auto") -> "ProbeClassifier":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from lmforge.encoders import DecoderFeatures
+
+        f = meta.get("features")
+        if not isinstance(f, dict) or not {"model", "layers", "template", "max_len"} <= f.keys():
+            raise LMForgeError(f"{folder / 'classifier.json'} lacks its feature settings; it is damaged")
+        try:
+            head = load_file(str(folder / "head.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise LMForgeError(f"{folder / 'head.safetensors'} is missing or corrupt ({str(e).splitlines()[0]})") from None
+        feats = DecoderFeatures(f["model"], device, f["layers"], f["template"], int(f["max_len"]))
+        C, K = feats.lm.config.n_embd, len(meta["labels"])
+        if feats.lm.config.n_layer != meta.get("n_layer") or C != meta.get("n_embd"):
+            raise LMForgeError(f"{folder} was trained on features of a model with {meta.get('n_layer')} layers "
+                               f"{meta.get('n_embd')} wide; {f['model']} is {feats.lm.config.n_layer} x {C}")
+        shapes = {"mean": (feats.dim,), "std": (feats.dim,), "weight": (feats.dim, K), "bias": (K,)}
+        if any(k not in head or tuple(head[k].shape) != v for k, v in shapes.items()):
+            raise LMForgeError(f"{folder / 'head.safetensors'} does not match classifier.json; the folder is damaged")
+        return cls(feats, meta, head)
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        x = (torch.from_numpy(self.feats.features(texts)) - self.mean) / self.std
+        return _probs(x, self.w, self.b)
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        return [{"label": self.labels[int(p.argmax())], "probs": {lb: float(q) for lb, q in zip(self.labels, p)}}
+                for p in self.predict_proba(list(texts))]
+
+    def evaluate(self, texts: list[str], labels: list[str]) -> Scores:
+        return evaluate_labels(self, texts, labels)
+
+
 # ---------------------------------------------------------------- saving / loading
 def _weights(state: dict[str, torch.Tensor], model: Classifier) -> dict[str, torch.Tensor]:
     """Tensors to save: a tied LM backbone's output projection is the embedding, kept once."""
@@ -474,7 +661,7 @@ class TextClassifier:
         self.model, self.tk, self.labels, self.pad_id = model.eval(), tokenizer, labels, pad_id
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto") -> "TextClassifier":
+    def load(cls, folder: str | Path, device: str = "auto") -> "TextClassifier | ProbeClassifier":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
@@ -489,6 +676,8 @@ class TextClassifier:
         meta = load_json(folder / "classifier.json")
         if not isinstance(meta, dict) or meta.get("format") != "lmforge-classifier-1":
             raise LMForgeError(f"{folder} is not an lmforge classifier (made by lmforge finetune classify)")
+        if meta.get("backbone") == "frozen-lm":
+            return ProbeClassifier.load(folder, meta, device)
         dev = pick_device(device)
         if meta.get("backbone", "encoder") == "lm":
             from lmforge.config import ModelConfig

@@ -54,6 +54,16 @@ class SpanIndex:
         return any(len(self.texts[i]) > longer_than and needle in self.padded[i] for i in self.anchor.get(words[:_K], ()))
 
 
+def _whole(words: list[tuple[str, ...]]) -> list[int]:
+    everything = SpanIndex(words)
+    return [i for i, w in enumerate(words) if not everything.in_longer(w, len(w))]
+
+
+def whole_texts(texts: list[str]) -> list[int]:
+    """Indices of the rows that are no span of a longer row (SST-2's sentences, not its phrases)."""
+    return _whole([_words(t) for t in texts])
+
+
 @dataclass
 class Split:
     train: list[int]
@@ -68,8 +78,7 @@ def whole_text_split(texts: list[str], labels: list[str], fraction: float, rng: 
     """Hold out `fraction` of the whole texts, stratified by label; train on every row that is
     not part of a held-out text."""
     words = [_words(t) for t in texts]
-    everything = SpanIndex(words)
-    whole = [i for i, w in enumerate(words) if not everything.in_longer(w, len(w))]
+    whole = _whole(words)
     by_class: dict[str, list[int]] = defaultdict(list)
     for i in whole:
         by_class[labels[i]].append(i)
