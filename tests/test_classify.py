@@ -346,3 +346,131 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- a head on a frozen decoder
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A random 4-layer LLaMA-style decoder (128 wide) with a byte-level BPE tokenizer, as a GGUF
+    file: the kind of source (like gemma3-270m) that classification keeps frozen."""
+    from conftest import tiny_chat_lm
+    from test_gguf import write_gguf
+
+    import torch
+
+    lm = tiny_chat_lm(stop=False)
+    torch.manual_seed(0)
+    lm.model.init_weights()  # the usual small initial weights: its states still carry the words
+    path = tmp_path_factory.mktemp("dec") / "tiny.gguf"
+    write_gguf(path, lm.model, lm.tokenizer)
+    return path
+
+
+def test_upto_stops_at_a_layer_with_the_states_of_the_full_pass():
+    import torch
+
+    from conftest import tiny_chat_lm
+
+    model = tiny_chat_lm(stop=False).model
+    x = torch.randint(0, 300, (2, 9))
+    with torch.inference_mode():
+        full = model(x, return_hidden=True, output_hidden_states=True)[2]["hidden_states"]
+        part = model(x, return_hidden=True, output_hidden_states=True, upto=2)
+    assert part[0] is None and len(part[2]["hidden_states"]) == 3 and len(full) == model.config.n_layer + 1
+    for a, b in zip(part[2]["hidden_states"], full):
+        assert torch.equal(a, b)
+
+
+def test_frozen_decoder_features_are_mean_and_last_states():
+    """Features by hand for one text: the layer's states averaged over the prompt's tokens and at
+    its last token; a batch with texts of other lengths (right padding) gives the same numbers."""
+    import torch
+
+    from lmforge.encoders import DecoderFeatures, default_layers
+
+    assert default_layers(18) == [6, 8, 10, 12] and default_layers(30) == [10, 13, 17, 20]
+    feats = DecoderFeatures.__new__(DecoderFeatures)
+    from conftest import tiny_chat_lm
+
+    feats.lm, feats.spec, feats.layers, feats.template, feats.max_len = tiny_chat_lm(stop=False), "tiny", [1, 3], \
+        "Text: {text}\nLabel:", 64
+    feats.device = feats.lm.device
+    text = "a good thing of the day"
+    ids = feats.tokenize([text])[0]
+    assert feats.lm.tokenizer.decode(ids) == f"Text: {text}\nLabel:"
+    with torch.inference_mode():
+        hs = feats.lm.model(torch.tensor([ids]), return_hidden=True, output_hidden_states=True)[2]["hidden_states"]
+    want = torch.cat([t for L in (1, 3) for t in (hs[L][0].mean(0), hs[L][0, -1])]).numpy()
+    got = feats.features(["x", text, "a much longer text than the other two, with many more tokens in it"])
+    assert got.shape == (3, feats.dim) and feats.dim == 4 * 128
+    np.testing.assert_allclose(got[1], want, rtol=1e-4, atol=1e-4)
+    long = feats.tokenize(["word " * 200])[0]  # too long: the text loses its end, the template keeps its question
+    assert len(long) == 64 and feats.lm.tokenizer.decode(long).endswith("\nLabel:")
+
+
+def test_head_on_a_frozen_gguf_decoder(tiny_gguf, tmp_path, capsys):
+    """finetune classify on a decoder GGUF keeps it frozen and fits a linear head on its states:
+    the lexical rule is learnt, the folder reloads to the same probabilities, and labels text."""
+    data = write(tmp_path / "train.csv", rows(300))
+    out = tmp_path / "clf"
+    code, o, err = run_cli(["finetune", "classify", "--model", tiny_gguf, "--train", data, "--out", out,
+                            "--prompt", r"Text: {text}\nLabel:", "--layers", "1,3"], capsys)
+    assert code == 0, err
+    assert "frozen" in o and "L2 0.1:" in o
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["backbone"] == "frozen-lm" and meta["features"]["template"] == "Text: {text}\nLabel:"
+    assert meta["features"]["layers"] == [1, 3] and (out / "loss.png").is_file() and (out / "confusion.png").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["val_accuracy"] >= 0.95, report  # chance is 0.5
+    clf = TextClassifier.load(out, device="cpu")
+    test = rows(100, seed=7)
+    s = clf.evaluate([t for t, _ in test], [lb for _, lb in test])
+    assert s.accuracy >= 0.95, s
+    again = TextClassifier.load(out, device="cpu")
+    texts = [t for t, _ in test[:5]]
+    np.testing.assert_allclose(clf.predict_proba(texts), again.predict_proba(texts), rtol=1e-5, atol=1e-6)
+    code, o, err = run_cli(["classify", out, "what a great day of the year"], capsys)
+    assert code == 0 and o.split()[0] in ("pos", "neg"), err
+
+
+def test_frozen_decoder_refuses_what_does_not_apply(tiny_gguf, bert, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    data = write(tmp_path / "train.csv", rows(120))
+    base = ["finetune", "classify", "--train", data, "--out", tmp_path / "o"]
+    for extra, msg in [(["--model", tiny_gguf, "--prompt", "no slot"], "must contain {text}"),
+                       (["--model", tiny_gguf, "--layers", "2,9"], "layers must be between 1 and 4"),
+                       (["--model", tiny_gguf, "--layers", "a,b"], "comma-separated whole numbers"),
+                       (["--model", tiny_gguf, "--lora", "4"], "stays frozen"),
+                       (["--model", tiny_gguf, "--resume"], "nothing to resume"),
+                       (["--model", bert, "--prompt", "{text}"], "apply to a pretrained decoder")]:
+        code, o, err = run_cli(base + extra, capsys)
+        assert code == 1 and msg in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "o").exists()
+    out = tmp_path / "clf"
+    code, o, err = run_cli(["finetune", "classify", "--model", tiny_gguf, "--train", data, "--out", out], capsys)
+    assert code == 0, err
+    head = load_file(str(out / "head.safetensors"))
+    save_file({**head, "weight": head["weight"][:-1].contiguous()}, str(out / "head.safetensors"))
+    code, o, err = run_cli(["classify", out, "hello"], capsys)
+    assert code == 1 and "does not match classifier.json" in err and "Traceback" not in err, err
+    (out / "head.safetensors").write_bytes(b"\0" * 64)
+    code, o, err = run_cli(["classify", out, "hello"], capsys)
+    assert code == 1 and "missing or corrupt" in err and "Traceback" not in err, err
+
+
+def test_drop_phrases_trains_on_whole_texts_only():
+    from lmforge.train.classify import _rows
+    from lmforge.train.holdout import whole_texts
+
+    texts = ["a truly good film", "truly good", "good film", "a bad plot", "bad plot", "plot", "the end of it"]
+    assert whole_texts(texts) == [0, 3, 6]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = write(Path(d) / "t.csv", list(zip(texts, ["pos", "pos", "pos", "neg", "neg", "neg", "neg"])))
+        val = write(Path(d) / "v.csv", [("fine", "pos"), ("poor", "neg")])
+        r = _rows(p, "text", "label", ClassifyConfig(drop_phrases=True), val)
+        assert r.texts == ["a truly good film", "a bad plot", "the end of it"] and r.dropped == 4
+        assert _rows(p, "text", "label", ClassifyConfig(), val).texts == texts
