@@ -388,7 +388,8 @@ def test_frozen_decoder_features_are_mean_and_last_states():
 
     from lmforge.encoders import DecoderFeatures, default_layers
 
-    assert default_layers(18) == [6, 8, 10, 12] and default_layers(30) == [10, 13, 17, 20]
+    assert default_layers(18) == list(range(6, 13)) and default_layers(30) == list(range(10, 21))
+    assert default_layers(2) == [1] and default_layers(4) == [1, 2, 3]
     feats = DecoderFeatures.__new__(DecoderFeatures)
     from conftest import tiny_chat_lm
 
@@ -416,7 +417,7 @@ def test_head_on_a_frozen_gguf_decoder(tiny_gguf, tmp_path, capsys):
     code, o, err = run_cli(["finetune", "classify", "--model", tiny_gguf, "--train", data, "--out", out,
                             "--prompt", r"Text: {text}\nLabel:", "--layers", "1,3"], capsys)
     assert code == 0, err
-    assert "frozen" in o and "L2 0.1:" in o
+    assert "frozen" in o and "L2 0.1:" in o and "heads averaged" in o
     meta = json.loads((out / "classifier.json").read_text())
     assert meta["backbone"] == "frozen-lm" and meta["features"]["template"] == "Text: {text}\nLabel:"
     assert meta["features"]["layers"] == [1, 3] and (out / "loss.png").is_file() and (out / "confusion.png").is_file()
@@ -431,6 +432,12 @@ def test_head_on_a_frozen_gguf_decoder(tiny_gguf, tmp_path, capsys):
     np.testing.assert_allclose(clf.predict_proba(texts), again.predict_proba(texts), rtol=1e-5, atol=1e-6)
     code, o, err = run_cli(["classify", out, "what a great day of the year"], capsys)
     assert code == 0 and o.split()[0] in ("pos", "neg"), err
+    import torch
+
+    x = (torch.from_numpy(clf.feats.features(texts)) - clf.mean) / clf.std  # the heads' average, by hand
+    assert clf.w.shape[0] == len(meta["l2"]) == 5
+    by_hand = np.mean([torch.softmax(x @ clf.w[g] + clf.b[g], -1).numpy() for g in range(5)], 0)
+    np.testing.assert_allclose(clf.predict_proba(texts), by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_decoder_refuses_what_does_not_apply(tiny_gguf, bert, tmp_path, capsys):

