@@ -100,6 +100,10 @@ def test_q4_dequant_gives_the_weights_the_groups_stand_for(lib, K, N):
     off = (torch.randn(N, K // 32, generator=g) * 0.05).half()
     ref = (q.float().view(N, K // 32, 32) * sc.float()[..., None] + off.float()[..., None]).view(N, K)
     torch.testing.assert_close(kernels.q4_dequant(int4_nibbles(q), sc, off, lib), ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="scales and offsets of shape"):  # the C code would read past them
+        kernels.q4_dequant(int4_nibbles(q), sc[:, :-1].contiguous() if K > 32 else sc[:0], off, lib)
+    with pytest.raises(ValueError, match="float16"):
+        kernels.q4_dequant(int4_nibbles(q), sc.float(), off, lib)
 
 
 def test_a_rows_result_does_not_depend_on_its_neighbours(lib):

@@ -262,11 +262,7 @@ def q4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: t
     lib = lib or library()
     M, K = x.shape
     N = w.size(0)
-    if w.dtype != torch.uint8 or not w.is_contiguous() or w.shape != (N, K // 2) or w.device.type != "cpu" or K % 32:
-        raise ValueError(f"q4_matmul needs contiguous uint8 CPU weights of shape ({N}, {K // 2}), K a multiple of 32")
-    for t in (scales, offsets):
-        if t.dtype != torch.float16 or not t.is_contiguous() or t.shape != (N, K // 32) or t.device.type != "cpu":
-            raise ValueError(f"q4_matmul needs contiguous float16 CPU scales and offsets of shape ({N}, {K // 32})")
+    _check_q4("q4_matmul", w, scales, offsets, N, K)
     x = x.to(device="cpu", dtype=torch.float32).contiguous()
     y = torch.empty(M, N, dtype=torch.float32, device="cpu")
     if lib.lmf_q4_matmul(x.data_ptr(), M, K, w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, y.data_ptr()):
@@ -274,10 +270,21 @@ def q4_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, offsets: t
     return y
 
 
-def q4_dequant(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
+def _check_q4(op: str, w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, N: int, K: int) -> None:
+    """The C code reads these buffers by the shapes given: a mismatch would read past them."""
+    if w.dtype != torch.uint8 or not w.is_contiguous() or w.shape != (N, K // 2) or w.device.type != "cpu" or K % 32:
+        raise ValueError(f"{op} needs contiguous uint8 CPU weights of shape ({N}, {K // 2}), K a multiple of 32")
+    for t in (scales, offsets):
+        if t.dtype != torch.float16 or not t.is_contiguous() or t.shape != (N, K // 32) or t.device.type != "cpu":
+            raise ValueError(f"{op} needs contiguous float16 CPU scales and offsets of shape ({N}, {K // 32})")
+
+
+def q4_dequant(w: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """The (N, K) float32 matrix of 4-bit weights w (N, K / 2) uint8 with fp16 scales and offsets
-    (N, K / 32), as q4_matmul reads them (the caller has checked their shapes and dtypes)."""
+    (N, K / 32), as q4_matmul reads them."""
+    lib = lib or library()
     N, K = w.size(0), w.size(1) * 2
+    _check_q4("q4_dequant", w, scales, offsets, N, K)
     out = torch.empty(N, K, dtype=torch.float32)
     if lib.lmf_q4_dequant(w.data_ptr(), scales.data_ptr(), offsets.data_ptr(), N, K, out.data_ptr()):
         raise ValueError(f"q4_dequant: K={K} is not a multiple of 32")

@@ -484,26 +484,34 @@ Choosing one by validation accuracy was noisier than the differences between the
 sentences, the average of all five 0.915-0.920."""
 
 
-def _fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 300):
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, start=None, max_iter: int = 300,
+                xt: torch.Tensor | None = None):
     """Multinomial logistic regression by L-BFGS on standardized features x (N, F): the weight
-    (F, K), the bias (K,) and the training loss after each iteration."""
-    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    x64 = x.double()
+    (F, K), the bias (K,) and the training loss after each evaluation. start: a (weight, bias)
+    to begin from (the solution for a neighbouring penalty is close, and saves most steps).
+    xt: x transposed and contiguous, if the caller has it (made here otherwise)."""
+    xt = x.t().contiguous() if xt is None else xt  # (F, N)
+    w = start[0].clone() if start else torch.zeros(x.shape[1], n_classes)
+    b = start[1].clone() if start else torch.zeros(n_classes)
+    onehot = F.one_hot(y, n_classes).float()  # (N, K)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-10)
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
     trace: list[float] = []
 
+    # the gradient by hand, with both products as wide row-major matmuls: autograd's x.T @ g
+    # over a (N, F) matrix ran 8x slower on the CPU than g.T @ x
     def closure():
-        opt.zero_grad()
-        ce = F.cross_entropy(x64 @ w + b, y)
-        loss = ce + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        trace.append(float(ce.detach()))
-        return loss
+        logits = (w.t() @ xt).t() + b  # (N, K)
+        logp = F.log_softmax(logits, -1)
+        ce = -(logp * onehot).sum() / len(y)
+        g = (logp.exp() - onehot) / len(y)  # (N, K) d ce / d logits
+        w.grad = (g.t() @ x).t().contiguous() + l2 * w  # (F, K)
+        b.grad = g.sum(0)
+        trace.append(float(ce))
+        return ce + 0.5 * l2 * (w * w).sum()
 
     opt.step(closure)
-    return w.detach().float(), b.detach().float(), trace
+    return w, b, trace
 
 
 def _probs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -554,8 +562,10 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
         return score(y_val, p.argmax(1).tolist(), K), nll
 
     heads, metrics, traces = [], [], {}
-    for l2 in PROBE_L2:
-        w, b, trace = _fit_linear(x[:n], y, K, l2)
+    penalties = sorted(PROBE_L2, reverse=True)
+    xt = x[:n].t().contiguous()
+    for l2 in penalties:  # each from the solution of the next larger penalty
+        w, b, trace = _fit_linear(x[:n], y, K, l2, heads[-1] if heads else None, xt=xt)
         heads.append((w, b))
         traces[l2] = trace
         s, nll = val_scores(_probs(x[n:], w[None], b[None]))
@@ -584,13 +594,13 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
                    "bias": b.contiguous()}, str(tmp / "head.safetensors"))
         meta = {"format": "lmforge-classifier-1", "backbone": "frozen-lm", "labels": classes,
                 "features": feats.settings(), "n_layer": feats.lm.config.n_layer, "n_embd": feats.lm.config.n_embd,
-                "l2": list(PROBE_L2), "train": asdict(cfg)}
+                "l2": penalties, "train": asdict(cfg)}
         (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
         save_confusion_png(final, classes, tmp / "confusion.png")
         report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
                   "labels": classes, "train_rows": n, "val_rows": len(y_val), "dropped_rows": rows.dropped,
-                  "l2": list(PROBE_L2), "feature_seconds": round(seconds_feats, 1), "steps": len(trace), "stopped": "done",
+                  "l2": penalties, "feature_seconds": round(seconds_feats, 1), "steps": len(trace), "stopped": "done",
                   "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
