@@ -96,7 +96,8 @@ def main() -> None:
                               layers=layers)
             minutes = (time.perf_counter() - t) / 60
         print(f"{task}: validation accuracy {report['val_accuracy']:.4f} on {report['val_rows']:,} held-out texts "
-              f"(used to choose the checkpoint or L2); {report['train_rows']:,} training rows, {report['steps']} steps, "
+              + ("(reported only: the heads of every L2 penalty are averaged); " if frozen else "(used to keep the best checkpoint); ")
+              + f"{report['train_rows']:,} training rows, {report['steps']} steps, "
               f"{minutes:.1f} min on 2 threads")
         clf = TextClassifier.load(out, device="cpu")
         if test is not None:
