@@ -176,6 +176,7 @@ class DecoderFeatures:
             raise LMForgeError(f"max_len must be at least 8 tokens, got {max_len}")
         self.lm = LM.load(spec, device=device)
         self.spec = str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
+        self.sha256 = _decoder_hash(spec)
         n_layer = self.lm.config.n_layer
         self.layers = sorted(set(layers)) if layers else default_layers(n_layer)
         if not all(1 <= L <= n_layer for L in self.layers):
@@ -190,7 +191,8 @@ class DecoderFeatures:
         return 2 * len(self.layers) * self.lm.config.n_embd
 
     def settings(self) -> dict:
-        return {"model": self.spec, "layers": self.layers, "template": self.template, "max_len": self.max_len}
+        return {"model": self.spec, "model_sha256": self.sha256, "layers": self.layers, "template": self.template,
+                "max_len": self.max_len}
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Prompt ids per text; a text too long loses its end, never the template's question."""
@@ -235,6 +237,18 @@ class DecoderFeatures:
             if progress is not None:
                 progress(len(rows))
         return out
+
+
+def _decoder_hash(spec: str | Path) -> str | None:
+    """The GGUF's SHA-256 (a pulled model's from its manifest, which the store checks the file
+    against), so a head trained on one file's features is never applied to another's."""
+    from lmforge.common import sha256_file
+    from lmforge.sources import resolve
+
+    src = resolve(spec)
+    if src.kind == "store-gguf":
+        return src.stored.manifest.get("sha256")
+    return sha256_file(src.path) if src.kind == "gguf" else None
 
 
 def is_pretrained_decoder(spec: str | Path) -> bool:

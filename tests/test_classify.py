@@ -457,6 +457,7 @@ def test_frozen_decoder_refuses_what_does_not_apply(tiny_gguf, bert, tmp_path, c
     out = tmp_path / "clf"
     code, o, err = run_cli(["finetune", "classify", "--model", tiny_gguf, "--train", data, "--out", out], capsys)
     assert code == 0, err
+    good = (out / "head.safetensors").read_bytes()
     head = load_file(str(out / "head.safetensors"))
     save_file({**head, "weight": head["weight"][:-1].contiguous()}, str(out / "head.safetensors"))
     code, o, err = run_cli(["classify", out, "hello"], capsys)
@@ -464,6 +465,13 @@ def test_frozen_decoder_refuses_what_does_not_apply(tiny_gguf, bert, tmp_path, c
     (out / "head.safetensors").write_bytes(b"\0" * 64)
     code, o, err = run_cli(["classify", out, "hello"], capsys)
     assert code == 1 and "missing or corrupt" in err and "Traceback" not in err, err
+    (out / "head.safetensors").write_bytes(good)
+    meta = json.loads((out / "classifier.json").read_text())
+    assert len(meta["features"]["model_sha256"]) == 64
+    meta["features"]["model_sha256"] = "0" * 64  # as if the GGUF under that name had been replaced
+    (out / "classifier.json").write_text(json.dumps(meta))
+    code, o, err = run_cli(["classify", out, "hello"], capsys)
+    assert code == 1 and "features of another file" in err and "Traceback" not in err, err
 
 
 def test_drop_phrases_trains_on_whole_texts_only():

@@ -639,6 +639,9 @@ class ProbeClassifier:
         except (SafetensorError, OSError) as e:
             raise LMForgeError(f"{folder / 'head.safetensors'} is missing or corrupt ({str(e).splitlines()[0]})") from None
         feats = DecoderFeatures(f["model"], device, f["layers"], f["template"], int(f["max_len"]))
+        if f.get("model_sha256") and feats.sha256 and f["model_sha256"] != feats.sha256:
+            raise LMForgeError(f"{folder} was trained on the features of another file than {f['model']} is now "
+                               f"(SHA-256 {f['model_sha256'][:12]}..., now {feats.sha256[:12]}...); train it again")
         C, K = feats.lm.config.n_embd, len(meta["labels"])
         if feats.lm.config.n_layer != meta.get("n_layer") or C != meta.get("n_embd"):
             raise LMForgeError(f"{folder} was trained on features of a model with {meta.get('n_layer')} layers "
