@@ -174,6 +174,23 @@ def test_cancellation_frees_the_slot_for_a_waiting_request():
     assert eng.cache.n_slots == 1
 
 
+def test_cache_slots_double_as_requests_join():
+    """Requests joining one at a time grow the cache in doublings (each grow copies the cache),
+    never past max_slots, and every request still decodes as it would alone."""
+    model = tiny_gpt()
+    eng = Engine(model, max_slots=6)
+    sizes, ids, evs = [], [], []
+    for i in range(6):
+        ids.append(eng.submit(Request([i + 1, 2], 20, GREEDY)))
+        evs += eng.step()
+        sizes.append(eng.cache.n_slots)
+    assert sizes == [1, 2, 4, 4, 6, 6]
+    while eng.has_work:
+        evs += eng.step()
+    for i, rid in enumerate(ids):
+        assert [e.token for e in evs if e.request_id == rid] == solo(model, [i + 1, 2], 20)
+
+
 def test_cancelling_a_waiting_request():
     eng = Engine(ScriptedLM(), max_slots=1)
     eng.submit(Request([1], 3, GREEDY))

@@ -344,7 +344,10 @@ class Engine:
         if n_slots > old or (not self.cfg.recurrent and length > self.cache.max_len):
             grow_to = length if self.cfg.recurrent or length <= self.cache.max_len else \
                 max(length, 2 * self.cache.max_len)  # doubling: few copies for a long generation
-            self.cache.grow(max(n_slots, old), grow_to)
+            # slots double (up to max_slots): the grow copies the whole cache, so requests
+            # joining one by one cost log2(max_slots) copies instead of one each
+            slots = max(n_slots, min(2 * old, self.max_slots)) if n_slots > old else old
+            self.cache.grow(slots, grow_to)
             self._slot_tokens += [None] * (self.cache.n_slots - old)
             self._free += list(range(old, self.cache.n_slots))
 
