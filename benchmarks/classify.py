@@ -50,20 +50,21 @@ def main() -> None:
     ap.add_argument("--dev", type=Path, help="SST-2 dev TSV (sentence<TAB>label) to score after training")
     ap.add_argument("--model", default="minilm-l6", help="an encoder to fine-tune, or a pretrained decoder to use frozen")
     ap.add_argument("--prompt", help="the decoder's prompt template, with {text} (\\n for a newline)")
-    ap.add_argument("--layers", help="the decoder's feature layers, comma-separated (default: its middle four)")
+    ap.add_argument("--layers", help="the decoder's feature layers, comma-separated (default: its middle third)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a fine-tuning setting (e.g. --set epochs=2 --set lr=5e-5)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
+    from lmforge.cli._common import unescape
     from lmforge.encoders import is_pretrained_decoder
     from lmforge.tasks.classify import finetune
     from lmforge.train.classify import ClassifyConfig, TextClassifier, read_rows
     from lmforge.train.holdout import whole_text_split
 
     frozen = is_pretrained_decoder(args.model)
-    prompt = args.prompt.replace("\\n", "\n") if args.prompt else None
+    prompt = unescape(args.prompt)
     layers = [int(v) for v in args.layers.split(",")] if args.layers else None
 
     for task in TASKS if args.task == "all" else [args.task]:

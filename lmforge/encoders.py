@@ -184,7 +184,11 @@ class DecoderFeatures:
                                f"{','.join(map(str, self.layers))}")
         self.template, self.max_len = template, max_len
         self.device = self.lm.device
-        self.tk = None  # a frozen extractor tokenizes its own prompts (see tokenize)
+        pre, post = template.split("{text}", 1)
+        self._tail = self.lm.tokenizer.encode(post) if post else []
+        if len(self.lm.encode_prompt(pre)) + len(self._tail) >= max_len:
+            raise LMForgeError(f"the prompt template alone takes {max_len} tokens or more; give a longer max_len "
+                               f"(--max-len) or a shorter template")
 
     @property
     def dim(self) -> int:
@@ -197,12 +201,11 @@ class DecoderFeatures:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Prompt ids per text; a text too long loses its end, never the template's question."""
         pre, post = self.template.split("{text}", 1)
-        tail = self.lm.tokenizer.encode(post) if post else []
         out = []
         for t in texts:
             ids = self.lm.encode_prompt(pre + t + post)
             if len(ids) > self.max_len:
-                ids = ids[:self.max_len - len(tail)] + tail
+                ids = ids[:self.max_len - len(self._tail)] + self._tail
             out.append(ids)
         return out
 

@@ -381,7 +381,7 @@ def test_upto_stops_at_a_layer_with_the_states_of_the_full_pass():
         assert torch.equal(a, b)
 
 
-def test_frozen_decoder_features_are_mean_and_last_states():
+def test_frozen_decoder_features_are_mean_and_last_states(tiny_gguf):
     """Features by hand for one text: the layer's states averaged over the prompt's tokens and at
     its last token; a batch with texts of other lengths (right padding) gives the same numbers."""
     import torch
@@ -390,12 +390,8 @@ def test_frozen_decoder_features_are_mean_and_last_states():
 
     assert default_layers(18) == list(range(6, 13)) and default_layers(30) == list(range(10, 21))
     assert default_layers(2) == [1] and default_layers(4) == [1, 2, 3]
-    feats = DecoderFeatures.__new__(DecoderFeatures)
-    from conftest import tiny_chat_lm
-
-    feats.lm, feats.spec, feats.layers, feats.template, feats.max_len = tiny_chat_lm(stop=False), "tiny", [1, 3], \
-        "Text: {text}\nLabel:", 64
-    feats.device = feats.lm.device
+    feats = DecoderFeatures(tiny_gguf, "cpu", [3, 1], "Text: {text}\nLabel:", 64)
+    assert feats.layers == [1, 3]
     text = "a good thing of the day"
     ids = feats.tokenize([text])[0]
     assert feats.lm.tokenizer.decode(ids) == f"Text: {text}\nLabel:"
@@ -448,6 +444,8 @@ def test_frozen_decoder_refuses_what_does_not_apply(tiny_gguf, bert, tmp_path, c
     for extra, msg in [(["--model", tiny_gguf, "--prompt", "no slot"], "must contain {text}"),
                        (["--model", tiny_gguf, "--layers", "2,9"], "layers must be between 1 and 4"),
                        (["--model", tiny_gguf, "--layers", "a,b"], "comma-separated whole numbers"),
+                       (["--model", tiny_gguf, "--max-len", "12", "--prompt", "{text} " + "and so on " * 8],
+                        "the prompt template alone takes 12 tokens or more"),
                        (["--model", tiny_gguf, "--lora", "4"], "stays frozen"),
                        (["--model", tiny_gguf, "--resume"], "nothing to resume"),
                        (["--model", bert, "--prompt", "{text}"], "apply to a pretrained decoder")]:
@@ -474,18 +472,14 @@ def test_frozen_decoder_refuses_what_does_not_apply(tiny_gguf, bert, tmp_path, c
     assert code == 1 and "features of another file" in err and "Traceback" not in err, err
 
 
-def test_drop_phrases_trains_on_whole_texts_only():
+def test_drop_phrases_trains_on_whole_texts_only(tmp_path):
     from lmforge.train.classify import _rows
     from lmforge.train.holdout import whole_texts
 
     texts = ["a truly good film", "truly good", "good film", "a bad plot", "bad plot", "plot", "the end of it"]
     assert whole_texts(texts) == [0, 3, 6]
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        p = write(Path(d) / "t.csv", list(zip(texts, ["pos", "pos", "pos", "neg", "neg", "neg", "neg"])))
-        val = write(Path(d) / "v.csv", [("fine", "pos"), ("poor", "neg")])
-        r = _rows(p, "text", "label", ClassifyConfig(drop_phrases=True), val)
-        assert r.texts == ["a truly good film", "a bad plot", "the end of it"] and r.dropped == 4
-        assert _rows(p, "text", "label", ClassifyConfig(), val).texts == texts
+    p = write(tmp_path / "t.csv", list(zip(texts, ["pos", "pos", "pos", "neg", "neg", "neg", "neg"])))
+    val = write(tmp_path / "v.csv", [("fine", "pos"), ("poor", "neg")])
+    r = _rows(p, "text", "label", ClassifyConfig(drop_phrases=True), val)
+    assert r.texts == ["a truly good film", "a bad plot", "the end of it"] and r.dropped == 4
+    assert _rows(p, "text", "label", ClassifyConfig(), val).texts == texts

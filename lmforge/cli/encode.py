@@ -70,8 +70,8 @@ def finetune_classify(
         help="Pretrained decoders: the template each text is put in, with {text} where it goes, e.g. "
              "'Review: {text}\\nSentiment (positive or negative):' (default: the text alone).")] = None,
     layers: Annotated[Optional[str], typer.Option(
-        help="Pretrained decoders: comma-separated layers whose states are the features (default: four "
-             "between a third and two thirds of the depth).")] = None,
+        help="Pretrained decoders: comma-separated layers whose states are the features (default: every "
+             "layer from a third to two thirds of the depth).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same --out from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (split, order, dropout).")] = 1337,
     device: Device = "auto",

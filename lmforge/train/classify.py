@@ -30,7 +30,7 @@ from lmforge.config import EncoderConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import POOLING, BertEncoder
 from lmforge.train.holdout import whole_text_split, whole_texts
-from lmforge.train.loop import Task, append_metrics, fit
+from lmforge.train.loop import Task, _progress, append_metrics, fit
 
 
 # ---------------------------------------------------------------- data
@@ -475,7 +475,6 @@ class _ClassifyTask(Task):
         return self.ckpt_dir
 
 
-
 # ---------------------------------------------------------------- a head on a frozen decoder
 PROBE_L2 = (0.01, 0.03, 0.1, 0.3, 1.0)
 """The L2 penalties (on the mean loss) of the heads fitted; their probabilities are averaged.
@@ -541,12 +540,12 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
             + (" or of longer training rows" if cfg.drop_phrases else ""))
     t0 = time.perf_counter()
     texts = rows.texts + rows.val_texts
-    with _progress_bar(progress) as bar:
-        task, done = bar.add_task("features", total=len(texts), rate=""), [0]
+    with _progress(progress, "features", "texts", loss=False) as bar:
+        task, done = bar.add_task("features", total=len(texts), rate=0.0), [0]
 
         def advance(k: int) -> None:
             done[0] += k
-            bar.update(task, completed=done[0], rate=f"{done[0] / max(time.perf_counter() - t0, 1e-9):.1f} texts/s")
+            bar.update(task, completed=done[0], rate=done[0] / max(time.perf_counter() - t0, 1e-9))
 
         x = torch.from_numpy(feats.features(texts, progress=advance))
     seconds_feats = time.perf_counter() - t0
@@ -557,6 +556,7 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
     y, y_val = torch.tensor(rows.y), rows.y_val
     if cfg.class_weights:
         log("class_weights does not apply to a frozen backbone's head; ignored")
+
     def val_scores(p: np.ndarray) -> tuple[Scores, float]:
         nll = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, None)).mean())
         return score(y_val, p.argmax(1).tolist(), K), nll
@@ -604,17 +604,6 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
                   "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
-
-
-def _progress_bar(enabled: bool):
-    from lmforge.train.loop import _NullProgress
-
-    if not enabled:
-        return _NullProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]features"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
 
 
 class ProbeClassifier:

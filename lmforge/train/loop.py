@@ -72,13 +72,15 @@ class _NullProgress:
         pass
 
 
-def _progress(enabled: bool, label: str = "train", unit: str = "tok"):
+def _progress(enabled: bool, label: str = "train", unit: str = "tok", loss: bool = True):
+    """A rich bar with the fields rate (and loss): what training and feature extraction show."""
     if not enabled:
         return _NullProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:,.0f} " + unit + "/s"),
+                    *([TextColumn("loss {task.fields[loss]:.4f}")] if loss else []),
+                    TextColumn("{task.fields[rate]:,.0f} " + unit + "/s"),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
 
 
