@@ -5,6 +5,8 @@ linear head on Gemma 3 270M's frozen middle layers.
     python benchmarks/classify.py --task sst2            # SST-2: whole sentences held out as a test set
     python benchmarks/classify.py --task sst2 --model gemma3-270m \
         --prompt 'Review: {text}\nSentiment (positive or negative):'   # the frozen decoder
+    python benchmarks/classify.py --task sst2 --model gemma3-270m --tune \
+        --prompt 'Review: {text}\nSentiment (positive or negative):'   # and its feature layers tuned
     python benchmarks/classify.py --task sst2 --dev PATH # also score an SST-2 dev TSV kept aside
     python benchmarks/classify.py --task chnsenticorp    # Chinese hotel reviews, 20% held out
 
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--model", default="minilm-l6", help="an encoder to fine-tune, or a pretrained decoder to use frozen")
     ap.add_argument("--prompt", help="the decoder's prompt template, with {text} (\\n for a newline)")
     ap.add_argument("--layers", help="the decoder's feature layers, comma-separated (default: its middle third)")
+    ap.add_argument("--tune", action="store_true", help="a decoder: also train its feature layers (lmforge's --tune)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a fine-tuning setting (e.g. --set epochs=2 --set lr=5e-5)")
     args = ap.parse_args()
@@ -59,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from lmforge.cli._common import unescape
     from lmforge.encoders import is_pretrained_decoder
-    from lmforge.tasks.classify import finetune
+    from lmforge.tasks.classify import TUNE_DEFAULTS, finetune
     from lmforge.train.classify import ClassifyConfig, TextClassifier, read_rows
     from lmforge.train.holdout import whole_text_split
 
@@ -70,13 +73,16 @@ def main() -> None:
     for task in TASKS if args.task == "all" else [args.task]:
         path, text_col, label_col, test_fraction, tune_settings, probe_settings = TASKS[task]
         settings = dict(probe_settings if frozen else tune_settings)
+        if frozen and args.tune:
+            settings.update(tune=True, epochs=2, **TUNE_DEFAULTS)
         if not path.is_file():
             print(f"{task}: {path} not found (../shared/data is needed); skipped")
             continue
         for kv in args.set:
             k, v = kv.split("=", 1)
             settings[k] = ast.literal_eval(v)
-        out = ROOT / "runs" / (f"bench-classify-{task}" + ("" if args.model == "minilm-l6" else f"-{Path(args.model).name}"))
+        out = ROOT / "runs" / (f"bench-classify-{task}" + ("" if args.model == "minilm-l6" else f"-{Path(args.model).name}")
+                             + ("-tuned" if frozen and args.tune else ""))
         shutil.rmtree(out, ignore_errors=True)
         cfg = ClassifyConfig(**settings)
         print(f"\n{task}: {args.model}{' (frozen)' if frozen else ''}, {cfg}" + (f", prompt {prompt!r}" if prompt else ""))
@@ -97,7 +103,7 @@ def main() -> None:
                               layers=layers)
             minutes = (time.perf_counter() - t) / 60
         print(f"{task}: validation accuracy {report['val_accuracy']:.4f} on {report['val_rows']:,} held-out texts "
-              + ("(reported only: the heads of every L2 penalty are averaged); " if frozen else "(used to keep the best checkpoint); ")
+              + ("(reported only: nothing is chosen on it); " if frozen else "(used to keep the best checkpoint); ")
               + f"{report['train_rows']:,} training rows, {report['steps']} steps, "
               f"{minutes:.1f} min on 2 threads")
         clf = TextClassifier.load(out, device="cpu")

@@ -167,14 +167,14 @@ class DecoderFeatures:
     a model this much larger than the small encoders, more accurate than fine-tuning them."""
 
     def __init__(self, spec: str | Path, device: str = "auto", layers: Sequence[int] | None = None,
-                 template: str = DEFAULT_TEMPLATE, max_len: int = 256):
+                 template: str = DEFAULT_TEMPLATE, max_len: int = 256, quantize: str = "auto"):
         from lmforge.api import LM
 
         if "{text}" not in template:
             raise LMForgeError(f"the prompt template must contain {{text}}, got {template!r}")
         if max_len < 8:
             raise LMForgeError(f"max_len must be at least 8 tokens, got {max_len}")
-        self.lm = LM.load(spec, device=device)
+        self.lm = LM.load(spec, device=device, quantize=quantize)  # float weights ("none") to tune layers
         self.spec = str(Path(spec).resolve()) if Path(spec).exists() else str(spec)
         self.sha256 = _decoder_hash(spec)
         n_layer = self.lm.config.n_layer
@@ -221,25 +221,74 @@ class DecoderFeatures:
         full = upto >= self.lm.config.n_layer  # the last layer's output: the final normed states
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            x = torch.zeros((len(rows), width), dtype=torch.long)
-            mask = torch.zeros((len(rows), width, 1))
-            for r, i in enumerate(rows):  # right padding: a causal model's real tokens never see it
-                x[r, :len(ids[i])] = torch.tensor(ids[i])
-                mask[r, :len(ids[i])] = 1
-            x, mask = x.to(self.device), mask.to(self.device)
+            x, mask = self._padded([ids[i] for i in rows])
             states = model(x, return_hidden=True, output_hidden_states=True, upto=None if full else upto)[2]
             states = states["hidden_states"]  # (B, T, C) entering each layer 0..upto
-            last = mask[:, :, 0].sum(1).long() - 1  # (B,) each row's last real token
-            pick = torch.arange(len(rows), device=self.device)
-            feats = []
-            for L in self.layers:
-                h = states[L].float()  # (B, T, C)
-                feats += [(h * mask).sum(1) / mask.sum(1), h[pick, last]]  # 2 x (B, C)
-            out[rows] = torch.cat(feats, -1).cpu().numpy()  # (B, 2 n C)
+            out[rows] = self._pooled(states, mask).cpu().numpy()  # (B, 2 n C)
             if progress is not None:
                 progress(len(rows))
         return out
+
+
+    def _padded(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) right-padded with 0 and the mask of real tokens (B, T, 1): a causal
+        model's real tokens never see the padding after them."""
+        width = max(len(r) for r in rows)
+        x = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width, 1))
+        for r, ids in enumerate(rows):
+            x[r, :len(ids)] = torch.tensor(ids)
+            mask[r, :len(ids)] = 1
+        return x.to(self.device), mask.to(self.device)
+
+    def _pooled(self, states: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Features (B, dim) from the states entering each layer (index: layer number)."""
+        last = mask[:, :, 0].sum(1).long() - 1  # (B,) each row's last real token
+        pick = torch.arange(mask.size(0), device=mask.device)
+        feats = []
+        for L in self.layers:
+            h = states[L].float()  # (B, T, C)
+            feats += [(h * mask).sum(1) / mask.sum(1), h[pick, last]]  # 2 x (B, C)
+        return torch.cat(feats, -1)  # (B, 2 n C)
+
+    @property
+    def first(self) -> int:
+        """The first feature layer: what lies below it is never tuned."""
+        return self.layers[0]
+
+    @torch.no_grad()
+    def states(self, texts: Sequence[str], batch_size: int = 32,
+               progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Per text, the residual stream entering the first feature layer, (T_i, C): the
+        input of `pool`, computed once when the layers above are tuned."""
+        ids = self.tokenize(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            x, _ = self._padded([ids[i] for i in rows])
+            h = self.lm.model(x, return_hidden=True, output_hidden_states=True, upto=self.first)[2]
+            h = h["hidden_states"][self.first].float()  # (B, T, C)
+            for r, i in enumerate(rows):
+                out[i] = h[r, :len(ids[i])].clone()  # (T_i, C), no view into the batch
+            if progress is not None:
+                progress(len(rows))
+        return out
+
+    def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Features (B, dim) of texts from their `states`, through the layers from the first
+        feature layer up, with autograd (those layers can be trained through it)."""
+        width = max(len(h) for h in states)
+        h = torch.zeros((len(states), width, self.lm.config.n_embd), device=self.device)
+        mask = torch.zeros((len(states), width, 1), device=self.device)
+        for r, s in enumerate(states):
+            h[r, :len(s)] = s
+            mask[r, :len(s)] = 1
+        model, upto = self.lm.model, self.layers[-1]
+        run = model.run_layers(h.to(model.norm.weight.dtype), self.first, min(upto, self.lm.config.n_layer))
+        if upto >= self.lm.config.n_layer:  # the last layer's output is taken normed, as features() does
+            run[-1] = model.norm(run[-1])
+        return self._pooled({L: run[L - self.first] for L in self.layers}, mask)
 
 
 def _decoder_hash(spec: str | Path) -> str | None:

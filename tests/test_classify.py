@@ -483,3 +483,102 @@ def test_drop_phrases_trains_on_whole_texts_only(tmp_path):
     r = _rows(p, "text", "label", ClassifyConfig(drop_phrases=True), val)
     assert r.texts == ["a truly good film", "a bad plot", "the end of it"] and r.dropped == 4
     assert _rows(p, "text", "label", ClassifyConfig(), val).texts == texts
+
+
+# ---------------------------------------------------------------- tuning a decoder's feature layers
+def test_run_layers_continues_the_forward_pass(tiny_gguf):
+    """From a stored state entering layer 1, the layers above give forward's states exactly, and
+    the features pooled from them are features()' (with the last layer, normed as there)."""
+    import torch
+
+    from lmforge.encoders import DecoderFeatures
+
+    feats = DecoderFeatures(tiny_gguf, "cpu", [1, 3], "Text: {text}\nLabel:", 64, quantize="none")
+    model = feats.lm.model
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        full = model(x, return_hidden=True, output_hidden_states=True)[2]["hidden_states"]
+        run = model.run_layers(full[1], 1, 4)
+    assert len(run) == 4 and len(full) == 5  # forward's last state is the normed output of layer 3
+    for a, b in zip(run[1:3], full[2:4]):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(model.norm(run[3]), full[4])
+    texts = ["x", "a good thing of the day", "a much longer text than the other two, with many more tokens"]
+    for layers in ([1, 3], [2, 4]):
+        feats.layers = layers
+        states = feats.states(texts)
+        assert [len(s) for s in states] == [len(i) for i in feats.tokenize(texts)]
+        with torch.no_grad():
+            np.testing.assert_allclose(feats.pool(states).numpy(), feats.features(texts), rtol=1e-5, atol=1e-5)
+
+
+def test_tune_trains_the_feature_layers_and_reloads(tiny_gguf, tmp_path, capsys):
+    """--tune trains the layers between the first and last feature layer with the head: the
+    held-out loss falls below the probe's, the rule is learnt, only those layers change and are
+    saved, and the folder reloads to the tuned model (its probabilities by hand from the saved
+    layers and head)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.api import LM
+
+    data = write(tmp_path / "train.csv", rows(300))
+    out = tmp_path / "clf"
+    code, o, err = run_cli(["finetune", "classify", "--model", tiny_gguf, "--train", data, "--out", out,
+                            "--layers", "1,3", "--tune", "--epochs", "3", "--lr", "3e-4"], capsys)
+    assert code == 0, err
+    assert "tuning layers 1-2" in o and "lr 0.0003" in o and "of 16" in o  # --tune's batch default
+    meta = json.loads((out / "classifier.json").read_text())
+    assert meta["tuned_layers"] == [1, 2] and meta["train"]["tune"] is True
+    lines = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    probe = next(r for r in lines if r["kind"] == "probe" and r.get("l2") == "average")
+    evals = [r for r in lines if r["kind"] == "eval"]
+    assert len(evals) == 3 and [r["epoch"] for r in evals] == [1, 2, 3]  # one validation per epoch
+    assert evals[-1]["val_loss"] < 0.8 * probe["val_loss"], (probe, evals)  # fits held-out rows better
+    assert len([r for r in lines if r["kind"] == "train"]) >= 5
+    report = json.loads((out / "report.json").read_text())
+    assert report["val_accuracy"] >= 0.95, report
+    saved = load_file(str(out / "layers.safetensors"))
+    assert {k.split(".")[1] for k in saved} == {"1", "2"}
+    base = LM.load(tiny_gguf, device="cpu", quantize="none").model.state_dict()
+    assert all(not torch.equal(saved[k], base[k]) for k in saved if k.endswith("qkv_proj.weight"))
+    clf = TextClassifier.load(out, device="cpu")
+    now = clf.feats.lm.model.state_dict()
+    for k, v in now.items():  # the saved layers in, everything else the GGUF's
+        assert torch.equal(v, saved[k] if k in saved else base[k]), k
+    test = rows(100, seed=7)
+    assert clf.evaluate([t for t, _ in test], [lb for _, lb in test]).accuracy >= 0.95
+    texts = [t for t, _ in test[:6]]
+    head = load_file(str(out / "head.safetensors"))
+    assert head["weight"].shape[0] == 1
+    with torch.no_grad():
+        z = (clf.feats.pool(clf.feats.states(texts)) - head["mean"]) / head["std"]
+        by_hand = torch.softmax(z @ head["weight"][0] + head["bias"][0], -1).numpy()
+    np.testing.assert_allclose(clf.predict_proba(texts), by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_tune_refusals(tiny_gguf, bert, tmp_path, capsys):
+    data = write(tmp_path / "train.csv", rows(120))
+    base = ["finetune", "classify", "--train", data, "--out", tmp_path / "o", "--tune"]
+    for extra, msg in [(["--model", bert], "apply to a pretrained decoder"),
+                       (["--model", tiny_gguf, "--time-budget", "1m"], "--tune runs its --epochs"),
+                       (["--model", tiny_gguf, "--lr", "nan"], "lr must be a finite positive number"),
+                       (["--model", tiny_gguf, "--batch-size", "0"], "--batch-size must be positive")]:
+        code, o, err = run_cli(base + extra, capsys)
+        assert code == 1 and msg in err and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / "o").exists()
+    out = tmp_path / "clf"
+    code, o, err = run_cli(["finetune", "classify", "--model", tiny_gguf, "--train", data, "--out", out,
+                            "--layers", "2,3", "--tune", "--epochs", "1"], capsys)
+    assert code == 0, err
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(str(out / "layers.safetensors"))
+    key = next(iter(saved))
+    save_file({k: v for k, v in saved.items() if k != key}, str(out / "layers.safetensors"))
+    code, o, err = run_cli(["classify", out, "hello"], capsys)
+    assert code == 1 and "does not hold layers 2-2" in err and "Traceback" not in err, err
+    (out / "layers.safetensors").write_bytes(b"\0" * 64)
+    code, o, err = run_cli(["classify", out, "hello"], capsys)
+    assert code == 1 and "missing or corrupt" in err and "Traceback" not in err, err

@@ -54,8 +54,11 @@ def finetune_classify(
     epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 2,
     time_budget: Annotated[Optional[str], typer.Option(
         help="Stop after this long (e.g. 25m), the LR schedule following the clock.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per optimizer step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the encoder (the head uses 1e-3).")] = 5e-5,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Rows per optimizer step (default: 32; 16 with --tune).")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate of the encoder, the head using 1e-3 (default: 5e-5); with --tune of the "
+             "decoder's layers, the head using 10x (default: 2e-5).")] = None,
     max_len: Annotated[int, typer.Option(help="Tokens kept per text.")] = 64,
     max_train: Annotated[Optional[int], typer.Option(help="Use a random subsample of this many rows.")] = None,
     eval_every: Annotated[int, typer.Option(help="Steps between validations.")] = 200,
@@ -72,6 +75,9 @@ def finetune_classify(
     layers: Annotated[Optional[str], typer.Option(
         help="Pretrained decoders: comma-separated layers whose states are the features (default: every "
              "layer from a third to two thirds of the depth).")] = None,
+    tune: Annotated[bool, typer.Option(
+        help="Pretrained decoders: after fitting the linear head, train the decoder's layers from the first "
+             "feature layer up with it (--epochs, --lr, --batch-size apply; slower, more accurate).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same --out from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (split, order, dropout).")] = 1337,
     device: Device = "auto",
@@ -86,13 +92,13 @@ def finetune_classify(
         raise LMForgeError(f"--lora must be 0 (off) or a positive rank, got {lora}")
     for name, v in (("epochs", epochs), ("batch-size", batch_size), ("max-len", max_len), ("eval-every", eval_every),
                     ("patience", patience)):
-        if v <= 0:
+        if v is not None and v <= 0:
             raise LMForgeError(f"--{name} must be positive, got {v}")
     layer_list = parse_int_list(layers, "--layers") if layers is not None else None
     cfg = tasks.make_config(epochs=epochs, batch_size=batch_size, lr=lr, max_len=max_len, val_fraction=val_fraction,
                          eval_every=eval_every, patience=patience, class_weights=class_weights, max_train=max_train,
                          seed=seed, skip_empty=skip_empty, lora_rank=lora, time_budget=parse_duration(time_budget),
-                         drop_phrases=drop_phrases)
+                         drop_phrases=drop_phrases, tune=tune)
     con = console()
     report = tasks.finetune(model, train, out, cfg, text_col, label_col, val, resume, pooling, device,
                             log=lambda m: con.print(m, markup=False), prompt=unescape(prompt), layers=layer_list)

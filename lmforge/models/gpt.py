@@ -458,3 +458,24 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return (logits, loss, extras) if extras else (logits, loss)
+
+    def run_layers(self, x: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+        """The residual stream x (B, T, C) entering layer `start` (positions 0..T-1, causal, no
+        cache) through layers start .. stop-1: the states entering layers start .. stop, as
+        forward computes them. A classifier that tunes a frozen model's middle layers runs the
+        layers below them once, keeps their output, and trains from there."""
+        cfg, T = self.config, x.size(1)
+        ctx = {}
+        for local in self._layer_kinds:
+            window = cfg.sliding_window if local else None
+            rope = None
+            if cfg.pos == "rope":
+                suffix = "_local" if local and self._local_rope else ""
+                rope = self._rope(suffix, torch.arange(T, device=x.device), T, False)
+            ctx[local] = (rope, *self._mask(0, T, window, False, x.device), window)
+        states = [x]
+        for block in self.blocks[start:stop]:
+            rope, mask, causal, kv_start, window = ctx[block.local]
+            x = block(x, rope, None, 0, mask, causal, kv_start, window=window)  # (B, T, C)
+            states.append(x)
+        return states

@@ -133,9 +133,19 @@ class ClassifyConfig:
     projections (and the head) train; the adapters are merged into the saved weights."""
     skip_empty: bool = False
     """Drop rows whose text or label is empty instead of stopping with an error."""
+    tune: bool = False
+    """A pretrained decoder: after the linear heads are fitted on its frozen features, train its
+    layers from the first feature layer up together with their averaged head (epochs, lr,
+    batch_size, weight_decay and warmup_frac apply; the head learns at 10 x lr)."""
     time_budget: float | None = None
     """Seconds of training: the schedule follows the clock and training stops when it runs out."""
     labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "head_lr", "weight_decay", "warmup_frac"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0) or (name.endswith("lr") and v == 0):
+                raise LMForgeError(f"{name.replace('_', '-')} must be a finite positive number, got {v}")
 
 
 def batches(ids: list[list[int]], order: list[int], batch_size: int, pad: int):
@@ -540,6 +550,7 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
             + (" or of longer training rows" if cfg.drop_phrases else ""))
     t0 = time.perf_counter()
     texts = rows.texts + rows.val_texts
+    states = None
     with _progress(progress, "features", "texts", loss=False) as bar:
         task, done = bar.add_task("features", total=len(texts), rate=0.0), [0]
 
@@ -547,7 +558,11 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
             done[0] += k
             bar.update(task, completed=done[0], rate=done[0] / max(time.perf_counter() - t0, 1e-9))
 
-        x = torch.from_numpy(feats.features(texts, progress=advance))
+        if cfg.tune:  # the states below the tuned layers are kept: those layers are never run again
+            states = feats.states(texts, progress=advance)
+            x = _pool_all(feats, states)
+        else:
+            x = torch.from_numpy(feats.features(texts, progress=advance))
     seconds_feats = time.perf_counter() - t0
     log(f"features of {len(texts):,} texts in {seconds_feats:.0f} s ({len(texts) / seconds_feats:.1f} texts/s)")
     n = len(rows.texts)
@@ -581,29 +596,191 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
                     "val_macro_f1": final.macro_f1})
     mid = PROBE_L2[len(PROBE_L2) // 2]
     trace = traces[mid]
+    lines = [{"kind": "train", "step": i + 1, "loss": v} for i, v in enumerate(trace)] + metrics
+    title = f"linear head on frozen features (L2 {mid:g})"
+    tuned: list[int] = []
+    steps = len(trace)
+    if cfg.tune:
+        w, b, final, nll, tune_lines = _tune(feats, states, rows, mean, std, w.mean(0), b.mean(0), cfg, log, progress)
+        lines = [{**r, "kind": "probe" if r["kind"] == "train" else r["kind"]} for r in lines] + tune_lines
+        tuned = list(range(feats.first, min(feats.layers[-1], feats.lm.config.n_layer)))
+        title = f"layers {tuned[0]}-{tuned[-1]} and head tuned"
+        steps = max((r["step"] for r in tune_lines if r["kind"] == "train"), default=0)
     with atomic_dir(out) as tmp:
         from safetensors.torch import save_file
 
         from lmforge.train.plot import plot_loss
 
-        lines = [{"kind": "train", "step": i + 1, "loss": v} for i, v in enumerate(trace)] + metrics
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
-        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title=f"linear head on frozen features (L2 {mid:g})",
-                  ylabel="cross-entropy (nats/row)")
-        save_file({"mean": mean.contiguous(), "std": std.contiguous(), "weight": w.contiguous(),
-                   "bias": b.contiguous()}, str(tmp / "head.safetensors"))
+        plot_loss(tmp / "metrics.jsonl", tmp / "loss.png", title=title, ylabel="cross-entropy (nats/row)")
+        save_file({"mean": mean.contiguous(), "std": std.contiguous(), "weight": w.detach().contiguous(),
+                   "bias": b.detach().contiguous()}, str(tmp / "head.safetensors"))
+        if tuned:
+            prefixes = tuple(f"blocks.{i}." for i in tuned)
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in feats.lm.model.state_dict().items()
+                       if k.startswith(prefixes)}, str(tmp / "layers.safetensors"))
         meta = {"format": "lmforge-classifier-1", "backbone": "frozen-lm", "labels": classes,
                 "features": feats.settings(), "n_layer": feats.lm.config.n_layer, "n_embd": feats.lm.config.n_embd,
-                "l2": penalties, "train": asdict(cfg)}
+                "l2": penalties, "tuned_layers": tuned, "train": asdict(cfg)}
         (tmp / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / "confusion.txt").write_text(final.table(classes) + "\n", encoding="utf-8")
         save_confusion_png(final, classes, tmp / "confusion.png")
         report = {"val_accuracy": final.accuracy, "val_macro_f1": final.macro_f1, "confusion": final.confusion,
                   "labels": classes, "train_rows": n, "val_rows": len(y_val), "dropped_rows": rows.dropped,
-                  "l2": penalties, "feature_seconds": round(seconds_feats, 1), "steps": len(trace), "stopped": "done",
+                  "l2": penalties, "feature_seconds": round(seconds_feats, 1), "steps": steps, "stopped": "done",
                   "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
+
+
+def _pool_all(feats, states: list[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+    """Features (N, dim) of every text from its stored states, in batches of similar length."""
+    order = sorted(range(len(states)), key=lambda i: len(states[i]))
+    out = torch.empty((len(states), feats.dim))
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            out[rows] = feats.pool([states[i] for i in rows]).cpu()
+    return out
+
+
+class _TunedHead(nn.Module):
+    """The tuned layers (shared with the decoder) and the linear head over standardized
+    features: logits (B, K) of texts given their stored states."""
+
+    def __init__(self, feats, mean: torch.Tensor, std: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.feats = feats
+        top = min(feats.layers[-1], feats.lm.config.n_layer)
+        self.layers = nn.ModuleList(feats.lm.model.blocks[feats.first:top])
+        self.norm = feats.lm.model.norm if feats.layers[-1] >= feats.lm.config.n_layer else None
+        self.weight, self.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())  # (F, K), (K,)
+        self.register_buffer("mean", mean.to(feats.device))
+        self.register_buffer("std", std.to(feats.device))
+
+    def forward(self, states: list[torch.Tensor]) -> torch.Tensor:
+        z = (self.feats.pool(states) - self.mean) / self.std  # (B, F)
+        return z @ self.weight + self.bias  # (B, K)
+
+
+class _TuneTask(_ClassifyTask):
+    """Tuning a decoder's feature layers as a task of the shared loop: the batches and the
+    schedule of fine-tuning, over stored states; validation at each epoch's end only reports
+    (the last weights are kept, so the validation rows choose nothing here either)."""
+
+    def __init__(self, model: _TunedHead, opt, cfg: ClassifyConfig, states, y, n_train: int, y_val, spe: int,
+                 total: int):
+        self.model, self.opt, self.cfg, self.states = model, opt, cfg, states
+        self.ids = states[:n_train]  # what _epoch_groups sorts by length
+        self.y, self.y_val, self.n = y, y_val, n_train
+        self.spe, self.total = spe, total
+        self.warm = max(1, int(total * cfg.warmup_frac))
+        self.base_lrs = [g["lr"] for g in opt.param_groups]
+        self._epoch, self._groups = -1, []
+        self.dev = model.weight.device
+
+    def batch(self, step: int, micro: int):
+        epoch = step // self.spe
+        rows = self._epoch_groups(epoch)[step - epoch * self.spe]
+        return [self.states[i] for i in rows], torch.tensor([self.y[i] for i in rows], device=self.dev)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        states, target = batch
+        return F.cross_entropy(model(states), target)
+
+    def eval_due(self, step: int) -> bool:
+        return step % self.spe == 0
+
+    def checkpoint_due(self, step: int) -> bool:
+        return False
+
+    def val_probs(self) -> np.ndarray:
+        self.model.eval()
+        rest = self.states[self.n:]
+        order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
+        probs = np.zeros((len(rest), self.model.bias.numel()), dtype=np.float32)
+        with torch.no_grad():
+            for s in range(0, len(order), 32):
+                rows = order[s:s + 32]
+                probs[rows] = F.softmax(self.model([rest[i] for i in rows]), -1).cpu().numpy()
+        self.model.train()
+        return probs
+
+    def validate(self) -> tuple[Scores, float]:
+        p = self.val_probs()
+        nll = float(-np.log(np.clip(p[np.arange(len(self.y_val)), self.y_val], 1e-12, None)).mean())
+        return score(self.y_val, p.argmax(1).tolist(), p.shape[1]), nll
+
+    def evaluate(self, step: int):
+        s, val_loss = self.validate()
+        row = {"epoch": round(step / self.spe, 3), "val_loss": val_loss, "val_accuracy": s.accuracy,
+               "val_macro_f1": s.macro_f1}
+        return row, (f"step {step}: validation accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}, "
+                     f"loss {val_loss:.4f}"), False
+
+
+def _tune(feats, states: list[torch.Tensor], rows: _Rows, mean, std, w, b, cfg: ClassifyConfig, log, progress: bool):
+    """Train the decoder's layers from the first feature layer up, and the head (started from
+    the averaged probe), on the stored states: returns the head as one of (1, F, K), (1, K), the
+    final validation scores and loss, and the metrics rows."""
+    import tempfile
+
+    from lmforge.models.quant import Int4Linear, Int8Linear
+
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in feats.lm.model.blocks.modules()):
+        raise LMForgeError("tuning needs the decoder's float weights (DecoderFeatures(..., quantize='none'))")
+    seed_everything(cfg.seed)
+    model = _TunedHead(feats, mean, std, w, b)
+    for p in feats.lm.model.parameters():
+        p.requires_grad_(False)
+    body = [p for p in model.layers.parameters() if p.is_floating_point()]
+    for p in body:
+        p.requires_grad_(True)
+    decay, no_decay = [p for p in body if p.dim() >= 2], [p for p in body if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                             {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
+                             {"params": [model.weight, model.bias], "weight_decay": 0.0, "lr": 10 * cfg.lr}])
+    n = len(rows.texts)
+    spe = math.ceil(n / cfg.batch_size)
+    total = spe * cfg.epochs
+    log(f"tuning layers {feats.first}-{feats.first + len(model.layers) - 1} ({sum(p.numel() for p in body):,} "
+        f"parameters) and the head: {cfg.epochs} epochs, {total:,} steps of {cfg.batch_size}, lr {cfg.lr:g}")
+    task = _TuneTask(model, opt, cfg, states, rows.y, n, rows.y_val, spe, total)
+    model.train()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = fit(model, model, opt, task, steps=total, grad_clip=1.0, log_interval=10, seed=cfg.seed,
+                  items_per_step=cfg.batch_size, unit="texts", label="tune", device=feats.device,
+                  metrics_path=Path(tmp) / "metrics.jsonl", show_progress=progress, log=log)
+        lines = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    if res.stopped == "interrupted":
+        raise LMForgeError(f"interrupted at step {res.step} of {total}; nothing saved (tuning does not resume)")
+    for p in body:
+        p.requires_grad_(False)
+    model.eval()
+    final, nll = task.validate()
+    log(f"tuned: validation accuracy {final.accuracy:.4f}, macro-F1 {final.macro_f1:.4f}, loss {nll:.4f}")
+    return model.weight.detach()[None].cpu(), model.bias.detach()[None].cpu(), final, nll, lines
+
+
+def _load_tuned(folder: Path, feats, tuned: list[int]) -> None:
+    """Put the tuned layers saved in the folder into the decoder, every tensor of them and
+    nothing else (a damaged or foreign file is refused, not half applied)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / "layers.safetensors"
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise LMForgeError(f"{path} is missing or corrupt ({str(e).splitlines()[0]})") from None
+    prefixes = tuple(f"blocks.{i}." for i in tuned)
+    model = feats.lm.model
+    want = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    if saved.keys() != want.keys() or any(saved[k].shape != want[k].shape for k in want):
+        raise LMForgeError(f"{path} does not hold layers {tuned[0]}-{tuned[-1]} of {feats.spec}; the folder is damaged")
+    if not all(torch.isfinite(v).all() for v in saved.values()):
+        raise LMForgeError(f"{path} holds non-finite weights; the folder is damaged")
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in saved.items()}, strict=False)
 
 
 class ProbeClassifier:
@@ -627,10 +804,14 @@ class ProbeClassifier:
             head = load_file(str(folder / "head.safetensors"))
         except (SafetensorError, OSError) as e:
             raise LMForgeError(f"{folder / 'head.safetensors'} is missing or corrupt ({str(e).splitlines()[0]})") from None
-        feats = DecoderFeatures(f["model"], device, f["layers"], f["template"], int(f["max_len"]))
+        tuned = meta.get("tuned_layers") or []
+        feats = DecoderFeatures(f["model"], device, f["layers"], f["template"], int(f["max_len"]),
+                                quantize="none" if tuned else "auto")
         if f.get("model_sha256") and feats.sha256 and f["model_sha256"] != feats.sha256:
             raise LMForgeError(f"{folder} was trained on the features of another file than {f['model']} is now "
                                f"(SHA-256 {f['model_sha256'][:12]}..., now {feats.sha256[:12]}...); train it again")
+        if tuned:
+            _load_tuned(folder, feats, tuned)
         C, K = feats.lm.config.n_embd, len(meta["labels"])
         if feats.lm.config.n_layer != meta.get("n_layer") or C != meta.get("n_embd"):
             raise LMForgeError(f"{folder} was trained on features of a model with {meta.get('n_layer')} layers "
