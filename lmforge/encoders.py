@@ -164,7 +164,9 @@ class DecoderFeatures:
     causal model has read the whole text): 2 x len(layers) x n_embd numbers per text.
 
     Training only a linear head on these is fast (one forward pass per text, no backward) and, on
-    a model this much larger than the small encoders, more accurate than fine-tuning them."""
+    a model this much larger than the small encoders, more accurate than fine-tuning them.
+    `states` and `pool` split that pass at the first feature layer, so that the layers above it
+    can be trained (classification's --tune) without running the ones below more than once."""
 
     def __init__(self, spec: str | Path, device: str = "auto", layers: Sequence[int] | None = None,
                  template: str = DEFAULT_TEMPLATE, max_len: int = 256, quantize: str = "auto"):
