@@ -564,7 +564,8 @@ def test_tune_refusals(tiny_gguf, bert, tmp_path, capsys):
     for extra, msg in [(["--model", bert], "apply to a pretrained decoder"),
                        (["--model", tiny_gguf, "--time-budget", "1m"], "--tune runs its --epochs"),
                        (["--model", tiny_gguf, "--lr", "nan"], "lr must be a finite positive number"),
-                       (["--model", tiny_gguf, "--batch-size", "0"], "--batch-size must be positive")]:
+                       (["--model", tiny_gguf, "--batch-size", "0"], "--batch-size must be positive"),
+                       (["--model", tiny_gguf, "--layers", "2"], "have none between them")]:
         code, o, err = run_cli(base + extra, capsys)
         assert code == 1 and msg in err and "Traceback" not in err, (extra, err)
         assert not (tmp_path / "o").exists()

@@ -540,6 +540,9 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
+    if cfg.tune and feats.first >= min(feats.layers[-1], feats.lm.config.n_layer):
+        raise LMForgeError(f"--tune trains the layers between the first and the last feature layer; "
+                           f"layers {','.join(map(str, feats.layers))} have none between them")
     rows = _rows(train_path, text_col, label_col, cfg, val_path)
     classes, K = rows.classes, len(rows.classes)
     log(f"frozen {feats.spec}: features from layers {','.join(map(str, feats.layers))} "
@@ -652,8 +655,7 @@ class _TunedHead(nn.Module):
         super().__init__()
         self.feats = feats
         top = min(feats.layers[-1], feats.lm.config.n_layer)
-        self.layers = nn.ModuleList(feats.lm.model.blocks[feats.first:top])
-        self.norm = feats.lm.model.norm if feats.layers[-1] >= feats.lm.config.n_layer else None
+        self.layers = nn.ModuleList(feats.lm.model.blocks[feats.first:top])  # the final norm stays as it is
         self.weight, self.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())  # (F, K), (K,)
         self.register_buffer("mean", mean.to(feats.device))
         self.register_buffer("std", std.to(feats.device))
