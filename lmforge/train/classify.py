@@ -568,6 +568,9 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
             x = torch.from_numpy(feats.features(texts, progress=advance))
     seconds_feats = time.perf_counter() - t0
     log(f"features of {len(texts):,} texts in {seconds_feats:.0f} s ({len(texts) / seconds_feats:.1f} texts/s)")
+    if states is not None:
+        mb = sum(h.numel() * h.element_size() for h in states) / 2**20
+        log(f"the states entering layer {feats.first} are kept for tuning: {mb:,.0f} MB")
     n = len(rows.texts)
     mean, std = x[:n].mean(0), x[:n].std(0).clamp_min(1e-6)
     x = (x - mean) / std
