@@ -231,7 +231,6 @@ class DecoderFeatures:
                 progress(len(rows))
         return out
 
-
     def _padded(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, T) right-padded with 0 and the mask of real tokens (B, T, 1): a causal
         model's real tokens never see the padding after them."""
@@ -257,6 +256,12 @@ class DecoderFeatures:
     def first(self) -> int:
         """The first feature layer: what lies below it is never tuned."""
         return self.layers[0]
+
+    @property
+    def tunable(self) -> range:
+        """The layers between the first feature layer and the last one's input: those `pool`
+        runs (and --tune trains); the final norm of a last-layer feature is not among them."""
+        return range(self.first, min(self.layers[-1], self.lm.config.n_layer))
 
     @torch.no_grad()
     def states(self, texts: Sequence[str], batch_size: int = 32,
@@ -286,9 +291,9 @@ class DecoderFeatures:
         for r, s in enumerate(states):
             h[r, :len(s)] = s
             mask[r, :len(s)] = 1
-        model, upto = self.lm.model, self.layers[-1]
-        run = model.run_layers(h.to(model.norm.weight.dtype), self.first, min(upto, self.lm.config.n_layer))
-        if upto >= self.lm.config.n_layer:  # the last layer's output is taken normed, as features() does
+        model = self.lm.model
+        run = model.run_layers(h.to(model.norm.weight.dtype), self.first, self.tunable.stop)
+        if self.layers[-1] >= self.lm.config.n_layer:  # the last layer's output is taken normed, as features() does
             run[-1] = model.norm(run[-1])
         return self._pooled({L: run[L - self.first] for L in self.layers}, mask)
 

@@ -12,7 +12,8 @@ from lmforge.errors import LMForgeError
 TUNE_DEFAULTS = {"lr": 2e-5, "batch_size": 16}
 """Tuning a decoder's layers (--tune) starts from a fitted head and pretrained layers 10x the
 size of MiniLM: a smaller rate and smaller batches than fine-tuning an encoder (on SST-2,
-2 epochs at these took the held-out accuracy from 0.902 to 0.920)."""
+2 epochs at these took the accuracy over 1,311 held-out sentences from 0.905 to 0.908-0.916
+in three runs)."""
 
 
 def make_config(**options):

@@ -148,6 +148,12 @@ class ClassifyConfig:
                 raise LMForgeError(f"{name.replace('_', '-')} must be a finite positive number, got {v}")
 
 
+def scored(probs: np.ndarray, y: list[int]) -> tuple["Scores", float]:
+    """Scores and mean negative log-likelihood of class probabilities (N, K) against labels y."""
+    nll = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return score(y, probs.argmax(1).tolist(), probs.shape[1]), nll
+
+
 def batches(ids: list[list[int]], order: list[int], batch_size: int, pad: int):
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
@@ -453,8 +459,7 @@ class _ClassifyTask(Task):
     def validate(self) -> tuple[Scores, float]:
         probs = predict_proba(self.model, self.val_ids, self.pad)
         self.model.train()
-        nll = -np.log(np.clip(probs[np.arange(len(self.y_val)), self.y_val], 1e-12, None)).mean()
-        return score(self.y_val, probs.argmax(1).tolist(), probs.shape[1]), float(nll)
+        return scored(probs, self.y_val)
 
     def evaluate(self, step: int):
         s, val_loss = self.validate()
@@ -540,7 +545,7 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LMForgeError(f"{out} already exists and is not empty; choose another --out")
-    if cfg.tune and feats.first >= min(feats.layers[-1], feats.lm.config.n_layer):
+    if cfg.tune and not feats.tunable:
         raise LMForgeError(f"--tune trains the layers between the first and the last feature layer; "
                            f"layers {','.join(map(str, feats.layers))} have none between them")
     rows = _rows(train_path, text_col, label_col, cfg, val_path)
@@ -578,10 +583,6 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
     if cfg.class_weights:
         log("class_weights does not apply to a frozen backbone's head; ignored")
 
-    def val_scores(p: np.ndarray) -> tuple[Scores, float]:
-        nll = float(-np.log(np.clip(p[np.arange(len(y_val)), y_val], 1e-12, None)).mean())
-        return score(y_val, p.argmax(1).tolist(), K), nll
-
     heads, metrics, traces = [], [], {}
     penalties = sorted(PROBE_L2, reverse=True)
     xt = x[:n].t().contiguous()
@@ -589,13 +590,13 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
         w, b, trace = _fit_linear(x[:n], y, K, l2, heads[-1] if heads else None, xt=xt)
         heads.append((w, b))
         traces[l2] = trace
-        s, nll = val_scores(_probs(x[n:], w[None], b[None]))
+        s, nll = scored(_probs(x[n:], w[None], b[None]), y_val)
         metrics.append({"kind": "probe", "l2": l2, "train_loss": trace[-1], "iterations": len(trace),
                         "val_loss": nll, "val_accuracy": s.accuracy, "val_macro_f1": s.macro_f1})
         log(f"L2 {l2:g}: validation accuracy {s.accuracy:.4f}, macro-F1 {s.macro_f1:.4f}, loss {nll:.4f} "
             f"({len(trace)} L-BFGS evaluations)")
     w, b = torch.stack([h[0] for h in heads]), torch.stack([h[1] for h in heads])  # (G, F, K), (G, K)
-    final, nll = val_scores(_probs(x[n:], w, b))
+    final, nll = scored(_probs(x[n:], w, b), y_val)
     log(f"the {len(heads)} heads averaged: validation accuracy {final.accuracy:.4f}, macro-F1 {final.macro_f1:.4f}, "
         f"loss {nll:.4f}")
     metrics.append({"kind": "probe", "l2": "average", "val_loss": nll, "val_accuracy": final.accuracy,
@@ -609,7 +610,7 @@ def fit_probe(feats, train_path: Path, text_col: str, label_col: str, out: Path,
     if cfg.tune:
         w, b, final, nll, tune_lines = _tune(feats, states, rows, mean, std, w.mean(0), b.mean(0), cfg, log, progress)
         lines = [{**r, "kind": "probe" if r["kind"] == "train" else r["kind"]} for r in lines] + tune_lines
-        tuned = list(range(feats.first, min(feats.layers[-1], feats.lm.config.n_layer)))
+        tuned = list(feats.tunable)
         title = f"layers {tuned[0]}-{tuned[-1]} and head tuned"
         steps = max((r["step"] for r in tune_lines if r["kind"] == "train"), default=0)
     with atomic_dir(out) as tmp:
@@ -657,15 +658,17 @@ class _TunedHead(nn.Module):
     def __init__(self, feats, mean: torch.Tensor, std: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
         super().__init__()
         self.feats = feats
-        top = min(feats.layers[-1], feats.lm.config.n_layer)
-        self.layers = nn.ModuleList(feats.lm.model.blocks[feats.first:top])  # the final norm stays as it is
+        t = feats.tunable
+        self.layers = nn.ModuleList(feats.lm.model.blocks[t.start:t.stop])  # the final norm stays as it is
         self.weight, self.bias = nn.Parameter(w.clone()), nn.Parameter(b.clone())  # (F, K), (K,)
         self.register_buffer("mean", mean.to(feats.device))
         self.register_buffer("std", std.to(feats.device))
 
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std) @ self.weight + self.bias  # (B, F) features -> (B, K) logits
+
     def forward(self, states: list[torch.Tensor]) -> torch.Tensor:
-        z = (self.feats.pool(states) - self.mean) / self.std  # (B, F)
-        return z @ self.weight + self.bias  # (B, K)
+        return self.head(self.feats.pool(states))
 
 
 class _TuneTask(_ClassifyTask):
@@ -699,22 +702,13 @@ class _TuneTask(_ClassifyTask):
     def checkpoint_due(self, step: int) -> bool:
         return False
 
-    def val_probs(self) -> np.ndarray:
-        self.model.eval()
-        rest = self.states[self.n:]
-        order = sorted(range(len(rest)), key=lambda i: len(rest[i]))
-        probs = np.zeros((len(rest), self.model.bias.numel()), dtype=np.float32)
-        with torch.no_grad():
-            for s in range(0, len(order), 32):
-                rows = order[s:s + 32]
-                probs[rows] = F.softmax(self.model([rest[i] for i in rows]), -1).cpu().numpy()
-        self.model.train()
-        return probs
-
     def validate(self) -> tuple[Scores, float]:
-        p = self.val_probs()
-        nll = float(-np.log(np.clip(p[np.arange(len(self.y_val)), self.y_val], 1e-12, None)).mean())
-        return score(self.y_val, p.argmax(1).tolist(), p.shape[1]), nll
+        self.model.eval()
+        with torch.no_grad():
+            x = _pool_all(self.model.feats, self.states[self.n:]).to(self.dev)
+            probs = F.softmax(self.model.head(x), -1).cpu().numpy()
+        self.model.train()
+        return scored(probs, self.y_val)
 
     def evaluate(self, step: int):
         s, val_loss = self.validate()
@@ -748,7 +742,7 @@ def _tune(feats, states: list[torch.Tensor], rows: _Rows, mean, std, w, b, cfg: 
     n = len(rows.texts)
     spe = math.ceil(n / cfg.batch_size)
     total = spe * cfg.epochs
-    log(f"tuning layers {feats.first}-{feats.first + len(model.layers) - 1} ({sum(p.numel() for p in body):,} "
+    log(f"tuning layers {feats.tunable[0]}-{feats.tunable[-1]} ({sum(p.numel() for p in body):,} "
         f"parameters) and the head: {cfg.epochs} epochs, {total:,} steps of {cfg.batch_size}, lr {cfg.lr:g}")
     task = _TuneTask(model, opt, cfg, states, rows.y, n, rows.y_val, spe, total)
     model.train()
